@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Train the SentencePiece BPE tokenizer (byte fallback) for the tiny presets.
+
+Trained on the `text` of JSON-lines files (default: the bundled corpus' train splits).
+Special ids are fixed: <unk>=0, <s>=1 (BOS), </s>=2 (EOS, used as Megatron's EOD), <pad>=3.
+Identity normalisation, no dummy prefix, whitespace kept and "\\n" as its own piece, so
+detokenize(tokenize(text)) == text for any UTF-8 text (byte fallback covers unseen characters).
+Deterministic given the same inputs (single-threaded, all sentences, fixed order).
+
+    python tools/train_tokenizer.py --vocab-size 8192 --output-prefix data/tokenizer/marco_tiny_spm
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import io
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
+
+
+def fail(msg: str) -> None:
+    print(f"error: train_tokenizer: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def iter_texts(paths: list[str], key: str):
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        try:
+            fh = opener(path, "rt", encoding="utf-8")
+        except OSError as e:
+            fail(f"--input {path}: cannot open ({e.strerror or e})")
+        with fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[key]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    fail(f"{path}:{n}: expected a JSON object with a string '{key}'")
+                yield text
+
+
+def sentences(paths: list[str], key: str, max_bytes: int):
+    """Paragraphs (kept with their inner newlines) as SentencePiece's training 'sentences'."""
+    for text in iter_texts(paths, key):
+        for para in text.split("\n\n"):
+            if para and len(para.encode()) <= max_bytes:
+                yield para
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", nargs="+", default=None,
+                   help="JSON-lines files (.jsonl or .jsonl.gz); default data/corpus/*.train.jsonl.gz")
+    p.add_argument("--json-keys", default="text", help="key of the text field")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--output-prefix", default=str(ROOT / "data" / "tokenizer" / "marco_tiny_spm"),
+                   help="writes PREFIX.model and PREFIX.vocab")
+    args = p.parse_args(argv)
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        fail("the 'sentencepiece' package is not installed (pip install -r requirements/cpu.txt)")
+
+    inputs = args.input or sorted(str(f) for f in (ROOT / "data" / "corpus").glob("*.train.jsonl.gz"))
+    if not inputs:
+        fail("no --input files (and no data/corpus/*.train.jsonl.gz)")
+    if args.vocab_size < 300:
+        fail(f"--vocab-size {args.vocab_size}: need >= 300 (256 byte pieces + specials + merges)")
+    max_bytes = 16384
+    corpus = list(tqdm(sentences(inputs, args.json_keys, max_bytes), desc="reading", unit=" para"))
+    if not corpus:
+        fail("no text found in --input")
+
+    out = Path(args.output_prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"training BPE, vocab {args.vocab_size}, on {len(corpus)} paragraphs", flush=True)
+    model = io.BytesIO()  # in memory: a file prefix would be recorded inside the model
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=model, model_type="bpe",
+            vocab_size=args.vocab_size, character_coverage=args.character_coverage,
+            byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+            add_dummy_prefix=False, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
+            max_sentence_length=max_bytes, input_sentence_size=0, shuffle_input_sentence=False,
+            num_threads=1, minloglevel=2,
+            unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>", **SPECIAL_IDS)
+    except RuntimeError as e:
+        fail(f"sentencepiece: {str(e).strip().splitlines()[-1]}")
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = (sp.id_to_piece(i).replace("\n", "\\n") for i in range(sp.get_piece_size()))
+    vocab = "".join(f"{piece}\t{sp.get_score(i):g}\n" for i, piece in enumerate(pieces))
+    atomic_write(Path(f"{out}.model"), model.getvalue())
+    atomic_write(Path(f"{out}.vocab"), vocab.encode())
+    # Lets Megatron's own MegatronTokenizer.from_pretrained(<dir>) find the library too.
+    atomic_write(out.parent / "tokenizer_metadata.json", json.dumps(
+        {"library": "sentencepiece", "model_type": "gpt", "class_name": None, "class_path": None,
+         "chat_template": None}).encode() + b"\n")
+    print(f"wrote {out}.model: {sp.get_piece_size()} pieces, unk={sp.unk_id()} bos={sp.bos_id()} "
+          f"eos/eod={sp.eos_id()} pad={sp.pad_id()}")
+
+
+if __name__ == "__main__":
+    main()
