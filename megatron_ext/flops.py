@@ -1,0 +1,133 @@
+"""Parameter counts and training FLOPs, counted from the real Megatron model.
+
+FLOPs per token of training (forward + backward = 3 x forward):
+
+    6 * active_matmul_params  +  6 * num_layers * seq_length * num_heads * head_dim
+
+* active_matmul_params: every weight a token multiplies through: attention projections, the
+  top-k routed experts, the router, and the output (LM-head) projection. Tied embeddings are
+  multiplied once, as the output layer; the input lookup is not a matmul. Norm weights and
+  the experts a token does not visit are excluded.
+* attention: QK^T and AV cost 2 * s * h * d FLOPs each per token in the forward pass; the
+  causal mask halves the useful work, giving 2 * s * h * d forward, 6 * s * h * d training.
+
+MFU = achieved FLOP/s / peak FLOP/s of the device (H100 SXM dense bf16: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from megatron_ext.presets import ModelPreset
+
+H100_BF16_PEAK_TFLOPS = 989.0
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    total_params: int
+    active_params: int
+    active_matmul_params: int
+    embedding_params: int
+    expert_params: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_parameters(model: torch.nn.Module, preset: ModelPreset) -> ModelSize:
+    """Counts over the unique parameters of a full (single-stage) model; works on meta tensors."""
+    total = embedding = expert = norm = 0
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:  # tied embedding / output weight
+            continue
+        seen.add(id(param))
+        n = param.numel()
+        total += n
+        if "embedding" in name or "output_layer" in name:
+            embedding += n
+        elif ".experts." in name:
+            expert += n
+        elif param.dim() == 1:
+            norm += n
+    if preset.is_moe:
+        inactive_experts = expert * (preset.num_experts - preset.moe_router_topk) // preset.num_experts
+    else:
+        inactive_experts = 0
+    active = total - inactive_experts
+    # The output projection multiplies every token by the (tied) embedding matrix once.
+    active_matmul = active - norm
+    return ModelSize(
+        total_params=total,
+        active_params=active,
+        active_matmul_params=active_matmul,
+        embedding_params=embedding,
+        expert_params=expert,
+    )
+
+
+def analytic_model_size(preset: ModelPreset) -> ModelSize:
+    """The same counts by formula, for ranks that hold only a shard of the model.
+
+    tests/test_flops.py checks it against `count_parameters` on the meta model for every preset.
+    """
+    h, d = preset.hidden_size, preset.kv_channels
+    attention = h * d * (2 * preset.num_attention_heads + 2 * preset.num_query_groups)
+    norms_per_layer = 2 * h + 2 * d  # input, pre-MLP, q and k norms
+    if preset.is_moe:
+        expert = 3 * h * preset.moe_ffn_hidden_size
+        ffn = preset.num_experts * expert + preset.num_experts * h  # experts + router
+        inactive = (preset.num_experts - preset.moe_router_topk) * expert * preset.num_layers
+        experts_total = preset.num_experts * expert * preset.num_layers
+    else:
+        ffn, inactive, experts_total = 3 * h * preset.ffn_hidden_size, 0, 0
+    embedding = preset.vocab_size * h * (1 if preset.tie_embeddings else 2)
+    norms = preset.num_layers * norms_per_layer + h
+    total = embedding + preset.num_layers * (attention + ffn + norms_per_layer) + h
+    active = total - inactive
+    return ModelSize(
+        total_params=total,
+        active_params=active,
+        active_matmul_params=active - norms,
+        embedding_params=embedding,
+        expert_params=experts_total,
+    )
+
+
+def attention_flops_per_token(preset: ModelPreset, seq_length: int) -> float:
+    return 6.0 * preset.num_layers * seq_length * preset.num_attention_heads * preset.kv_channels
+
+
+def training_flops_per_token(size: ModelSize, preset: ModelPreset, seq_length: int) -> float:
+    return 6.0 * size.active_matmul_params + attention_flops_per_token(preset, seq_length)
+
+
+def build_meta_model(preset: ModelPreset, expert_backend: str = "sequential") -> torch.nn.Module:
+    """The full model on the meta device: shapes and names only, no weights allocated.
+
+    Needs Megatron's parallel state (single rank is enough).
+    """
+    from megatron_ext.model import build_model, marco_config
+
+    config = marco_config(preset, perform_initialization=False, expert_backend=expert_backend)
+    config.use_cpu_initialization = True  # create parameters without a device: meta applies
+    with torch.device("meta"):
+        return build_model(preset, config, expert_backend)
+
+
+def describe(preset: ModelPreset, seq_length: int) -> dict:
+    """Parameter counts and training FLOPs per token for a preset (single-rank parallel state)."""
+    size = count_parameters(build_meta_model(preset), preset)
+    flops = training_flops_per_token(size, preset, seq_length)
+    return {
+        "preset": preset.name,
+        **size.as_dict(),
+        "total_params_billions": round(size.total_params / 1e9, 3),
+        "active_params_billions": round(size.active_params / 1e9, 3),
+        "seq_length": seq_length,
+        "train_flops_per_token": flops,
+        "train_flops_per_token_no_attention": 6.0 * size.active_matmul_params,
+    }

@@ -1,0 +1,198 @@
+"""The Marco transformer layer spec: Qwen3 attention + SwiGLU dense FFN or fine-grained MoE.
+
+Qwen3 attention: GQA, RMSNorm on q and k (per head), RoPE, no biases; pre-norm RMSNorm layers.
+The MoE block is Megatron-Core's `MoELayer` (router, token dispatcher, experts); what varies
+is the expert backend:
+
+  te            TEGroupedMLP (TransformerEngine grouped GEMM; FP8 capable)
+  torch-grouped TorchGroupedMLP (torch._grouped_mm; GPUs without TransformerEngine)
+  sequential    SequentialMLP (one MLP per expert; the CPU backend)
+
+Two backend providers build the rest of the layer: TransformerEngine's modules where TE is
+installed and a GPU is present, otherwise Megatron-Core's local modules with our RMSNorm.
+Checkpoint keys are the same for both (see `sharded_state_dict_keys_map`).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_ext.experts import TorchGroupedMLP
+
+EXPERT_BACKENDS = ("te", "torch-grouped", "sequential")
+
+try:  # TransformerEngine is an optional GPU extra.
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
+
+def te_usable() -> bool:
+    return HAVE_TE and torch.cuda.is_available()
+
+
+def default_expert_backend() -> str:
+    if te_usable():
+        return "te"
+    if torch.cuda.is_available():
+        return "torch-grouped"
+    return "sequential"
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm with Megatron's norm signature, usable with sequence parallelism.
+
+    Megatron-Core's local norm (`WrappedTorchNorm`) refuses sequence parallelism, which MoE
+    requires whenever TP > 1. With sequence parallelism each TP rank normalises its own slice
+    of the sequence, so the weight's gradient must be summed over the TP group: marking it
+    `sequence_parallel` makes Megatron's `finalize_model_grads` do exactly that.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class MarcoLocalSpecProvider(LocalSpecProvider):
+    """Megatron-Core local modules, our RMSNorm, and a choice of expert module."""
+
+    def __init__(self, expert_backend: str):
+        if expert_backend == "te":
+            raise ValueError("--moe-expert-backend te needs TransformerEngine and a GPU")
+        self.expert_backend = expert_backend
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return RMSNorm
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
+        if self.expert_backend == "torch-grouped":
+            return TorchGroupedMLP, None
+        return SequentialMLP, MLPSubmodules(
+            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+        )
+
+
+def _te_spec_provider(expert_backend: str):
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    class MarcoTESpecProvider(TESpecProvider):
+        """TransformerEngine modules with a choice of expert module."""
+
+        def grouped_mlp_modules(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm):
+            if expert_backend == "torch-grouped":
+                return TorchGroupedMLP, None
+            return super().grouped_mlp_modules(expert_backend == "te", False)
+
+    return MarcoTESpecProvider()
+
+
+def _backend(expert_backend: str, use_te: bool | None):
+    if expert_backend not in EXPERT_BACKENDS:
+        raise ValueError(
+            f"--moe-expert-backend: unknown backend {expert_backend!r}; "
+            f"expected one of {', '.join(EXPERT_BACKENDS)}"
+        )
+    use_te = te_usable() if use_te is None else use_te
+    return _te_spec_provider(expert_backend) if use_te else MarcoLocalSpecProvider(expert_backend)
+
+
+def marco_block_spec(
+    config: TransformerConfig, expert_backend: str, use_te: bool | None = None
+) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers plus the final norm (Megatron's default would be
+    `WrappedTorchNorm`, which cannot run with sequence parallelism)."""
+    layer = marco_layer_spec(config, expert_backend, use_te)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config),
+        layer_norm=_backend(expert_backend, use_te).layer_norm(rms_norm=True),
+    )
+
+
+def marco_layer_spec(
+    config: TransformerConfig, expert_backend: str, use_te: bool | None = None
+) -> ModuleSpec:
+    """The layer spec for a Marco model (MoE when `config.num_moe_experts` is set)."""
+    backend = _backend(expert_backend, use_te)
+    fused_norm = backend.fuse_layernorm_and_linear()
+    is_moe = config.num_moe_experts is not None
+    qk_norm = backend.layer_norm(rms_norm=True, for_qk=True)
+
+    if is_moe:
+        mlp = get_moe_module_spec_for_backend(
+            backend=backend,
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=expert_backend != "sequential",
+        )
+    else:
+        mlp = ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(
+                linear_fc1=(
+                    backend.column_parallel_layer_norm_linear()
+                    if fused_norm
+                    else backend.column_parallel_linear()
+                ),
+                linear_fc2=backend.row_parallel_linear(),
+            ),
+        )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp if fused_norm else backend.layer_norm(rms_norm=True),
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=(
+                        backend.column_parallel_layer_norm_linear()
+                        if fused_norm
+                        else backend.column_parallel_linear()
+                    ),
+                    core_attention=backend.core_attention(),
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            # TE fuses the pre-MLP norm into the dense FC1; the MoE router needs it separate.
+            pre_mlp_layernorm=(
+                IdentityOp if (fused_norm and not is_moe) else backend.layer_norm(rms_norm=True)
+            ),
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys as TE's fused layers name them, so CPU and GPU checkpoints match.
+            sharded_state_dict_keys_map=(
+                {}
+                if fused_norm
+                else {
+                    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                    **({} if is_moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}),
+                }
+            ),
+        ),
+    )

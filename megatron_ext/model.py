@@ -1,0 +1,139 @@
+"""From a preset and the parallel/precision flags to a Megatron-Core GPTModel.
+
+`marco_config` makes the TransformerConfig (one place for every Qwen3/Marco choice);
+`build_model` builds this rank's pipeline stage with the Marco layer spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ext.layer_spec import marco_block_spec
+from megatron_ext.presets import ModelPreset
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    expert_tensor: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass(frozen=True)
+class MoEOptions:
+    aux_loss_coeff: float = 1e-3
+    z_loss_coeff: float = 1e-3
+    token_dispatcher: str = "allgather"
+
+
+def marco_config(
+    preset: ModelPreset,
+    layout: ParallelLayout = ParallelLayout(),
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    moe: MoEOptions = MoEOptions(),
+    expert_backend: str = "sequential",
+    fp8_format: Optional[str] = None,
+    fp8_recipe: str = "delayed",
+    init_method_std: float = 0.02,
+    recompute_granularity: Optional[str] = None,
+    perform_initialization: bool = True,
+) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    moe_fields = {}
+    if preset.is_moe:
+        moe_fields = dict(
+            num_moe_experts=preset.num_experts,
+            moe_ffn_hidden_size=preset.moe_ffn_hidden_size,
+            moe_router_topk=preset.moe_router_topk,
+            # softmax over the top-k logits == softmax over all experts renormalised on the
+            # top-k (qwen3_moe's norm_topk_prob=True); the router runs in fp32.
+            moe_router_pre_softmax=False,
+            moe_router_score_function="softmax",
+            moe_router_dtype="fp32",
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_z_loss_coeff=moe.z_loss_coeff or None,
+            moe_token_dispatcher_type=moe.token_dispatcher,
+            moe_grouped_gemm=expert_backend != "sequential",
+            moe_per_layer_logging=True,
+            moe_permute_fusion=False,
+            moe_router_fusion=False,
+        )
+    return TransformerConfig(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.num_query_groups,
+        kv_channels=preset.kv_channels,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        # Qwen3: RMSNorm (eps 1e-6) with q/k norms, SwiGLU, no biases, no dropout.
+        normalization="RMSNorm",
+        layernorm_epsilon=preset.norm_epsilon,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        init_method_std=init_method_std,
+        # Parallelism.
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        expert_model_parallel_size=layout.expert,
+        expert_tensor_parallel_size=layout.expert_tensor,
+        sequence_parallel=layout.sequence_parallel,
+        # Precision: bf16 on GPU, fp32 on CPU; FP8 handled by TransformerEngine.
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        fp8=fp8_format,
+        fp8_recipe=fp8_recipe,
+        # Fused kernels need CUDA; on CPU the plain PyTorch paths run.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=on_gpu,
+        persist_layer_norm=False,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=perform_initialization,
+        recompute_granularity=recompute_granularity,
+        recompute_method="uniform" if recompute_granularity == "full" else None,
+        recompute_num_layers=1 if recompute_granularity == "full" else None,
+        **moe_fields,
+    )
+
+
+def build_model(
+    preset: ModelPreset,
+    config: TransformerConfig,
+    expert_backend: str,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    seq_length: Optional[int] = None,
+) -> GPTModel:
+    """This rank's stage of a Marco model (tied embeddings, RoPE theta from the preset)."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=marco_block_spec(config, expert_backend),
+        vocab_size=preset.vocab_size,
+        max_sequence_length=seq_length or preset.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=preset.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=preset.rotary_base,
+        parallel_output=True,
+    )

@@ -1,0 +1,131 @@
+"""Process groups: validate the 4D layout, start torch.distributed, set up Megatron's groups.
+
+Data parallelism is what the world size leaves after tensor x pipeline parallelism. Expert
+parallelism is carved out of tensor x data parallel ranks (Megatron's "ep" dimension), so
+expert-parallel size x expert-tensor-parallel size must divide TP x DP.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_ext import cpu_compat
+from megatron_ext.model import ParallelLayout
+from megatron_ext.presets import ModelPreset
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the sizes involved."""
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_layout(layout: ParallelLayout, preset: ModelPreset, world_size: int) -> int:
+    """Check every divisibility rule before any model is built; returns the DP size."""
+    tp, pp, ep, etp = layout.tensor, layout.pipeline, layout.expert, layout.expert_tensor
+    for flag, size in (
+        ("--tensor-model-parallel-size", tp),
+        ("--pipeline-model-parallel-size", pp),
+        ("--expert-model-parallel-size", ep),
+        ("--expert-tensor-parallel-size", etp),
+    ):
+        if size < 1:
+            raise LayoutError(f"{flag} must be >= 1, got {size}")
+    if world_size % (tp * pp):
+        raise LayoutError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    dp = world_size // (tp * pp)
+    if (tp * dp) % (ep * etp):
+        raise LayoutError(
+            f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} must divide "
+            f"tensor x data parallel ranks ({tp} x {dp} = {tp * dp}) of world size {world_size}"
+        )
+    if preset.num_layers % pp:
+        raise LayoutError(
+            f"{preset.num_layers} layers of preset {preset.name!r} are not divisible by "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    if preset.num_attention_heads % tp or preset.num_query_groups % tp:
+        raise LayoutError(
+            f"{preset.num_attention_heads} attention heads / {preset.num_query_groups} key-value "
+            f"heads of preset {preset.name!r} are not divisible by "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    if preset.vocab_size % tp:
+        raise LayoutError(
+            f"vocabulary {preset.vocab_size} is not divisible by --tensor-model-parallel-size {tp}"
+        )
+    if preset.is_moe:
+        if preset.num_experts % ep:
+            raise LayoutError(
+                f"{preset.num_experts} experts are not divisible by "
+                f"--expert-model-parallel-size {ep}"
+            )
+        if preset.moe_ffn_hidden_size % etp:
+            raise LayoutError(
+                f"expert FFN size {preset.moe_ffn_hidden_size} is not divisible by "
+                f"--expert-tensor-parallel-size {etp}"
+            )
+        if tp > 1 and not layout.sequence_parallel:
+            raise LayoutError(
+                "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+                "(Megatron-Core requirement)"
+            )
+    elif ep > 1:
+        raise LayoutError(
+            f"--expert-model-parallel-size {ep} given for dense preset {preset.name!r}"
+        )
+    return dp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(layout: ParallelLayout, seed: int, timeout_minutes: int = 30) -> None:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron's parallel groups.
+
+    Works under torchrun/srun (env:// rendezvous) and as a plain single process.
+    """
+    cpu_compat.enable()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = world_size_from_env()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        expert_model_parallel_size=layout.expert,
+        expert_tensor_parallel_size=layout.expert_tensor,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

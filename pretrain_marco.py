@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Pre-train Marco MoE models (and their dense parents) on Megatron-Core.
+
+    python pretrain_marco.py --preset tiny                       # CPU, bundled corpus
+    python pretrain_marco.py --preset nano --describe            # parameter / FLOP counts
+    torchrun --nproc-per-node 8 pretrain_marco.py --preset mini --expert-model-parallel-size 8 ...
+
+See README.md for the flags; megatron_ext/trainer.py for the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+
+def _quiet_known_warnings() -> None:
+    # Megatron-Core warns at import about optional CUDA extras (apex, TE, nvidia-resiliency);
+    # their absence is expected on CPU and documented in README.
+    for pattern in (".*[Aa]pex.*", ".*Transformer Engine.*", ".*transformer_engine.*",
+                    ".*nvidia_resiliency.*", ".*deprecated.*", ".*torch.distributed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+
+
+def main(argv=None) -> int:
+    _quiet_known_warnings()
+    from megatron_ext import parallel
+    from megatron_ext.arguments import ConfigError, parse_args
+    from megatron_ext.checkpointing import CheckpointError
+    from megatron_ext.data import DataConfigError
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        args = parse_args(argv)
+        if args.describe:
+            from megatron_ext.flops import describe
+            from megatron_ext.model import ParallelLayout
+
+            parallel.init_distributed(ParallelLayout(), args.seed)
+            if rank == 0:
+                print(json.dumps(describe(args.model, args.seq_length)))
+            return 0
+        from megatron_ext.trainer import Trainer
+
+        Trainer(args).train()
+        return 0
+    except (ConfigError, parallel.LayoutError, CheckpointError, DataConfigError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        parallel.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
