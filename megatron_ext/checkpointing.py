@@ -251,3 +251,40 @@ def load_checkpoint(
 def model_info(preset: ModelPreset, **extra: Any) -> dict:
     """What `marco_model.json` records: the effective architecture plus free-form extras."""
     return {"preset": dataclasses.asdict(preset), **extra}
+
+
+def preset_from_checkpoint(path: str) -> ModelPreset:
+    """The architecture a checkpoint was saved with (from its `marco_model.json`)."""
+    info = read_model_info(path)
+    try:
+        return ModelPreset(**info["preset"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {MODEL_FILE} does not describe a model ({e})") from None
+
+
+def load_model_from_checkpoint(path: str, expert_backend: str = "sequential"):
+    """Build the model a checkpoint describes (this rank's stage) and load its weights.
+
+    Megatron's parallel state must be initialised (`parallel.init_distributed`); the
+    checkpoint may have been saved at any TP/PP/EP layout. Returns (model, preset).
+    """
+    from megatron_ext.model import ParallelLayout, build_model, marco_config
+
+    preset = preset_from_checkpoint(path)
+    layout = ParallelLayout(
+        tensor=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor=parallel_state.get_expert_tensor_parallel_world_size(),
+        sequence_parallel=parallel_state.get_tensor_model_parallel_world_size() > 1,
+    )
+    config = marco_config(preset, layout, expert_backend=expert_backend)
+    model = build_model(
+        preset,
+        config,
+        expert_backend,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    load_checkpoint(path, [model], load_rng=False)
+    return model, preset

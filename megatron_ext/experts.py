@@ -72,6 +72,9 @@ class TorchGroupedMLP(GroupedMLP):
         # Expert weights are reduced over the expert-data-parallel group, not the full DP group.
         setattr(self.weight1, "allreduce", not self.expert_parallel)
         setattr(self.weight2, "allreduce", not self.expert_parallel)
+        # Checkpoints written by SequentialMLP carry per-expert `_extra_state` entries that
+        # this layout has no module for (GroupedMLP ignores them the same way).
+        self.register_load_state_dict_post_hook(_ignore_extra_states)
 
     def _glu(self, x: torch.Tensor) -> torch.Tensor:
         if not self.config.gated_linear_unit:
@@ -103,3 +106,9 @@ class TorchGroupedMLP(GroupedMLP):
         out = torch._grouped_mm(h, w2.to(x.dtype), offs=offsets)
         return out, None
 
+
+
+def _ignore_extra_states(module, incompatible_keys):
+    for key in list(incompatible_keys.unexpected_keys):
+        if "_extra_state" in key:
+            incompatible_keys.unexpected_keys.remove(key)

@@ -1,0 +1,68 @@
+"""Shared test helpers: one Megatron process-group setup per test process, and a runner for
+`pretrain_marco.py` in a subprocess (the way users run it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_pretrain(*args: str, timeout: int = 600, env: dict | None = None, nproc: int = 1):
+    """Run pretrain_marco.py (under torchrun when nproc > 1); returns CompletedProcess."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_free_port()), str(REPO / "pretrain_marco.py"), *args]
+    else:
+        cmd = [sys.executable, str(REPO / "pretrain_marco.py"), *args]
+    return subprocess.run(
+        cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def megatron_single_rank():
+    """Megatron's parallel state for one process (gloo), set up once per test session."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from megatron_ext import parallel
+    from megatron_ext.model import ParallelLayout
+
+    parallel.init_distributed(ParallelLayout(), seed=1234)
+    yield
+    parallel.shutdown()
+
+
+@pytest.fixture
+def fresh_moe_tracker():
+    """Megatron's MoE aux-loss tracker is process-global and sized by the first model built."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    yield
+    get_moe_layer_wise_logging_tracker().clear()
