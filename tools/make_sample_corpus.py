@@ -177,7 +177,7 @@ def build(args) -> None:
                     f"MANWIDTH={MAN_ENV['MANWIDTH']}", "packages": versions, "languages": {}}
         seen: set[str] = set()
         pool = cf.ThreadPoolExecutor(max_workers=args.workers)
-        for lang in tqdm(langs, desc="languages", unit="lang"):
+        for lang in tqdm(langs, desc="languages", unit="lang", disable=None):
             pkg, sub = LANGUAGES[lang]
             root = work / pkg / sub
             pages = sorted(list_pages(root), key=lambda p: hashlib.sha1(

@@ -83,7 +83,8 @@ def main(argv=None) -> None:
     if args.vocab_size < 300:
         fail(f"--vocab-size {args.vocab_size}: need >= 300 (256 byte pieces + specials + merges)")
     max_bytes = 16384
-    corpus = list(tqdm(sentences(inputs, args.json_keys, max_bytes), desc="reading", unit=" para"))
+    corpus = list(tqdm(sentences(inputs, args.json_keys, max_bytes), desc="reading", unit=" para",
+                       disable=None))  # None: no bar when stderr is not a terminal
     if not corpus:
         fail("no text found in --input")
 

@@ -1,0 +1,360 @@
+"""The data the trainer reads: stages of Megatron-Core blended datasets, addressed by step.
+
+Every stage (one for --data-path, --mock-data and the default sample corpus; one per stage of
+a --curriculum file) is a dataset built by Megatron-Core's BlendedMegatronDatasetBuilder with
+exactly the samples that stage needs. Global step s of stage k reads samples
+[(s - first_step_k) * gbs, (s - first_step_k + 1) * gbs) of it, and data-parallel rank r takes
+rows [m*mbs*dp + r*mbs, ... + mbs) for micro-batch m, the layout of Megatron-LM's pretraining
+sampler. Nothing depends on what was read before: a batch is a pure function of (step, rank),
+so a resumed run reads exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megatron_ext.data.curriculum import SAMPLE_ROOT, load_curriculum
+from megatron_ext.data.errors import DataConfigError
+from megatron_ext.data.indexed import check_indexed_dataset
+
+log = logging.getLogger(__name__)
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class StagePlan:
+    name: str
+    start_step: int
+    end_step: int  # exclusive
+    sources: list[str]
+    prefixes: list[str]
+    weights: list[float]
+    languages: tuple[str, ...] = ()
+    dataset: object = None
+    counts: np.ndarray | None = field(default=None, repr=False)  # samples per source, whole stage
+
+
+@dataclass
+class ValidationPlan:
+    prefix: str | None  # None: mock data
+    split: str | None  # the --split of a --data-path prefix; None: the whole prefix
+
+
+def _dist():
+    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+
+
+def _parse_data_path(values: list[str], flag: str) -> tuple[list[str], list[float]]:
+    """Megatron style: 'prefix' or 'w1 prefix1 w2 prefix2 ...'."""
+    if len(values) == 1:
+        return [values[0]], [1.0]
+    if len(values) % 2:
+        raise DataConfigError(f"{flag}: expected one prefix or 'weight prefix' pairs, got "
+                              f"{len(values)} values")
+    prefixes, weights = [], []
+    for w, p in zip(values[::2], values[1::2]):
+        try:
+            weight = float(w)
+        except ValueError:
+            raise DataConfigError(f"{flag}: '{w}' is not a weight (expected 'w1 prefix1 w2 prefix2 ...')")
+        if not math.isfinite(weight) or weight < 0:
+            raise DataConfigError(f"{flag}: weight {w} of {p} must be >= 0")
+        if weight > 0:
+            prefixes.append(p)
+            weights.append(weight)
+    if not prefixes:
+        raise DataConfigError(f"{flag}: all weights are zero")
+    return prefixes, weights
+
+
+def _parse_split(split: str) -> list[float]:
+    try:
+        parts = [float(x) for x in re.split(r"[,/]", split)]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or any(x < 0 or not math.isfinite(x) for x in parts) or parts[0] <= 0:
+        raise DataConfigError(f"--split {split}: expected 'train,valid,test' weights with train > 0")
+    parts += [0.0] * (3 - len(parts))
+    return [x / sum(parts) for x in parts]
+
+
+def _split_docs(num_docs: int, fractions: list[float]) -> list[int]:
+    """Documents per split, with Megatron-Core's rounding of split boundaries."""
+    bounds = np.concatenate([[0], np.cumsum(fractions)])
+    ends = [int(round(b * num_docs)) for b in bounds]
+    return [ends[i + 1] - ends[i] for i in range(3)]
+
+
+def _source_names(prefixes: list[str]) -> list[str]:
+    names = [re.sub(r"_text_document$", "", os.path.basename(p)) for p in prefixes]
+    return names if len(set(names)) == len(names) else list(prefixes)
+
+
+class PretrainingData:
+    """Train batches by step, stage and consumed-token bookkeeping, validation sets."""
+
+    def __init__(self, stages: list[StagePlan], validation: dict[str, ValidationPlan], *,
+                 tokenizer, global_batch_size: int, seq_length: int, seed: int,
+                 cache_path: str | None, mock: bool = False, curriculum: str | None = None,
+                 split: str | None = None):
+        self.stages = stages
+        self.validation = validation
+        self.tokenizer = tokenizer
+        self.global_batch_size = global_batch_size
+        self.seq_length = seq_length
+        self.tokens_per_step = global_batch_size * seq_length
+        self.seed = seed
+        self.cache_path = cache_path
+        self.mock = mock
+        self.curriculum = curriculum
+        self.split = split  # --split of --data-path; other sources train on whole prefixes
+        self._valid_cache: dict[tuple[str, int], object] = {}
+
+    # ------------------------------------------------------------------ building
+    def _config(self, seed: int, **kw):
+        from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+        return GPTDatasetConfig(
+            random_seed=seed, sequence_length=self.seq_length, tokenizer=self.tokenizer,
+            # Megatron's BlendedDataset calls get_rank() on a cache miss: cache only when
+            # torch.distributed is up (always the case in the trainer).
+            path_to_cache=self.cache_path if _dist() else None,
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False, **kw)
+
+    def _build(self, cls, sizes, config):
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+        return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+
+    def build_stage(self, k: int) -> None:
+        from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+        st = self.stages[k]
+        n = (st.end_step - st.start_step) * self.global_batch_size
+        if self.mock:
+            st.dataset = self._build(MockGPTDataset, [n, 0, 0], self._config(self.seed + k))[0]
+            return
+        split = self.split or "100,0,0"
+        # Stage k gets its own seed: a source shared by two stages is reshuffled, not replayed.
+        config = self._config(self.seed + k, blend=(st.prefixes, st.weights), split=split)
+        st.dataset = self._build(GPTDataset, [n, 0, 0], config)[0]
+        st.counts = np.bincount(np.asarray(st.dataset.dataset_index[:n]), minlength=len(st.sources))
+
+    # ------------------------------------------------------------------ stepping
+    def stage_at(self, step: int) -> int:
+        for k, st in enumerate(self.stages):
+            if st.start_step <= step < st.end_step:
+                return k
+        raise IndexError(f"step {step} is outside the data plan (steps 0-{self.stages[-1].end_step - 1})")
+
+    def _sample(self, step: int, row: int) -> dict:
+        st = self.stages[self.stage_at(step)]
+        return st.dataset[(step - st.start_step) * self.global_batch_size + row]
+
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> list[dict]:
+        """This rank's micro-batches of global batch `step` (0-based): dicts of
+        [micro_batch_size, seq_length] tensors tokens/labels/position_ids (int64), loss_mask (float)."""
+        rows = _rank_rows(self.global_batch_size, dp_rank, dp_size, micro_batch_size)
+        return [_collate([self._sample(step, r) for r in mb]) for mb in rows]
+
+    def batch_sources(self, step: int) -> list[str]:
+        """Source name of each row of global batch `step` (in global-batch order)."""
+        k = self.stage_at(step)
+        st = self.stages[k]
+        if self.mock:
+            return ["mock"] * self.global_batch_size
+        base = (step - st.start_step) * self.global_batch_size
+        ids = st.dataset.dataset_index[base:base + self.global_batch_size]
+        return [st.sources[i] for i in ids]
+
+    def consumed_tokens_by_source(self, step: int) -> dict[str, int]:
+        """Tokens (sequence positions) read from each source in steps 0..step inclusive."""
+        k = self.stage_at(step)
+        out: dict[str, int] = {}
+        for j, st in enumerate(self.stages[:k + 1]):
+            if self.mock:
+                samples = (min(step + 1, st.end_step) - st.start_step) * self.global_batch_size
+                out["mock"] = out.get("mock", 0) + samples * self.seq_length
+                continue
+            if j < k:
+                counts = st.counts
+            else:
+                n = (step + 1 - st.start_step) * self.global_batch_size
+                counts = np.bincount(np.asarray(st.dataset.dataset_index[:n]), minlength=len(st.sources))
+            for name, c in zip(st.sources, counts):
+                out[name] = out.get(name, 0) + int(c) * self.seq_length
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def validation_names(self) -> list[str]:
+        return list(self.validation)
+
+    def validation_dataset(self, name: str, num_samples: int):
+        """The first num_samples samples of validation set `name` (fixed across evaluations)."""
+        from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+        if name not in self.validation:
+            raise KeyError(f"no validation set {name!r}; have {self.validation_names()}")
+        key = (name, num_samples)
+        if key not in self._valid_cache:
+            plan = self.validation[name]
+            sizes = [0, num_samples, 0]
+            if plan.prefix is None:
+                ds = self._build(MockGPTDataset, sizes, self._config(self.seed))[1]
+            elif plan.split is not None:  # the valid part of a --data-path prefix
+                ds = self._build(GPTDataset, sizes, self._config(
+                    self.seed, blend=([plan.prefix], None), split=plan.split))[1]
+            else:  # a whole validation prefix
+                ds = self._build(GPTDataset, sizes, self._config(
+                    self.seed, blend_per_split=[None, ([plan.prefix], None), None]))[1]
+            self._valid_cache[key] = ds
+        return self._valid_cache[key]
+
+    def validation_sets(self) -> dict:
+        """name -> callable(num_samples) returning that validation dataset."""
+        return {name: functools.partial(self.validation_dataset, name) for name in self.validation}
+
+    def validation_micro_batches(self, name: str, num_micro_batches: int, dp_rank: int,
+                                 dp_size: int, micro_batch_size: int) -> list[dict]:
+        """num_micro_batches micro-batches for this rank; the same samples at every call."""
+        per_batch = micro_batch_size * dp_size
+        ds = self.validation_dataset(name, num_micro_batches * per_batch)
+        return [_collate([ds[m * per_batch + dp_rank * micro_batch_size + j]
+                          for j in range(micro_batch_size)]) for m in range(num_micro_batches)]
+
+    def summary(self) -> list[str]:
+        lines = []
+        for k, st in enumerate(self.stages):
+            blend = ", ".join(f"{s} {w / sum(st.weights):.1%}" for s, w in zip(st.sources, st.weights))
+            lines.append(f"data stage {k} '{st.name}': steps {st.start_step}-{st.end_step - 1}: {blend}")
+        if self.validation:
+            lines.append(f"validation sets: {', '.join(self.validation)}")
+        return lines
+
+
+def _rank_rows(gbs: int, dp_rank: int, dp_size: int, mbs: int) -> list[list[int]]:
+    if not 0 <= dp_rank < dp_size or gbs % (mbs * dp_size):
+        raise ValueError(f"global batch {gbs} does not split into micro-batches of {mbs} x "
+                         f"{dp_size} ranks (rank {dp_rank})")
+    per = mbs * dp_size
+    return [[m * per + dp_rank * mbs + j for j in range(mbs)] for m in range(gbs // per)]
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS}
+
+
+# ---------------------------------------------------------------------- planning
+def _check(prefix: str, where: str, tokenizer) -> int:
+    return check_indexed_dataset(prefix, where, tokenizer.vocab_size).num_documents
+
+
+def _sample_corpus(args, tokenizer) -> dict:
+    """Prepare the bundled corpus once per node (local rank 0 first, then the others)."""
+    from megatron_ext.data.sample import prepare_sample_corpus
+
+    prepare = functools.partial(prepare_sample_corpus, args.data_cache_path,
+                                args.tokenizer_model, args.tokenizer_type)
+    dist = _dist()
+    if dist is None:
+        return prepare()
+    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    info = prepare() if first else None
+    dist.barrier()
+    return info if first else prepare()
+
+
+def build_pretraining_data(args, tokenizer, *, global_batch_size: int, seq_length: int,
+                           train_iters: int, seed: int) -> PretrainingData:
+    """Validate the data flags and build every stage that training will reach.
+
+    Data source, in order: --mock-data, --curriculum FILE, --data-path, else the bundled sample
+    corpus (natural language mix, per-language validation sets). Call on every rank.
+    """
+    from megatron_ext.data.sample import default_cache_root
+
+    if global_batch_size < 1 or seq_length < 1 or train_iters < 1:
+        raise DataConfigError("global batch size, sequence length and train iterations must be >= 1")
+    if args.mock_data and (args.data_path or args.curriculum):
+        raise DataConfigError("--mock-data: not with --data-path or --curriculum")
+    if args.curriculum and args.data_path:
+        raise DataConfigError("--curriculum: the file names the data; drop --data-path")
+    cache_root = args.data_cache_path or str(default_cache_root())
+    common = dict(tokenizer=tokenizer, global_batch_size=global_batch_size, seq_length=seq_length,
+                  seed=seed, cache_path=os.path.join(cache_root, "indices"))
+    tps = global_batch_size * seq_length
+    valid_split = None
+
+    if args.mock_data:
+        stages = [StagePlan("mock", 0, train_iters, ["mock"], [], [1.0])]
+        data = PretrainingData(stages, {"mock": ValidationPlan(None, None)}, mock=True, **common)
+    elif args.curriculum:
+        cur = load_curriculum(args.curriculum)
+        sample_dir = _sample_corpus(args, tokenizer)["dir"] if cur.data_root == SAMPLE_ROOT else None
+        stages = []
+        for k, st in enumerate(cur.stages):
+            first, end = st.step_range(tps)
+            where = f"{cur.path}: stage {k + 1} '{st.name}'"
+            if end <= first:
+                raise DataConfigError(f"{where}: {st.end_tokens - st.start_tokens} tokens is less "
+                                      f"than one global batch ({tps} tokens)")
+            names = list(st.weights)
+            prefixes = [cur.resolve(cur.sources[s].prefix, sample_dir) for s in names]
+            for s, p in zip(names, prefixes):
+                _check(p, f"{where}: source '{s}'", tokenizer)  # every stage, reached or not
+            if first < train_iters:  # stages past the run are checked but not built
+                stages.append(StagePlan(st.name, first, end, names, prefixes,
+                                        [st.weights[s] for s in names], st.languages))
+        last_end = cur.stages[-1].step_range(tps)[1]
+        if train_iters > last_end:
+            raise DataConfigError(
+                f"{cur.path}: ends at {cur.stages[-1].end_tokens} tokens (step {last_end} at "
+                f"{tps} tokens per step) but --train-iters is {train_iters}")
+        validation = {}
+        for name, prefix in cur.validation.items():
+            path = cur.resolve(prefix, sample_dir)
+            _check(path, f"{cur.path}: validation '{name}'", tokenizer)
+            validation[name] = ValidationPlan(path, None)
+        data = PretrainingData(stages, validation, curriculum=cur.path, **common)
+    else:
+        if args.data_path:
+            prefixes, weights = _parse_data_path(args.data_path, "--data-path")
+            names = _source_names(prefixes)
+            fractions = _parse_split(args.split)
+            valid_split = args.split
+            validation = {}
+            for name, p in zip(names, prefixes):
+                docs = _split_docs(_check(p, "--data-path", tokenizer), fractions)
+                for i, split_name in enumerate(("train", "valid", "test")):
+                    if fractions[i] > 0 and docs[i] == 0:
+                        raise DataConfigError(
+                            f"--split {args.split}: {p} has {sum(docs)} documents, none for the "
+                            f"{split_name} split (use --valid-data-path or another --split)")
+                if fractions[1] > 0 and not args.valid_data_path:
+                    validation[name] = ValidationPlan(p, args.split)
+        else:  # the bundled corpus
+            info = _sample_corpus(args, tokenizer)
+            names = sorted(info["train"])
+            prefixes = [info["train"][n] for n in names]
+            weights = [float(info["train_tokens"][n]) for n in names]  # natural mix
+            validation = {n: ValidationPlan(info["valid"][n], None) for n in sorted(info["valid"])}
+        if args.valid_data_path:
+            vprefixes, _ = _parse_data_path(args.valid_data_path, "--valid-data-path")
+            for name, p in zip(_source_names(vprefixes), vprefixes):
+                _check(p, "--valid-data-path", tokenizer)
+                validation[name] = ValidationPlan(p, None)
+        stages = [StagePlan("train", 0, train_iters, names, prefixes, weights)]
+        data = PretrainingData(stages, validation, split=valid_split, **common)
+    for k in range(len(data.stages)):
+        data.build_stage(k)
+    for line in data.summary():
+        log.info(line)
+    return data

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Tokenize JSON lines (.jsonl or .jsonl.gz) into Megatron indexed datasets (.bin/.idx).
+
+Flags follow Megatron-LM's tools/preprocess_data.py. Output: {output_prefix}_{key}_document
+per --json-keys key, or with --lang-key one dataset per language value,
+{output_prefix}_{lang}_{key}_document. Tokens are uint16 when the vocabulary fits, else int32.
+Byte-identical output for any --workers.
+
+    python tools/preprocess_data.py --input data/corpus/de.train.jsonl.gz \\
+        --output-prefix /tmp/de_train --tokenizer-type SentencePieceTokenizer \\
+        --tokenizer-model data/tokenizer/marco_tiny_spm.model --append-eod --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", nargs="+", required=True, help="JSON-lines file(s), read in order")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys of the text fields to tokenize (one output each)")
+    g.add_argument("--lang-key", default=None,
+                   help="key of a language field: write one dataset per language")
+    g.add_argument("--on-bad-line", choices=["stop", "skip"], default="stop",
+                   help="a line that is not JSON or lacks a key: stop with its file:line, or "
+                        "skip it (and list it)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model file or local Hugging Face tokenizer directory "
+                        "(default: data/tokenizer/marco_tiny_spm.model)")
+    g.add_argument("--append-eod", action="store_true",
+                   help="append the end-of-document token to every document")
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    from megatron_ext.data import DataConfigError
+    from megatron_ext.data.preprocess import preprocess
+
+    try:
+        stats = preprocess(
+            args.input, args.output_prefix, tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model, json_keys=args.json_keys,
+            lang_key=args.lang_key, append_eod=args.append_eod, workers=args.workers,
+            on_bad_line=args.on_bad_line, progress=not args.no_progress)
+    except DataConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for where in stats.skipped[:20]:
+        print(f"skipped {where}", file=sys.stderr)
+    if len(stats.skipped) > 20:
+        print(f"skipped {len(stats.skipped) - 20} more bad line(s)", file=sys.stderr)
+    for name, prefix in stats.outputs.items():
+        print(f"wrote {prefix}.bin/.idx ({stats.tokens_by_output[name]} tokens)")
+    print(stats.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
