@@ -251,3 +251,17 @@ def test_conflicting_and_malformed_data_flags(prefixes, tok):
     # A dataset too small to give the valid split a single document (Megatron would loop).
     msg = _error(build, "--data-path", a, "--split", "999,1,0")
     assert msg.startswith(f"--split 999,1,0: {a} has ") and "none for the valid split" in msg
+
+
+def test_parse_time_checks_read_no_data(tmp_path):
+    from megatron_ext.data import check_data_args
+
+    check_data_args(_args("--curriculum", str(EXAMPLES / "tiny.yaml")))
+    check_data_args(_args("--data-path", "0.3", "/nonexistent/a", "0.7", "/nonexistent/b"))
+    bad = _write(tmp_path, [{"name": "s1", "end": 100, "blend": {"a": 0}}])
+    assert _error(check_data_args, _args("--curriculum", str(bad))) == (
+        f"{bad}: stage 1 's1': all blend weights are zero")
+    assert _error(check_data_args, _args("--curriculum", str(tmp_path / "none.yaml"))).startswith(
+        f"--curriculum {tmp_path / 'none.yaml'}: cannot read")
+    assert _error(check_data_args, _args("--curriculum", str(bad), "--data-path", "x")) == (
+        "--curriculum: the file names the data; drop --data-path")

@@ -12,7 +12,7 @@ Only the light parts are imported eagerly: importing Megatron-Core costs seconds
 """
 import importlib
 
-from megatron_ext.data.args import add_data_args
+from megatron_ext.data.args import add_data_args, check_data_args
 from megatron_ext.data.errors import DataConfigError
 
 _LAZY = {
@@ -24,7 +24,7 @@ _LAZY = {
     "prepare_sample_corpus": "sample",
     "build_pretraining_data": "pretraining", "PretrainingData": "pretraining",
 }
-__all__ = ["add_data_args", "DataConfigError", *_LAZY]
+__all__ = ["add_data_args", "check_data_args", "DataConfigError", *_LAZY]
 
 
 def __getattr__(name):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
+
+from megatron_ext.data.errors import DataConfigError
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -29,3 +33,55 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="where dataset indices and the prepared sample corpus are cached "
                         "(default: $MARCO_CACHE or ~/.cache/marco-megatron)")
     return parser
+
+
+def check_data_args(args: argparse.Namespace) -> None:
+    """Parse-time checks that read no data: flag conflicts, --data-path / --split syntax and
+    the curriculum file. build_pretraining_data repeats them and checks the datasets."""
+    if args.mock_data and (args.data_path or args.curriculum):
+        raise DataConfigError("--mock-data: not with --data-path or --curriculum")
+    if args.curriculum and args.data_path:
+        raise DataConfigError("--curriculum: the file names the data; drop --data-path")
+    if args.data_path:
+        parse_data_path(args.data_path, "--data-path")
+        parse_split(args.split)
+    if args.valid_data_path:
+        parse_data_path(args.valid_data_path, "--valid-data-path")
+    if args.curriculum:
+        from megatron_ext.data.curriculum import load_curriculum
+
+        load_curriculum(args.curriculum)
+
+
+def parse_data_path(values: list[str], flag: str) -> tuple[list[str], list[float]]:
+    """Megatron style: 'prefix' or 'w1 prefix1 w2 prefix2 ...'."""
+    if len(values) == 1:
+        return [values[0]], [1.0]
+    if len(values) % 2:
+        raise DataConfigError(f"{flag}: expected one prefix or 'weight prefix' pairs, got "
+                              f"{len(values)} values")
+    prefixes, weights = [], []
+    for w, p in zip(values[::2], values[1::2]):
+        try:
+            weight = float(w)
+        except ValueError:
+            raise DataConfigError(f"{flag}: '{w}' is not a weight (expected 'w1 prefix1 w2 prefix2 ...')")
+        if not math.isfinite(weight) or weight < 0:
+            raise DataConfigError(f"{flag}: weight {w} of {p} must be >= 0")
+        if weight > 0:
+            prefixes.append(p)
+            weights.append(weight)
+    if not prefixes:
+        raise DataConfigError(f"{flag}: all weights are zero")
+    return prefixes, weights
+
+
+def parse_split(split: str) -> list[float]:
+    try:
+        parts = [float(x) for x in re.split(r"[,/]", split)]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or any(x < 0 or not math.isfinite(x) for x in parts) or parts[0] <= 0:
+        raise DataConfigError(f"--split {split}: expected 'train,valid,test' weights with train > 0")
+    parts += [0.0] * (3 - len(parts))
+    return [x / sum(parts) for x in parts]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron_ext.data.args import check_data_args, parse_data_path, parse_split
 from megatron_ext.data.curriculum import SAMPLE_ROOT, load_curriculum
 from megatron_ext.data.errors import DataConfigError
 from megatron_ext.data.indexed import check_indexed_dataset
@@ -49,40 +49,6 @@ class ValidationPlan:
 
 def _dist():
     return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
-
-
-def _parse_data_path(values: list[str], flag: str) -> tuple[list[str], list[float]]:
-    """Megatron style: 'prefix' or 'w1 prefix1 w2 prefix2 ...'."""
-    if len(values) == 1:
-        return [values[0]], [1.0]
-    if len(values) % 2:
-        raise DataConfigError(f"{flag}: expected one prefix or 'weight prefix' pairs, got "
-                              f"{len(values)} values")
-    prefixes, weights = [], []
-    for w, p in zip(values[::2], values[1::2]):
-        try:
-            weight = float(w)
-        except ValueError:
-            raise DataConfigError(f"{flag}: '{w}' is not a weight (expected 'w1 prefix1 w2 prefix2 ...')")
-        if not math.isfinite(weight) or weight < 0:
-            raise DataConfigError(f"{flag}: weight {w} of {p} must be >= 0")
-        if weight > 0:
-            prefixes.append(p)
-            weights.append(weight)
-    if not prefixes:
-        raise DataConfigError(f"{flag}: all weights are zero")
-    return prefixes, weights
-
-
-def _parse_split(split: str) -> list[float]:
-    try:
-        parts = [float(x) for x in re.split(r"[,/]", split)]
-    except ValueError:
-        parts = []
-    if not 1 <= len(parts) <= 3 or any(x < 0 or not math.isfinite(x) for x in parts) or parts[0] <= 0:
-        raise DataConfigError(f"--split {split}: expected 'train,valid,test' weights with train > 0")
-    parts += [0.0] * (3 - len(parts))
-    return [x / sum(parts) for x in parts]
 
 
 def _split_docs(num_docs: int, fractions: list[float]) -> list[int]:
@@ -283,10 +249,7 @@ def build_pretraining_data(args, tokenizer, *, global_batch_size: int, seq_lengt
 
     if global_batch_size < 1 or seq_length < 1 or train_iters < 1:
         raise DataConfigError("global batch size, sequence length and train iterations must be >= 1")
-    if args.mock_data and (args.data_path or args.curriculum):
-        raise DataConfigError("--mock-data: not with --data-path or --curriculum")
-    if args.curriculum and args.data_path:
-        raise DataConfigError("--curriculum: the file names the data; drop --data-path")
+    check_data_args(args)
     cache_root = args.data_cache_path or str(default_cache_root())
     common = dict(tokenizer=tokenizer, global_batch_size=global_batch_size, seq_length=seq_length,
                   seed=seed, cache_path=os.path.join(cache_root, "indices"))
@@ -326,9 +289,9 @@ def build_pretraining_data(args, tokenizer, *, global_batch_size: int, seq_lengt
         data = PretrainingData(stages, validation, curriculum=cur.path, **common)
     else:
         if args.data_path:
-            prefixes, weights = _parse_data_path(args.data_path, "--data-path")
+            prefixes, weights = parse_data_path(args.data_path, "--data-path")
             names = _source_names(prefixes)
-            fractions = _parse_split(args.split)
+            fractions = parse_split(args.split)
             valid_split = args.split
             validation = {}
             for name, p in zip(names, prefixes):
@@ -347,7 +310,7 @@ def build_pretraining_data(args, tokenizer, *, global_batch_size: int, seq_lengt
             weights = [float(info["train_tokens"][n]) for n in names]  # natural mix
             validation = {n: ValidationPlan(info["valid"][n], None) for n in sorted(info["valid"])}
         if args.valid_data_path:
-            vprefixes, _ = _parse_data_path(args.valid_data_path, "--valid-data-path")
+            vprefixes, _ = parse_data_path(args.valid_data_path, "--valid-data-path")
             for name, p in zip(_source_names(vprefixes), vprefixes):
                 _check(p, "--valid-data-path", tokenizer)
                 validation[name] = ValidationPlan(p, None)
