@@ -82,6 +82,7 @@ class PretrainingData:
         self.curriculum = curriculum
         self.split = split  # --split of --data-path; other sources train on whole prefixes
         self._valid_cache: dict[tuple[str, int], object] = {}
+        self._last_tally: tuple = (None, 0, None)
 
     # ------------------------------------------------------------------ building
     def _config(self, seed: int, **kw):
@@ -150,14 +151,21 @@ class PretrainingData:
                 samples = (min(step + 1, st.end_step) - st.start_step) * self.global_batch_size
                 out["mock"] = out.get("mock", 0) + samples * self.seq_length
                 continue
-            if j < k:
-                counts = st.counts
-            else:
-                n = (step + 1 - st.start_step) * self.global_batch_size
-                counts = np.bincount(np.asarray(st.dataset.dataset_index[:n]), minlength=len(st.sources))
+            n = (step + 1 - st.start_step) * self.global_batch_size
+            counts = st.counts if j < k else self._tally(st, n)
             for name, c in zip(st.sources, counts):
                 out[name] = out.get(name, 0) + int(c) * self.seq_length
         return out
+
+    def _tally(self, st: StagePlan, n: int) -> np.ndarray:
+        """Samples per source among the first n of a stage; counts forward from the last call
+        (the trainer asks for increasing steps) instead of rescanning a long stage."""
+        st0, n0, c0 = self._last_tally
+        if st0 is not st or n < n0:
+            n0, c0 = 0, np.zeros(len(st.sources), dtype=np.int64)
+        c = c0 + np.bincount(np.asarray(st.dataset.dataset_index[n0:n]), minlength=len(st.sources))
+        self._last_tally = (st, n, c)
+        return c
 
     # ------------------------------------------------------------------ validation
     def validation_names(self) -> list[str]:
