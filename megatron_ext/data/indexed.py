@@ -23,6 +23,7 @@ class IndexedInfo:
     prefix: str
     dtype: np.dtype
     num_documents: int
+    num_sequences: int  # what GPTDataset splits by (one per document unless sentence-split)
     num_tokens: int
 
 
@@ -78,4 +79,4 @@ def check_indexed_dataset(prefix: str, where: str, vocab_size: int | None = None
                 raise DataConfigError(
                     f"{where}: {prefix} holds token id {top}, beyond the tokenizer's {vocab_size} "
                     "ids: prepared with another tokenizer?")
-    return IndexedInfo(prefix, dtype, n_doc - 1, int(bin_size // dtype.itemsize))
+    return IndexedInfo(prefix, dtype, n_doc - 1, n_seq, int(bin_size // dtype.itemsize))

@@ -228,7 +228,8 @@ def _collate(samples: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------- planning
 def _check(prefix: str, where: str, tokenizer) -> int:
-    return check_indexed_dataset(prefix, where, tokenizer.vocab_size).num_documents
+    """Validate a prefix; returns its sequence count (the unit --split divides)."""
+    return check_indexed_dataset(prefix, where, tokenizer.vocab_size).num_sequences
 
 
 def _sample_corpus(args, tokenizer) -> dict:
