@@ -112,7 +112,10 @@ class PretrainingData:
         split = self.split or "100,0,0"
         # Stage k gets its own seed: a source shared by two stages is reshuffled, not replayed.
         config = self._config(self.seed + k, blend=(st.prefixes, st.weights), split=split)
-        st.dataset = self._build(GPTDataset, [n, 0, 0], config)[0]
+        try:
+            st.dataset = self._build(GPTDataset, [n, 0, 0], config)[0]
+        except IndexError as e:  # Megatron's "blend oversamples the contributing datasets"
+            raise DataConfigError(f"data stage {k} '{st.name}': {str(e).splitlines()[0]}") from e
         st.counts = np.bincount(np.asarray(st.dataset.dataset_index[:n]), minlength=len(st.sources))
 
     # ------------------------------------------------------------------ stepping
