@@ -188,3 +188,4 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.save_interval is not None and not args.save:
         raise ConfigError("--save-interval needs --save")
+    data.check_data_args(args)

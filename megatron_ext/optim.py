@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -33,7 +35,7 @@ def build_optimizer(model_chunks: list, args: argparse.Namespace) -> MegatronOpt
         adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
-        bf16=args.params_dtype.is_floating_point and args.params_dtype.itemsize == 2,
+        bf16=args.params_dtype == torch.bfloat16,
         params_dtype=args.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_param_gather=args.overlap_param_gather,

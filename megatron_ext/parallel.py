@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state, rerun_state_machine, tensor_parallel
 
 from megatron_ext import cpu_compat
 from megatron_ext.model import ParallelLayout
@@ -122,7 +125,14 @@ def init_distributed(layout: ParallelLayout, seed: int, timeout_minutes: int = 3
         expert_tensor_parallel_size=layout.expert_tensor,
         distributed_timeout_minutes=timeout_minutes,
     )
+    # Same seed on every rank: CPU initialisation builds each full weight and keeps this rank's
+    # shard, so tensor-parallel ranks must draw identical master weights.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # Megatron's NaN/rerun checker is off (its default); initialising it says so explicitly.
+    rerun_state_machine.initialize_rerun_state_machine()
 
 
 def shutdown() -> None:

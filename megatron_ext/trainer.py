@@ -221,6 +221,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         batches = self.data.micro_batches(step, self.dp_rank, self.dp_size, args.micro_batch_size)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         t0 = time.perf_counter()
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -237,9 +238,9 @@ class Trainer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        return self._step_metrics(step, losses, grad_norm, elapsed)
+        return self._step_metrics(step, losses, lr, grad_norm, elapsed)
 
-    def _step_metrics(self, step: int, losses: list, grad_norm, elapsed: float) -> dict:
+    def _step_metrics(self, step: int, losses: list, lr: float, grad_norm, elapsed: float) -> dict:
         args = self.args
         lm = torch.zeros(2, device=_device())
         for report in losses:  # non-empty on the last pipeline stage only
@@ -254,7 +255,7 @@ class Trainer:
         tflops = self.flops_per_token * tokens_per_sec / dist.get_world_size() / 1e12
         scalars = {
             "lm_loss": lm_loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_sec": tokens_per_sec,
             "tflops_per_device": tflops,

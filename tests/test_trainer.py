@@ -1,0 +1,156 @@
+"""The trainer end to end on CPU, as users run it: pretrain_marco.py in a subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_pretrain, subprocess_env
+
+TINY = ["--preset", "tiny", "--micro-batch-size", "4", "--seed", "7"]
+
+
+def _json_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _train_records(path: Path) -> list[dict]:
+    return [r for r in _json_log(path) if "lm_loss" in r]
+
+
+def _tensorboard_scalars(logdir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_loss_falls_on_real_text_and_everything_is_logged(tmp_path):
+    tb, log = tmp_path / "tb", tmp_path / "log.jsonl"
+    result = run_pretrain(
+        *TINY, "--train-iters", "50", "--lr", "3e-3", "--log-interval", "10",
+        "--tensorboard-dir", str(tb), "--log-json", str(log),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _train_records(log)
+    assert [r["step"] for r in records] == list(range(1, 51))
+    losses = [r["lm_loss"] for r in records]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 1.0, (first, last)  # ln(8192) = 9.0 at the start
+    for key in ("step", "lm_loss", "load_balancing_loss", "lr", "grad_norm", "tokens_per_sec"):
+        assert all(key in r for r in records), key
+    # A readable line every --log-interval steps.
+    assert sum(" lm loss " in line for line in result.stdout.splitlines()) >= 5
+
+    scalars = _tensorboard_scalars(tb)
+    for tag in ("lm_loss", "lr", "grad_norm", "load_balancing_loss", "z_loss", "tokens_per_sec",
+                "tflops_per_device", "mfu", "peak_memory_gib"):
+        assert len(scalars[tag]) == 50, tag
+    for layer in range(4):
+        imbalance = scalars[f"moe/expert_load_imbalance/layer_{layer:02d}"]
+        assert len(imbalance) == 50 and all(v >= 1.0 for v in imbalance)
+    assert scalars["lm_loss"] == pytest.approx(losses, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = [*TINY, "--train-iters", "8", "--lr-warmup-iters", "2", "--log-interval", "100"]
+    straight = run_pretrain(*common, "--log-json", str(tmp_path / "straight.jsonl"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    ckpt = tmp_path / "ckpt"
+    first = run_pretrain(*common, "--save", str(ckpt), "--exit-interval", "4",
+                         "--log-json", str(tmp_path / "first.jsonl"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
+    second = run_pretrain(*common, "--load", str(ckpt), "--log-json", str(tmp_path / "second.jsonl"))
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    expected = [r["lm_loss"] for r in _train_records(tmp_path / "straight.jsonl")]
+    resumed = [r["lm_loss"] for r in _train_records(tmp_path / "first.jsonl")] + [
+        r["lm_loss"] for r in _train_records(tmp_path / "second.jsonl")
+    ]
+    assert [r["step"] for r in _train_records(tmp_path / "second.jsonl")] == [5, 6, 7, 8]
+    assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "pretrain_marco.py"), *args], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path):
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    proc = _start([*TINY, "--train-iters", "1000", "--save", str(ckpt), "--log-json", str(log)])
+    assert _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    iteration = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= iteration < 1000
+    assert "exiting" in out
+    # Loadable: a new run resumes from it and continues at the next step.
+    resumed = run_pretrain(*TINY, "--train-iters", str(iteration + 1), "--load", str(ckpt),
+                           "--log-json", str(tmp_path / "resumed.jsonl"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _train_records(tmp_path / "resumed.jsonl")] == [iteration + 1]
+
+
+@pytest.mark.slow
+def test_kill_during_save_keeps_latest_on_the_previous_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = _start([*TINY, "--train-iters", "1000", "--save", str(ckpt), "--save-interval", "2"])
+    # Wait until checkpoint 2 is complete and checkpoint 4 is being written, then kill -9.
+    assert _wait_for(lambda: (ckpt / "iter_0000004.tmp").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its checkpoint-writer processes
+    proc.communicate(timeout=60)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert not (ckpt / "iter_0000004").exists()
+    resumed = run_pretrain(*TINY, "--train-iters", "3", "--load", str(ckpt),
+                           "--log-json", str(tmp_path / "resumed.jsonl"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _train_records(tmp_path / "resumed.jsonl")] == [3]
+
+
+def test_corrupt_checkpoint_is_refused_before_training(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000005").mkdir(parents=True)
+    (ckpt / "iter_0000005" / "metadata.json").write_text("{not json")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("5")
+    result = run_pretrain(*TINY, "--mock-data", "--train-iters", "2", "--load", str(ckpt))
+    assert result.returncode == 2
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and str(ckpt / "iter_0000005") in errors[0], result.stderr[-2000:]
+    assert " lm loss " not in result.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_two_ranks(tmp_path):
+    log = tmp_path / "log.jsonl"
+    result = run_pretrain(*TINY, "--train-iters", "4", "--global-batch-size", "8",
+                          "--log-json", str(log), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DP 2" in result.stdout
+    records = _train_records(log)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
