@@ -1,0 +1,108 @@
+"""The HF <-> Megatron weight mapping: layout helpers, lossless round trips, and a qwen3_moe
+model converted to Megatron computing the same logits as in transformers."""
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers_hf import hf_logits, make_dense_qwen3, make_moe_qwen3, megatron_logits, tokens
+from megatron_ext import hf_mapping as hm
+
+LAYOUT = hm.AttentionLayout(num_heads=4, num_query_groups=2, head_dim=3)
+
+
+def test_interleave_qkv_orders_rows_per_query_group():
+    hidden = 5
+    # Row r of q is filled with 100 + r, of k with 200 + r, of v with 300 + r.
+    q = (100 + torch.arange(12.0))[:, None].expand(12, hidden)
+    k = (200 + torch.arange(6.0))[:, None].expand(6, hidden)
+    v = (300 + torch.arange(6.0))[:, None].expand(6, hidden)
+    qkv = hm.interleave_qkv(q, k, v, LAYOUT)
+    # group 0: q heads 0,1 (rows 0-5), k_0 (rows 0-2), v_0; group 1: q heads 2,3, k_1, v_1.
+    expected = [*range(100, 106), 200, 201, 202, 300, 301, 302,
+                *range(106, 112), 203, 204, 205, 303, 304, 305]
+    assert qkv[:, 0].tolist() == expected
+    assert all(torch.equal(a, b) for a, b in zip(hm.split_qkv(qkv, LAYOUT), (q, k, v)))
+
+
+def test_gate_up_concat_is_gate_first():
+    gate, up = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    fc1 = hm.concat_gate_up(gate, up)
+    assert fc1.shape == (2, 8, 3) and torch.equal(fc1[:, :4], gate)
+    assert all(torch.equal(a, b) for a, b in zip(hm.split_gate_up(fc1), (gate, up)))
+
+
+def _file_tensors(directory):
+    with safe_open(os.path.join(directory, "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_qwen3_moe_round_trip_is_bit_identical(tmp_path):
+    model = make_moe_qwen3(str(tmp_path))
+    on_disk = _file_tensors(str(tmp_path))  # per-expert names, as save_pretrained writes
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in on_disk
+    in_memory = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in in_memory  # transformers 5: fused
+    layout = hm.AttentionLayout(4, 2, 16)
+    mc = hm.hf_to_mcore(on_disk, layout, num_layers=2, moe=True)
+    assert mc[hm.MCORE_LAYERS + hm.EXPERT_FC1].shape == (2, 8, 64, 64)  # (L, E, 2F, H)
+    assert mc[hm.MCORE_LAYERS + hm.EXPERT_FC2].shape == (2, 8, 64, 32)
+    for source, fused in ((on_disk, False), (in_memory, True)):
+        mc = hm.hf_to_mcore(source, layout, num_layers=2, moe=True)
+        back = hm.mcore_to_hf(mc, layout, fused_experts=fused)
+        assert back.keys() == source.keys()
+        assert all(torch.equal(back[k], source[k]) for k in source)
+    # The fused (in-memory) and per-expert (file) forms are the same weights.
+    a = hm.hf_to_mcore(on_disk, layout, 2, moe=True)
+    b = hm.hf_to_mcore(in_memory, layout, 2, moe=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qwen3_dense_round_trip_and_shapes(tmp_path):
+    make_dense_qwen3(str(tmp_path), tie_word_embeddings=False)
+    sd = _file_tensors(str(tmp_path))
+    fields = hm.preset_fields_from_hf_config(hm.read_hf_config(str(tmp_path)))
+    assert fields["rotary_base"] == 1e6 and not fields["tie_embeddings"]
+    assert {k: tuple(v.shape) for k, v in sd.items()} == hm.expected_hf_shapes(fields)
+    layout = hm.AttentionLayout(4, 2, 16)
+    mc = hm.hf_to_mcore(sd, layout, num_layers=2, moe=False, tied=False)
+    assert mc["decoder.layers.mlp.linear_fc1.weight"].shape == (2, 512, 64)
+    assert "output_layer.weight" in mc
+    back = hm.mcore_to_hf(mc, layout)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def _global_chunk(tensors):
+    def produce(key, offsets, sizes):
+        index = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+        return tensors[key][index].clone()
+    return produce
+
+
+def test_qwen3_moe_logits_match_in_megatron(megatron_single_rank, fresh_moe_tracker, tmp_path):
+    """HF qwen3_moe -> Megatron keys -> checkpoint -> Megatron model: same logits (fp32)."""
+    from megatron_ext import checkpointing
+    from megatron_ext.presets import ModelPreset
+    from megatron_ext.streaming_checkpoint import save_streaming
+
+    hf = make_moe_qwen3()
+    fields = hm.preset_fields_from_hf_config(hf.config.to_dict())
+    preset = ModelPreset(name="moe-test", description="", **fields)
+    layout = hm.AttentionLayout.from_preset(preset)
+    sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    mc = hm.hf_to_mcore(sd, layout, preset.num_layers, moe=True)
+    root = str(tmp_path / "ckpt")
+    save_streaming(root, preset, _global_chunk(mc), torch.float32, checkpointing.model_info(preset))
+    model, _ = checkpointing.load_model_from_checkpoint(root)
+    ids = tokens()
+    gap = (megatron_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
+    assert gap < 1e-4, gap
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(hm.HFCheckpointError, match="no such directory"):
+        hm.read_hf_config(str(tmp_path / "nope"))
+    with pytest.raises(hm.HFCheckpointError, match="not a Qwen3"):
+        hm.preset_fields_from_hf_config({"model_type": "llama"})
