@@ -106,3 +106,44 @@ def test_config_errors(tmp_path):
         hm.read_hf_config(str(tmp_path / "nope"))
     with pytest.raises(hm.HFCheckpointError, match="not a Qwen3"):
         hm.preset_fields_from_hf_config({"model_type": "llama"})
+
+
+def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_tracker, tmp_path):
+    """The streaming writer's checkpoint has the keys, shapes and chunks of Megatron's own save
+    of the same model, and loads back to the same weights."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_ext import checkpointing
+    from megatron_ext.model import build_model, marco_config
+    from megatron_ext.presets import get_preset, override
+    from megatron_ext.streaming_checkpoint import save_streaming
+
+    preset = override(get_preset("tiny"), num_layers=2)
+    torch.manual_seed(0)
+    model = build_model(preset, marco_config(preset), "sequential")
+    full = {}  # every checkpoint tensor, assembled from the model's shards
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor):
+            t = full.setdefault(sh.key, torch.zeros(sh.global_shape))
+            sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+            index = tuple(slice(o, o + s) for o, s in zip(sh.global_offset, sizes))
+            t[index] = sh.data.reshape(sizes)
+    ours, theirs = str(tmp_path / "streamed"), str(tmp_path / "megatron")
+    save_streaming(ours, preset, _global_chunk(full), torch.float32, checkpointing.model_info(preset))
+    checkpointing.save_checkpoint(theirs, checkpointing.TrainState(), [model],
+                                  model_info=checkpointing.model_info(preset))
+
+    def tensors(root):
+        md = FileSystemReader(os.path.join(root, "iter_0000000")).read_metadata()
+        return {k: (tuple(v.size), v.properties.dtype,
+                    sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks))
+                for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
+    assert tensors(ours) == tensors(theirs)
+    loaded, _ = checkpointing.load_model_from_checkpoint(ours)
+    reference = model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items()
+               if isinstance(v, torch.Tensor))
