@@ -179,6 +179,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("micro_batch_size", "train_iters", "log_interval"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}")
     if args.lr_warmup_iters is None:
         args.lr_warmup_iters = args.lr_decay_iters // 10
     if not 0 <= args.lr_warmup_iters < args.lr_decay_iters:

@@ -73,8 +73,7 @@ class MetricsWriter:
         if self.json_file is not None:
             self.json_file.write(json.dumps({"step": step, **scalars}) + "\n")
         if echo:
-            shown = " | ".join(f"{k} {v:.4f}" for k, v in scalars.items())
-            print(f"[{time.strftime('%H:%M:%S')}] step {step:6d} | {shown}", flush=True)
+            print(format_validation_line(step, scalars), flush=True)
 
     def add_image(self, tag: str, image, step: int) -> None:
         if self.enabled and self.tb is not None:
@@ -110,3 +109,16 @@ def format_log_line(step: int, s: dict[str, float]) -> str:
     if s.get("curriculum_stage") is not None:
         parts.append(f"stage {int(s['curriculum_stage'])}")
     return " | ".join(parts)
+
+
+def format_validation_line(step: int, scalars: dict[str, float]) -> str:
+    """Mean validation loss over the sets, plus the best and worst set by name."""
+    losses = {k.rsplit("/", 1)[-1]: v for k, v in scalars.items() if k.startswith("validation/lm_loss/")}
+    line = f"[{time.strftime('%H:%M:%S')}] step {step:6d} | validation"
+    if not losses:
+        return line + " | no validation data"
+    best, worst = min(losses, key=losses.get), max(losses, key=losses.get)
+    return (
+        f"{line} lm loss {sum(losses.values()) / len(losses):.4f} over {len(losses)} sets"
+        f" | best {best} {losses[best]:.4f} | worst {worst} {losses[worst]:.4f}"
+    )

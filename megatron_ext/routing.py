@@ -1,12 +1,14 @@
 """Watch MoE routing through forward hooks on Megatron-Core's routers (no Megatron edits).
 
-`ExpertLoadMonitor` counts, per MoE layer, how many tokens each expert received; the trainer
-reports max/mean tokens per expert (1.0 = perfectly balanced) per layer.
+`RoutingRecorder` counts, per MoE layer, how many tokens each expert received, under a label
+(the trainer uses "train" while training and the language name while evaluating; the routing
+analysis tool uses the language). From the counts come the per-layer expert load imbalance
+(max / mean tokens per expert, 1.0 = balanced) and the language-expert signatures.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -15,52 +17,78 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 def find_routers(model: torch.nn.Module) -> dict[int, TopKRouter]:
     """Routers by global 0-based layer index (Megatron's layer_number is 1-based, global)."""
-    routers = {}
-    for module in model.modules():
-        if isinstance(module, TopKRouter):
-            routers[module.layer_number - 1] = module
-    return routers
+    return {
+        module.layer_number - 1: module
+        for module in model.modules()
+        if isinstance(module, TopKRouter)
+    }
 
 
-class ExpertLoadMonitor:
-    """Accumulates tokens-per-expert per layer between `reset()` calls."""
+class RoutingRecorder:
+    """Accumulates tokens-per-expert per layer for the current label."""
 
-    def __init__(self, model_chunks: list, num_layers: int, num_experts: int):
+    def __init__(self, model_chunks: list, num_layers: int, num_experts: int, label: str = "train"):
         self.num_layers = num_layers
         self.num_experts = num_experts
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.label = label
+        self.counts: dict[str, torch.Tensor] = {}
         self._handles = []
+        self.local_layers: list[int] = []
         for chunk in model_chunks:
             for layer, router in find_routers(chunk).items():
+                self.local_layers.append(layer)
                 self._handles.append(router.register_forward_hook(self._hook(layer)))
 
     def _hook(self, layer: int):
         def record(module, inputs, outputs):
-            _, routing_map = outputs  # [tokens, experts] bool
-            if module.training:
-                self.counts[layer] += routing_map.sum(dim=0).to("cpu", torch.float64)
+            _, routing_map = outputs  # [tokens, experts], True where a token goes
+            counts = self.counts.get(self.label)
+            if counts is None:
+                counts = self.counts[self.label] = torch.zeros(
+                    self.num_layers, self.num_experts, dtype=torch.float64
+                )
+            counts[layer] += routing_map.sum(dim=0).to("cpu", torch.float64)
 
         return record
 
-    def imbalance(self, group: Optional[dist.ProcessGroup] = None) -> list[float]:
-        """Max / mean tokens per expert for each layer, summed over all ranks (collective)."""
-        counts = self.counts.clone()
+    @contextlib.contextmanager
+    def recording(self, label: str):
+        previous, self.label = self.label, label
+        try:
+            yield
+        finally:
+            self.label = previous
+
+    def totals(self, label: str, group=None) -> torch.Tensor:
+        """[layers, experts] counts for `label`, summed over all ranks (collective).
+
+        Tokens are distinct across data-parallel ranks, sequence-parallel slices and pipeline
+        stages (each stage fills only its own layers), so a plain sum is the global count.
+        """
+        counts = self.counts.get(label)
+        counts = counts.clone() if counts is not None else torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
         if dist.is_initialized():
-            # Counts are on CPU; gloo reduces CPU tensors on any backend's world.
-            if dist.get_backend() == "nccl":
-                counts = counts.cuda()
-            dist.all_reduce(counts, group=group)
-            counts = counts.cpu()
+            on_device = counts.cuda() if dist.get_backend() == "nccl" else counts
+            dist.all_reduce(on_device, group=group)
+            counts = on_device.cpu()
+        return counts
+
+    def imbalance(self, label: str = "train") -> list[float]:
+        """Max / mean tokens per expert for each layer (collective)."""
+        counts = self.totals(label)
         mean = counts.mean(dim=1)
         return [
             float(counts[i].max() / mean[i]) if mean[i] > 0 else float("nan")
             for i in range(self.num_layers)
         ]
 
-    def reset(self) -> None:
-        self.counts.zero_()
+    def reset(self, label: str | None = None) -> None:
+        if label is None:
+            self.counts.clear()
+        else:
+            self.counts.pop(label, None)
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+        for handle in self._handles:
+            handle.remove()
         self._handles.clear()

@@ -10,6 +10,7 @@ exit:   at --train-iters, --exit-interval, or SIGTERM/SIGUSR1 (finish the step, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import time
@@ -32,7 +33,7 @@ from megatron_ext.flops import H100_BF16_PEAK_TFLOPS, analytic_model_size, train
 from megatron_ext.metrics import MetricsWriter, peak_memory_gib
 from megatron_ext.model import MoEOptions, ParallelLayout, build_model, marco_config
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
-from megatron_ext.routing import ExpertLoadMonitor
+from megatron_ext.routing import RoutingRecorder
 
 
 def layout_from_args(args: argparse.Namespace) -> ParallelLayout:
@@ -192,8 +193,8 @@ class Trainer:
         self.metrics = MetricsWriter(
             self.is_logging_rank, args.tensorboard_dir, args.log_json, args.log_interval
         )
-        self.load_monitor = (
-            ExpertLoadMonitor(self.model, self.preset.num_layers, self.preset.num_experts)
+        self.routing = (
+            RoutingRecorder(self.model, self.preset.num_layers, self.preset.num_experts)
             if self.preset.is_moe
             else None
         )
@@ -272,8 +273,8 @@ class Trainer:
                 scalars[name] = sum(values) / len(values) if values else None
                 if values:
                     per_layer[f"moe/{name}"] = values
-            imbalance = self.load_monitor.imbalance()
-            self.load_monitor.reset()
+            imbalance = self.routing.imbalance("train")
+            self.routing.reset("train")
             per_layer["moe/expert_load_imbalance"] = imbalance
             scalars["expert_load_imbalance"] = max(imbalance)
         stage = self.data.stage_at(step)
@@ -288,6 +289,13 @@ class Trainer:
         tracker = get_moe_layer_wise_logging_tracker()
         names = [n for n in ("load_balancing_loss", "z_loss") if n in tracker]
         reduce_aux_losses_tracker_across_ranks(names)
+        if "z_loss" in tracker:
+            # Megatron tracks z-loss without a reduce group: each rank holds the mean over its
+            # own tokens (its DP shard, its sequence-parallel slice). Average over TP x DP so
+            # the logged value is that of the whole batch at every layout.
+            group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+            dist.all_reduce(tracker["z_loss"]["values"], group=group)
+            tracker["z_loss"]["values"] /= group.size()
         out = {n: (tracker[n]["values"].float() / self.num_microbatches).tolist() for n in names}
         clear_aux_losses_tracker()
         return out
@@ -305,7 +313,8 @@ class Trainer:
                 args.micro_batch_size,
             )
             lm = torch.zeros(2, device=_device())
-            with torch.no_grad():
+            recording = self.routing.recording(name) if self.routing else contextlib.nullcontext()
+            with torch.no_grad(), recording:
                 losses = get_forward_backward_func()(
                     forward_step_func=forward_step,
                     data_iterator=iter(batches),
@@ -324,8 +333,35 @@ class Trainer:
             chunk.train()
         if self.preset.is_moe:
             clear_aux_losses_tracker()
-            self.load_monitor.reset()
+            results.update(self._routing_report(step))
         return results
+
+    def _routing_report(self, step: int) -> dict[str, float]:
+        """Expert load per layer over the validation data, and the language correlation
+        heatmap (TensorBoard image) when there are several languages."""
+        from megatron_ext import routing_analysis
+
+        names = self.data.validation_names()
+        totals = {name: self.routing.totals(name).numpy() for name in names}
+        self.routing.reset()
+        scalars = {}
+        combined = sum(totals.values())
+        for layer in range(self.preset.num_layers):
+            mean = combined[layer].mean()
+            if mean > 0:
+                scalars[f"validation/expert_load_imbalance/layer_{layer:02d}"] = float(
+                    combined[layer].max() / mean
+                )
+        routed = {n: c for n, c in totals.items() if (c.sum(axis=1) > 0).all()}
+        if len(routed) >= 2 and self.is_logging_rank and self.metrics.tb is not None:
+            k = self.preset.moe_router_topk
+            tokens = {n: int(c[0].sum() // k) for n, c in routed.items()}
+            result = routing_analysis.analyse(routed, tokens, list(range(self.preset.num_layers)))
+            figure = routing_analysis.correlation_figure(result, title=f"step {step + 1}")
+            self.metrics.add_image(
+                "routing/language_correlation", routing_analysis.figure_to_rgb(figure), step + 1
+            )
+        return scalars
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:

@@ -36,7 +36,8 @@ def test_loss_falls_on_real_text_and_everything_is_logged(tmp_path):
     tb, log = tmp_path / "tb", tmp_path / "log.jsonl"
     result = run_pretrain(
         *TINY, "--train-iters", "50", "--lr", "3e-3", "--log-interval", "10",
-        "--tensorboard-dir", str(tb), "--log-json", str(log),
+        "--tensorboard-dir", str(tb), "--log-json", str(log), "--eval-interval", "50",
+        "--eval-iters", "1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = _train_records(log)
@@ -57,6 +58,18 @@ def test_loss_falls_on_real_text_and_everything_is_logged(tmp_path):
         imbalance = scalars[f"moe/expert_load_imbalance/layer_{layer:02d}"]
         assert len(imbalance) == 50 and all(v >= 1.0 for v in imbalance)
     assert scalars["lm_loss"] == pytest.approx(losses, rel=1e-6)
+
+    # Evaluation: loss per language, expert load per layer, the language correlation heatmap.
+    for lang in ("en", "de", "zh", "ru"):
+        assert len(scalars[f"validation/lm_loss/{lang}"]) == 1
+    assert len(scalars["validation/expert_load_imbalance/layer_03"]) == 1
+    assert " validation lm loss " in result.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = EventAccumulator(str(tb), size_guidance={"images": 0})
+    images.Reload()
+    [heatmap] = images.Images("routing/language_correlation")
+    assert heatmap.step == 50 and heatmap.width > 100 and heatmap.height > 100
 
 
 @pytest.mark.slow
