@@ -33,6 +33,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_ext.attention import SDPAttention
 from megatron_ext.experts import TorchGroupedMLP
 
 EXPERT_BACKENDS = ("te", "torch-grouped", "sequential")
@@ -77,7 +78,7 @@ class RMSNorm(torch.nn.Module):
 
 
 class MarcoLocalSpecProvider(LocalSpecProvider):
-    """Megatron-Core local modules, our RMSNorm, and a choice of expert module."""
+    """Megatron-Core local modules, our RMSNorm and SDPA attention, a choice of experts."""
 
     def __init__(self, expert_backend: str):
         if expert_backend == "te":
@@ -86,6 +87,9 @@ class MarcoLocalSpecProvider(LocalSpecProvider):
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return RMSNorm
+
+    def core_attention(self) -> type:
+        return SDPAttention
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
         if self.expert_backend == "torch-grouped":

@@ -1,0 +1,83 @@
+"""Core attention on PyTorch's `scaled_dot_product_attention`, for the non-TE layer spec.
+
+Megatron-Core's local `DotProductAttention` materialises the [b, heads, s, s] score matrix
+(baddbmm, masked softmax, bmm) and repeats K/V for GQA. PyTorch's SDPA runs fused
+flash/memory-efficient kernels on CPU and GPU and handles GQA natively, with the same math.
+With TransformerEngine installed, the TE spec uses `TEDotProductAttention` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in for DotProductAttention: [s, b, heads, d] q/k/v in, [s, b, heads * d] out."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs TransformerEngine's attention")
+        if config.window_size is not None or config.softmax_type != "vanilla":
+            raise ValueError("SDPAttention supports full causal attention with a plain softmax")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp = pg_collection.tp.size()
+        self.attn_mask_type = attn_mask_type
+        self.heads_per_partition = divide(config.num_attention_heads, tp)
+        self.hidden_per_partition = divide(config.kv_channels * config.num_attention_heads, tp)
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention: packed sequences and attention bias need TE attention")
+        mask_type = attn_mask_type or self.attn_mask_type
+        causal = attention_mask is None and mask_type == AttnMaskType.causal
+        # Megatron masks mark positions to drop (True); SDPA's boolean masks mark positions kept.
+        keep = None if attention_mask is None else ~attention_mask
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        dropout = self.dropout if self.training else 0.0
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout > 0 and not self.config.sequence_parallel
+            else contextlib.nullcontext()
+        )
+        with rng:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
+            )
+        # [b, heads, s, d] -> [s, b, heads * d]
+        return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_per_partition)
+
