@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Launch a Marco training stage with NeMo-Run: the runs of slurm/*.sbatch, through NeMo-Run's
+LocalExecutor or SlurmExecutor with its torchrun launcher.
+
+    # print the sbatch script NeMo-Run would submit (nothing is submitted)
+    python examples/launch_nemo_run.py --model mini --stage 1 --executor slurm \\
+        --account ACCT --partition PART --dryrun
+    # submit from a login node (LocalTunnel), or from elsewhere with --ssh-host/--ssh-user
+    python examples/launch_nemo_run.py --model mini --stage 1 --executor slurm \\
+        --account ACCT --partition PART --container-image nvcr.io/nvidia/pytorch:25.09-py3 \\
+        --container-mounts /lustre:/lustre
+    # this machine, torchrun; MARCO_CPU=1: the tiny preset on 2 CPU processes (gloo)
+    MARCO_CPU=1 MARCO_TRAIN_ITERS=3 python examples/launch_nemo_run.py --model mini --stage 1 \\
+        --executor local
+
+The training command is taken from slurm/launch.sh (`MARCO_DRY_RUN=nul`), so layout, batch,
+schedule, paths and every MARCO_* override (docs/cluster.md) are the same as with sbatch. The
+task is slurm/pretrain_stage.py, which resumes from the stage's own checkpoint when one
+exists and otherwise starts from the previous stage's final one.
+
+Requeue works differently from the sbatch scripts: NeMo-Run's batch script requeues a job
+whose command exited non-zero, up to --max-retries times. Here torchrun handles SIGUSR1
+(PET_SIGNALS_TO_HANDLE): at `--signal USR1@<grace>` it forwards the signal to the trainer,
+which saves and exits 0, and waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT for that; torchrun then
+exits non-zero and NeMo-Run requeues the job, which resumes from that checkpoint. A finished
+stage exits 0 and is not requeued. Crashes are retried too, each resuming from the last
+checkpoint. NeMo-Run needs `leptonai<0.47` to import (requirements/cpu.txt pins both).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = {"nano": [1, 2, 3, 4], "mini": [1, 2, 3, 4], "mini_global": [5]}
+# launch.sh's rendezvous variables: NeMo-Run's torchrun launcher sets up its own.
+_LAUNCHER_ONLY = {"MARCO_PYTHON", "MARCO_REPO", "MARCO_NNODES", "MARCO_NPROC_PER_NODE",
+                  "MASTER_ADDR", "MASTER_PORT"}
+
+
+def launch_plan(model: str, stage: int, nodes: int | None, nproc: int | None) -> dict:
+    """Settings, environment and stage command of `bash slurm/launch.sh MODEL STAGE`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["MARCO_DRY_RUN"] = "nul"
+    if nodes:
+        env["MARCO_NNODES"] = str(nodes)
+    if nproc:
+        env["MARCO_NPROC_PER_NODE"] = str(nproc)
+    out = subprocess.run(["bash", str(REPO / "slurm" / "launch.sh"), model, str(stage)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr.strip() or f"slurm/launch.sh failed ({out.returncode})")
+    plan = {"env": {}, "args": []}
+    for record in out.stdout.split("\0")[:-1]:
+        key, _, value = record.partition("=")
+        if key == "env":
+            name, _, val = value.partition("=")
+            if name not in _LAUNCHER_ONLY:
+                plan["env"][name] = val
+        elif key == "arg":
+            plan["args"].append(value)
+        else:
+            plan[key] = value
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=sorted(STAGES))
+    p.add_argument("--stage", type=int, required=True)
+    p.add_argument("--executor", choices=["local", "slurm"], default="slurm")
+    p.add_argument("--dryrun", action="store_true", help="print what would run; run nothing")
+    p.add_argument("--nodes", type=int, help="default: the model's (slurm/config); local: 1")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="processes per node (default: the model's; MARCO_CPU=1: 2)")
+    g = p.add_argument_group("slurm")
+    g.add_argument("--account")
+    g.add_argument("--partition")
+    g.add_argument("--time", default="24:00:00")
+    g.add_argument("--signal-grace", type=int, default=300,
+                   help="seconds: --signal=USR1@GRACE; torchrun waits up to GRACE - 60 for the save")
+    g.add_argument("--max-retries", type=int, default=50,
+                   help="requeues after a signal or a failure")
+    g.add_argument("--container-image")
+    g.add_argument("--container-mounts", default="", help="comma-separated src:dst")
+    g.add_argument("--remote-repo", help="this repository's path on the cluster (default: here)")
+    g.add_argument("--job-dir", default=str(REPO / "runs" / "nemo_run"),
+                   help="NeMo-Run's job directory (on the cluster with --ssh-host)")
+    g.add_argument("--ssh-host")
+    g.add_argument("--ssh-user")
+    g.add_argument("--sbatch-out", help="with --dryrun: also write the sbatch script here")
+    return p
+
+
+def slurm_executor(a, plan: dict):
+    import nemo_run as run
+    from nemo_run.core.packaging.git import GitArchivePackager
+
+    remote_repo = a.remote_repo or str(REPO)
+    env = dict(plan["env"])
+    # torchrun forwards SIGUSR1 to the trainer and waits for its save (see the docstring).
+    env["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(max(a.signal_grace - 60, 30))
+    if a.ssh_host:
+        tunnel = run.SSHTunnel(host=a.ssh_host, user=a.ssh_user or os.environ.get("USER", ""),
+                               job_dir=a.job_dir)
+    else:
+        tunnel = run.LocalTunnel(job_dir=a.job_dir)
+    return run.SlurmExecutor(
+        account=a.account or "",
+        partition=a.partition,
+        nodes=int(plan["nodes"]),
+        ntasks_per_node=int(plan["nproc"]),  # torchrun: one task per node, nproc workers
+        gpus_per_node=None if os.environ.get("MARCO_CPU") == "1" else int(plan["nproc"]),
+        time=a.time,
+        exclusive=True,
+        mem="0",
+        signal=f"USR1@{a.signal_grace}",
+        container_image=a.container_image,
+        container_mounts=[m for m in a.container_mounts.split(",") if m],
+        env_vars=env,
+        retries=a.max_retries,
+        job_name_prefix="marco-",
+        tunnel=tunnel,
+        # The job's code directory is a link to the checkout on the cluster's shared
+        # filesystem (nothing is archived or copied).
+        packager=GitArchivePackager(symlink_from_remote_dir=remote_repo),
+        launcher="torchrun",
+    ), remote_repo
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.stage not in STAGES[a.model]:
+        sys.exit(f"--stage {a.stage}: {a.model} has stages {STAGES[a.model]}")
+    if a.executor == "slurm" and not a.account and not a.dryrun:
+        sys.exit("--account is required to submit to Slurm")
+    nodes = 1 if a.executor == "local" else a.nodes
+    plan = launch_plan(a.model, a.stage, nodes, a.gpus_per_node)
+
+    import nemo_run as run
+
+    script_path, args = plan["args"][0], plan["args"][1:]  # slurm/pretrain_stage.py, its flags
+    if a.executor == "slurm":
+        executor, remote_repo = slurm_executor(a, plan)
+        args = [x.replace(str(REPO), remote_repo) for x in args]  # local paths -> cluster paths
+    else:
+        executor = run.LocalExecutor(ntasks_per_node=int(plan["nproc"]), launcher="torchrun",
+                                     env_vars=plan["env"])
+        script_path = str(REPO / script_path)
+    script = run.Script(path=script_path, args=args, entrypoint="python")
+    name = f"{a.model}-stage{a.stage}"
+    with run.Experiment(f"marco-{name}", executor=executor, log_level="WARN") as exp:
+        exp.add(script, name=name)
+        if a.dryrun:
+            exp.dryrun(log=True, delete_exp_dir=False)
+            if a.executor == "slurm":
+                sbatch = next(Path(exp._exp_dir).glob("*_sbatch.sh"))
+                print(sbatch.read_text())
+                if a.sbatch_out:
+                    shutil.copyfile(sbatch, a.sbatch_out)
+            return 0
+        exp.run(detach=a.executor == "slurm", tail_logs=a.executor == "local")
+    if a.executor == "local":
+        states = {task: str(info["status"]) for task, info in exp.status(return_dict=True).items()}
+        print(f"{name}: {states}")
+        return 0 if all(s.upper().startswith("SUCCEEDED") for s in states.values()) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
