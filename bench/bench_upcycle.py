@@ -30,20 +30,18 @@ QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=1
 
 
 def dense_tensors(layers: int):
-    import torch
-
     """(name, shape) of a tied Qwen3-0.6B checkpoint, as `save_pretrained` names them."""
     h, f, d = QWEN3_06B["hidden_size"], QWEN3_06B["intermediate_size"], QWEN3_06B["head_dim"]
     q, kv = QWEN3_06B["num_attention_heads"] * d, QWEN3_06B["num_key_value_heads"] * d
     yield "model.embed_tokens.weight", (QWEN3_06B["vocab_size"], h)
     for i in range(layers):
         p = f"model.layers.{i}."
-        yield from ((p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                    (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
-                    (p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,)),
-                    (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
-                    (p + "mlp.down_proj.weight", (h, f)))
+        layer = {"input_layernorm": (h,), "post_attention_layernorm": (h,),
+                 "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h),
+                 "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q),
+                 "self_attn.q_norm": (d,), "self_attn.k_norm": (d,),
+                 "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+        yield from ((f"{p}{name}.weight", shape) for name, shape in layer.items())
     yield "model.norm.weight", (h,)
 
 
@@ -56,7 +54,8 @@ def write_dense(directory: str, layers: int, seed: int = 0) -> int:
     header, offset = {}, 0
     for name, shape in specs:
         nbytes = 2 * int(torch.Size(shape).numel())
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": "BF16", "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

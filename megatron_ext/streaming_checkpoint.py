@@ -74,7 +74,8 @@ class _Chunks:
             assert sh.flattened_range is None, sh.key
             # Prepended axes (layer, expert) are global-only: one index of each per chunk.
             sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-            self.chunks.append(ChunkStorageMetadata(torch.Size(sh.global_offset), torch.Size(sizes)))
+            self.chunks.append(ChunkStorageMetadata(torch.Size(sh.global_offset),
+                                                    torch.Size(sizes)))
 
     def __create_write_items__(self, fqn: str, obj) -> list:
         return [
@@ -99,7 +100,8 @@ class _ProducingPlanner(MCoreSavePlanner):
     def create_local_plan(self):
         plan = super().create_local_plan()
         # The writer keeps plan order with one thread; sorting is stable.
-        items = sorted(plan.items, key=lambda w: write_order(w.index.fqn, tuple(w.index.offset or ())))
+        items = sorted(plan.items,
+                       key=lambda w: write_order(w.index.fqn, tuple(w.index.offset or ())))
         self.plan = dataclasses.replace(plan, items=items)
         return self.plan
 
@@ -137,7 +139,8 @@ class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
                     objects[sh.unique_key].append(sh)
                 else:
                     tensors[sh.key].append(sh)
-        state = mcore_to_pyt_state_dict(dict(objects), is_loading=False)  # serialized as Megatron does
+        # Objects (extra state) serialised exactly as Megatron's writer does.
+        state = mcore_to_pyt_state_dict(dict(objects), is_loading=False)
         state.update({key: _Chunks(shards) for key, shards in tensors.items()})
         writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True,
                                       thread_count=1, per_thread_copy_ahead=0)

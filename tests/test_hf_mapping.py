@@ -133,7 +133,8 @@ def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_
             index = tuple(slice(o, o + s) for o, s in zip(sh.global_offset, sizes))
             t[index] = sh.data.reshape(sizes)
     ours, theirs = str(tmp_path / "streamed"), str(tmp_path / "megatron")
-    save_streaming(ours, preset, _global_chunk(full), torch.float32, checkpointing.model_info(preset))
+    info = checkpointing.model_info(preset)
+    save_streaming(ours, preset, _global_chunk(full), torch.float32, info)
     checkpointing.save_checkpoint(theirs, checkpointing.TrainState(), [model],
                                   model_info=checkpointing.model_info(preset))
 

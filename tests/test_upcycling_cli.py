@@ -117,7 +117,8 @@ def test_overwrite_and_tokenizer_record(megatron_single_rank, tmp_path, dense_di
     assert TOOL.main(["--hf-dir", dense_dir, "--save", out, *EXPERTS, "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
     info = json.load(open(os.path.join(out, "iter_0000000", "marco_model.json")))
-    assert info["tokenizer"] == {"type": "HuggingFaceTokenizer", "model": os.path.abspath(dense_dir)}
+    tokenizer = {"type": "HuggingFaceTokenizer", "model": os.path.abspath(dense_dir)}
+    assert info["tokenizer"] == tokenizer
     assert info["preset"]["num_experts"] == 8 and _leftovers(str(tmp_path)) == []
 
 
