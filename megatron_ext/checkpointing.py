@@ -19,6 +19,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -119,6 +121,35 @@ def _dp_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
+def _start_writer_helper_shielded() -> None:
+    """Start dist_checkpointing's writer helpers with SIGTERM/SIGUSR1 blocked.
+
+    The torch_dist writer sends its results through a multiprocessing Manager, a *spawned*
+    process created at the first save and reused by every later one
+    (`filesystem_async._get_write_results_queue`). Slurm delivers `--signal` and
+    `scancel --signal` to every process of a job step (proctrack/cgroup), that helper
+    included; with the default action it dies, and the save the signal asks for then fails
+    with BrokenPipeError (multiprocessing's resource tracker, started alongside, is shielded
+    the same way). Blocked signals are inherited through fork+exec and stay pending
+    in the helper for its lifetime; in this process they are only deferred (unblocked right
+    after), so the trainer's StopSignal still sees them.
+    """
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None or threading.current_thread() is not threading.main_thread():
+        return
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        resource_tracker.ensure_running()  # spawned by the Manager's start otherwise; it
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # unblocks SIGTERM when done: re-block
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def save_checkpoint(
     root: str,
     state: TrainState,
@@ -130,6 +161,7 @@ def save_checkpoint(
     """Save on every rank (collective); returns the final checkpoint directory."""
     final = iteration_dir(root, state.iteration)
     tmp = f"{final}.tmp"
+    _start_writer_helper_shielded()
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
