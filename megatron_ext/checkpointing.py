@@ -248,7 +248,9 @@ def load_checkpoint(
             sharded["model"] if len(model_chunks) == 1 else sharded, is_loading=True, metadata=metadata
         )
     world = dist.get_world_size() if dist.is_initialized() else 1
-    with_rng = load_rng and common.get("world_size") == world
+    # RNG states are per rank: restored only into the same world size, and never from a
+    # weights-only checkpoint (upcycled or converted), which has none.
+    with_rng = load_rng and common.get("has_optimizer", False) and common.get("world_size") == world
     if with_rng:
         sharded["rng_state"] = _rng_state()
 

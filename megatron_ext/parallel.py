@@ -132,10 +132,13 @@ def init_distributed(layout: ParallelLayout, seed: int, timeout_minutes: int = 3
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     # Megatron's NaN/rerun checker is off (its default); initialising it says so explicitly.
+    # Destroy first: it is a process-wide singleton and this function may run twice.
+    rerun_state_machine.destroy_rerun_state_machine()
     rerun_state_machine.initialize_rerun_state_machine()
 
 
 def shutdown() -> None:
+    rerun_state_machine.destroy_rerun_state_machine()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -123,6 +123,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.preset = args.model
+        self.stop_signal = StopSignal()  # first: a signal during setup still means "save and stop"
         world = parallel.world_size_from_env()
         self.dp_size = parallel.validate_layout(layout_from_args(args), self.preset, world)
         if args.global_batch_size is None:
@@ -198,7 +199,6 @@ class Trainer:
             if self.preset.is_moe
             else None
         )
-        self.stop_signal = StopSignal()
 
     # ------------------------------------------------------------------ setup helpers
     def _wire_grad_sync(self) -> None:
