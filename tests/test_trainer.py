@@ -167,3 +167,43 @@ def test_torchrun_data_parallel_two_ranks(tmp_path):
     assert "DP 2" in result.stdout
     records = _train_records(log)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+CURRICULUM = """
+data_root: "@sample"
+sources:
+  en: {prefix: en_train_text_document, lang: en}
+  zh: {prefix: zh_train_text_document, lang: zh}
+  de: {prefix: de_train_text_document, lang: de}
+stages:
+  - {name: one, end: 3072, languages: [en, zh], blend: {en: 3, zh: 1}}
+  - {name: two, end: 6144, languages: [en, zh, de], blend: {en: 1, zh: 1, de: 2}}
+  - {name: three, end: 8192, languages: [de], blend: {de: 1}}
+"""
+
+
+@pytest.mark.slow
+def test_curriculum_switches_at_the_boundary_and_resumes_exactly_across_it(tmp_path):
+    curriculum = tmp_path / "curriculum.yaml"
+    curriculum.write_text(CURRICULUM)
+    # 4 x 256 = 1024 tokens per step: stages cover steps 1-3, 4-6, 7-8.
+    common = [*TINY, "--curriculum", str(curriculum), "--train-iters", "8",
+              "--lr-warmup-iters", "1", "--log-interval", "100"]
+    straight = run_pretrain(*common, "--log-json", str(tmp_path / "straight.jsonl"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    records = _train_records(tmp_path / "straight.jsonl")
+    assert [r["curriculum_stage"] for r in records] == [0, 0, 0, 1, 1, 1, 2, 2]
+    consumed = [{k.rsplit("/", 1)[1]: v for k, v in r.items() if k.startswith("data/consumed_tokens/")}
+                for r in records]
+    assert consumed[-1]["de"] > consumed[5]["de"] > consumed[2].get("de", 0) == 0
+
+    ckpt = tmp_path / "ckpt"
+    first = run_pretrain(*common, "--save", str(ckpt), "--exit-interval", "5",
+                         "--log-json", str(tmp_path / "first.jsonl"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_pretrain(*common, "--load", str(ckpt), "--log-json", str(tmp_path / "second.jsonl"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = _train_records(tmp_path / "first.jsonl") + _train_records(tmp_path / "second.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["lm_loss"] for r in resumed] == pytest.approx([r["lm_loss"] for r in records], rel=1e-6)
+    assert [r["curriculum_stage"] for r in resumed] == [0, 0, 0, 1, 1, 1, 2, 2]
