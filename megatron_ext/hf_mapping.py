@@ -236,9 +236,81 @@ def preset_fields_from_hf_config(cfg: dict, directory: str = "") -> dict:
         tie_embeddings=bool(conf.tie_word_embeddings),
     )
     if kind == "qwen3_moe":
+        # Marco's spec: every layer sparse, top-k renormalised (Megatron's softmax over the
+        # top-k logits), no dense layers in between.
+        sparse_every = getattr(conf, "decoder_sparse_step", 1)
+        if sparse_every != 1 or list(getattr(conf, "mlp_only_layers", []) or []):
+            raise HFCheckpointError(f"{where}: decoder_sparse_step {sparse_every} / "
+                                    f"mlp_only_layers {conf.mlp_only_layers}: only models with "
+                                    "every layer sparse are supported")
+        if not conf.norm_topk_prob:
+            raise HFCheckpointError(f"{where}: norm_topk_prob is false; Marco's router "
+                                    "renormalises the top-k probabilities (true)")
         fields.update(num_experts=conf.num_experts, moe_ffn_hidden_size=conf.moe_intermediate_size,
                       moe_router_topk=conf.num_experts_per_tok)
     return fields
+
+
+def hf_config_dict(preset, dtype: str = "float32", router_aux_loss_coef: float = 1e-3,
+                   token_ids: Optional[dict] = None) -> dict:
+    """config.json of a preset: `qwen3` (dense) or `qwen3_moe` (every layer sparse,
+    norm_topk_prob). Built by transformers' own config class, plus the keys released Qwen3
+    configs carry that transformers 5 renames (`num_experts`, `rope_theta`, `torch_dtype`),
+    so older readers (transformers 4, serving engines) read the same model."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    rope = {"rope_type": "default", "rope_theta": float(preset.rotary_base)}
+    kw = dict(
+        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
+        intermediate_size=preset.ffn_hidden_size, num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.num_query_groups, head_dim=preset.kv_channels,
+        hidden_act="silu", max_position_embeddings=preset.max_position_embeddings,
+        rms_norm_eps=preset.norm_epsilon, tie_word_embeddings=preset.tie_embeddings,
+        attention_bias=False, attention_dropout=0.0, use_cache=True, rope_parameters=rope,
+        dtype=dtype, **(token_ids or {}))
+    if preset.is_moe:
+        kw.update(num_experts=preset.num_experts, num_experts_per_tok=preset.moe_router_topk,
+                  moe_intermediate_size=preset.moe_ffn_hidden_size, norm_topk_prob=True,
+                  decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False,
+                  router_aux_loss_coef=router_aux_loss_coef)
+        conf, arch = Qwen3MoeConfig(**kw), "Qwen3MoeForCausalLM"
+    else:
+        conf, arch = Qwen3Config(**kw, use_sliding_window=False,
+                                 max_window_layers=preset.num_layers), "Qwen3ForCausalLM"
+    conf.architectures = [arch]
+    out = conf.to_diff_dict()  # what save_pretrained writes
+    out.pop("num_local_experts", None)
+    out.update(kw)  # every architecture key explicit, whatever the class defaults
+    out.update(rope_theta=rope["rope_theta"], torch_dtype=dtype)
+    return dict(sorted(out.items()))
+
+
+def mcore_layer_shapes(preset) -> dict:
+    """Megatron per-layer checkpoint names of a preset and their shapes (layer axis removed)."""
+    h, d = preset.hidden_size, preset.kv_channels
+    heads, groups = preset.num_attention_heads, preset.num_query_groups
+    shapes = {QKV: ((heads + 2 * groups) * d, h), "self_attention.linear_proj.weight": (h, heads * d),
+              "self_attention.linear_qkv.layer_norm_weight": (h,),
+              "self_attention.q_layernorm.weight": (d,), "self_attention.k_layernorm.weight": (d,)}
+    if preset.is_moe:
+        e, f = preset.num_experts, preset.moe_ffn_hidden_size
+        shapes.update({MOE_NORM: (h,), ROUTER: (e, h), EXPERT_FC1: (e, 2 * f, h),
+                       EXPERT_FC2: (e, h, f)})
+    else:
+        f = preset.ffn_hidden_size
+        shapes.update({DENSE_NORM: (h,), DENSE_FC1: (2 * f, h), DENSE_FC2: (h, f)})
+    return shapes
+
+
+def mcore_global_shapes(preset) -> dict:
+    """Megatron whole-model checkpoint names (no layer axis) and shapes."""
+    h = preset.hidden_size
+    shapes = {"embedding.word_embeddings.weight": (preset.vocab_size, h),
+              "decoder.final_layernorm.weight": (h,)}
+    if not preset.tie_embeddings:
+        shapes["output_layer.weight"] = (preset.vocab_size, h)
+    return shapes
 
 
 class HFSafetensors:
@@ -323,13 +395,13 @@ def _read_header(path: str, directory: str):
                                 f"(truncated or corrupt: {e})") from None
 
 
-def expected_hf_shapes(fields: dict, moe: bool = False) -> dict:
-    """HF tensor names and shapes a qwen3 (or qwen3_moe, per-expert) checkpoint must hold."""
+def expected_hf_shapes(fields: dict, moe: bool = False, fused_experts: bool = False) -> dict:
+    """HF tensor names and shapes a qwen3 (or qwen3_moe) checkpoint must hold, in file order:
+    embedding, layer by layer, final norm (and lm_head when untied). Experts per expert, as
+    `save_pretrained` writes them, or fused (E, 2F, H) / (E, H, F) as transformers 5 holds them."""
     h, d = fields["hidden_size"], fields["kv_channels"]
     heads, groups = fields["num_attention_heads"], fields["num_query_groups"]
-    shapes = {"model.embed_tokens.weight": (fields["vocab_size"], h), "model.norm.weight": (h,)}
-    if not fields["tie_embeddings"]:
-        shapes["lm_head.weight"] = (fields["vocab_size"], h)
+    shapes = {"model.embed_tokens.weight": (fields["vocab_size"], h)}
     for i in range(fields["num_layers"]):
         p = hf_layer_prefix(i)
         layer = {
@@ -341,12 +413,17 @@ def expected_hf_shapes(fields: dict, moe: bool = False) -> dict:
         if moe:
             e, f = fields["num_experts"], fields["moe_ffn_hidden_size"]
             layer[HF_ROUTER] = (e, h)
-            for j in range(e):
+            if fused_experts:
+                layer.update({HF_FUSED_GATE_UP: (e, 2 * f, h), HF_FUSED_DOWN: (e, h, f)})
+            for j in range(0 if fused_experts else e):
                 layer.update(zip(hf_expert_names(j), ((f, h), (f, h), (h, f))))
         else:
             f = fields["ffn_hidden_size"]
             layer.update(zip(HF_DENSE, ((f, h), (f, h), (h, f))))
         shapes.update({p + k: v for k, v in layer.items()})
+    shapes["model.norm.weight"] = (h,)
+    if not fields["tie_embeddings"]:
+        shapes["lm_head.weight"] = (fields["vocab_size"], h)
     return shapes
 
 

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Export a Marco Megatron-Core checkpoint to a Hugging Face directory (qwen3_moe or qwen3).
+
+    python tools/export_mcore_to_hf.py --load runs/tiny/ckpt --out runs/tiny/hf
+    python tools/export_mcore_to_hf.py --load ckpt/nano --out Marco-Nano-hf --dtype bf16 \\
+        --tokenizer-dir /models/Qwen3-0.6B-Base --max-shard-size 2GB
+
+The checkpoint may have been saved at any TP/PP/EP/DP layout. Writes config.json,
+generation_config.json, safetensors shards (+ index) and the tokenizer (the one the checkpoint
+records, or --tokenizer-dir). Streams: one layer in memory at a time. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint root (latest iteration) or iter_N dir")
+    p.add_argument("--out", required=True, help="output Hugging Face directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard (bytes, or with KB/MB/GB/KiB/MiB/GiB)")
+    p.add_argument("--tokenizer-dir", help="tokenizer to ship instead of the one the checkpoint "
+                   "records: a Hugging Face tokenizer directory, or a directory with one "
+                   "SentencePiece .model (or the .model file)")
+    p.add_argument("--no-tokenizer", action="store_true", help="ship no tokenizer files")
+    p.add_argument("--router-aux-loss-coef", type=float, default=1e-3,
+                   help="written to config.json (MoE): the trainer's --moe-aux-loss-coeff")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-shard-size {text}: expected bytes or e.g. 500MB, 5GB, 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise UsageError(f"--max-shard-size {text} must be positive")
+    return size
+
+
+def _quiet() -> None:
+    for pattern in (".*[Aa]pex.*", ".*Transformer Engine.*", ".*transformer_engine.*",
+                    ".*nvidia_resiliency.*", ".*deprecated.*", ".*torch.distributed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def resolve_tokenizer(args, info: dict):
+    """('hf'|'spm', path) to ship, or None; fails early on a bad --tokenizer-dir."""
+    import hashlib
+
+    from megatron_ext.hf_tokenizer import find_tokenizer
+
+    if args.no_tokenizer:
+        return None
+    if args.tokenizer_dir:
+        return find_tokenizer(args.tokenizer_dir, "--tokenizer-dir")
+    recorded = info.get("tokenizer") or {}
+    # The trainer records tokenizer_model (+ sha256); the upcycler an HF directory as `model`.
+    path = recorded.get("tokenizer_model") or recorded.get("model")
+    if not path:
+        return None
+    if not os.path.exists(path):
+        print(f"warning: the checkpoint's tokenizer {path} is not there; exporting without "
+              "tokenizer files (give --tokenizer-dir)", file=sys.stderr, flush=True)
+        return None
+    digest = recorded.get("sha256")
+    if digest and os.path.isfile(path):
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != digest:
+                raise UsageError(f"the checkpoint's tokenizer {path} changed since training "
+                                 "(sha256 differs); give --tokenizer-dir or --no-tokenizer")
+    return find_tokenizer(path, "tokenizer recorded in marco_model.json:")
+
+
+def write_export(tmp: str, reader, preset, dtype, tokenizer, args) -> dict:
+    """Everything into `tmp` (an empty directory). Returns a summary for the final message."""
+    import dataclasses
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from megatron_ext import hf_mapping as hm
+    from megatron_ext.hf_convert import SafetensorsWriter, export_tensors
+    from megatron_ext.hf_tokenizer import (copy_hf_tokenizer, sentencepiece_to_hf,
+                                           special_token_ids)
+
+    files, ids = [], {}
+    if tokenizer is not None:
+        kind, path = tokenizer
+        files = (copy_hf_tokenizer(path, tmp) if kind == "hf"
+                 else sentencepiece_to_hf(path, tmp, preset.max_position_embeddings))
+        ids = special_token_ids(tmp)
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    config = hm.hf_config_dict(preset, dtype_name, args.router_aux_loss_coef, ids)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    from transformers import GenerationConfig
+
+    GenerationConfig(**ids).save_pretrained(tmp)
+
+    plan = list(hm.expected_hf_shapes(dataclasses.asdict(preset), moe=preset.is_moe).items())
+    writer = SafetensorsWriter(tmp, plan, dtype, parse_size(args.max_shard_size))
+    bar = tqdm(total=preset.num_layers, desc="exporting", unit="layer", file=sys.stderr)
+    try:
+        for tensors in export_tensors(reader, on_layer=lambda i: bar.update(1)):
+            writer.add(tensors)
+        writer.close()
+    finally:
+        bar.close()
+    return {"config": config["model_type"], "shards": len(writer.files),
+            "bytes": writer.total_bytes, "tokenizer": files}
+
+
+def main(argv=None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    out = os.path.abspath(args.out)
+    tmp, old = f"{out}.tmp-export-{os.getpid()}", f"{out}.old-export-{os.getpid()}"
+    created = None  # the topmost missing parent of --out, removed again if the export fails
+    try:
+        parse_size(args.max_shard_size)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("run as a single process (not under torchrun)")
+        if os.path.exists(out) and not args.overwrite:
+            raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UsageError(f"--out {args.out} exists and is not a directory")
+        import torch
+
+        from megatron_ext import checkpointing
+        from megatron_ext.hf_convert import ConversionError, McoreCheckpointReader
+        from megatron_ext.hf_tokenizer import TokenizerError
+
+        try:
+            ckpt = checkpointing.resolve_checkpoint_dir(args.load)
+            info = checkpointing.read_model_info(ckpt)
+            preset = checkpointing.preset_from_checkpoint(ckpt)
+            tokenizer = resolve_tokenizer(args, info)
+            reader = McoreCheckpointReader(ckpt, preset)
+        except (checkpointing.CheckpointError, ConversionError, TokenizerError) as e:
+            raise UsageError(str(e)) from None
+        dtype = reader.dtype if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
+        if dtype not in (torch.float32, torch.bfloat16):
+            dtype = torch.float32
+        parent = os.path.dirname(out)
+        while not os.path.isdir(parent):
+            created, parent = parent, os.path.dirname(parent)
+        os.makedirs(tmp)
+        try:
+            summary = write_export(tmp, reader, preset, dtype, tokenizer, args)
+        except (ConversionError, TokenizerError) as e:
+            raise UsageError(str(e)) from None
+        if os.path.exists(out):
+            os.replace(out, old)
+        os.replace(tmp, out)
+        created = None
+        shutil.rmtree(old, ignore_errors=True)
+        tok = ", tokenizer " + " ".join(summary["tokenizer"]) if summary["tokenizer"] else ", no tokenizer"
+        print(f"wrote {out}: {summary['config']} ({preset.name}), {summary['shards']} shard(s), "
+              f"{summary['bytes'] / 2**20:.1f} MiB {str(dtype).replace('torch.', '')}{tok}",
+              flush=True)
+        return 0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:
+        print(f"error: writing --out {args.out} failed, nothing written: {e}", file=sys.stderr,
+              flush=True)
+        return 2
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

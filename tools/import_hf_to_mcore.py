@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Import a Hugging Face qwen3_moe (or qwen3) model as a Marco Megatron-Core checkpoint.
+
+    python tools/import_hf_to_mcore.py --hf-dir Marco-Mini-Base --save ckpt/mini-base
+    python pretrain_marco.py --preset mini --load ckpt/mini-base ...   # continue training
+
+For released or exported models (no upcycling: tools/upcycle_hf_to_mcore.py makes a MoE from
+a dense model). The output (iteration 0, weights only) loads at any TP/PP/EP layout. Streams:
+one HF layer in memory at a time. The mapping is megatron_ext/hf_mapping.py, the same one the
+export uses in the other direction; see docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF qwen3_moe / qwen3 directory (config.json "
+                   "+ model.safetensors, or shards with model.safetensors.index.json)")
+    p.add_argument("--save", required=True, help="output checkpoint root")
+    p.add_argument("--preset", help="record this preset (its architecture must equal the HF "
+                   "config's); default: the registered preset with that architecture, if any")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="checkpoint dtype (auto: that of the HF weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    return p
+
+
+def _arch(preset) -> dict:
+    d = dataclasses.asdict(preset)
+    for k in ("name", "description", "seq_length", "max_position_embeddings"):
+        d.pop(k)
+    return d
+
+
+def resolve_preset(args, fields: dict, moe: bool):
+    """The HF architecture as a preset: --preset or a registered one with the same shapes
+    (keeping the HF context length, so a round trip rewrites the same config), else custom."""
+    from megatron_ext.presets import PRESETS, ModelPreset, get_preset
+
+    kind = "qwen3_moe" if moe else "qwen3"
+    base = ModelPreset(name=f"imported-{kind}", description=f"imported from HF {kind}",
+                       seq_length=min(4096, fields["max_position_embeddings"]), **fields)
+    if args.preset:
+        preset = get_preset(args.preset)
+        mismatch = {k: (v, _arch(base)[k]) for k, v in _arch(preset).items() if _arch(base)[k] != v}
+        if mismatch:
+            name, (mine, theirs) = next(iter(mismatch.items()))
+            raise UsageError(f"--preset {args.preset} has {name} = {mine} but the HF config at "
+                             f"--hf-dir {args.hf_dir} has {theirs}")
+        same = [preset]
+    else:
+        same = [p for p in PRESETS.values() if _arch(p) == _arch(base)]
+    if not same:
+        return base
+    return dataclasses.replace(same[0], max_position_embeddings=fields["max_position_embeddings"])
+
+
+def _quiet() -> None:
+    for pattern in (".*[Aa]pex.*", ".*Transformer Engine.*", ".*transformer_engine.*",
+                    ".*nvidia_resiliency.*", ".*deprecated.*", ".*torch.distributed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def write(args, preset, reader, dtype, info) -> None:
+    """Into a temporary sibling of --save, then moved into place."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from tqdm import tqdm
+
+    from megatron_ext import parallel
+    from megatron_ext.hf_convert import HFCheckpointSource
+    from megatron_ext.model import ParallelLayout
+    from megatron_ext.streaming_checkpoint import save_streaming
+
+    target = os.path.abspath(args.save)
+    tmp, old = f"{target}.tmp-import-{os.getpid()}", f"{target}.old-import-{os.getpid()}"
+    created = None
+    parent = os.path.dirname(target)
+    while not os.path.isdir(parent):
+        created, parent = parent, os.path.dirname(parent)
+    # In-process callers (tests) that already hold a single-rank Megatron state keep it.
+    started = not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+                   and parallel_state.get_tensor_model_parallel_world_size() == 1
+                   and parallel_state.get_pipeline_model_parallel_world_size() == 1
+                   and parallel_state.get_expert_model_parallel_world_size() == 1)
+    ok, bar = False, tqdm(total=preset.num_layers, desc="importing", unit="layer", file=sys.stderr)
+    try:
+        os.makedirs(tmp)
+        if started:
+            parallel.init_distributed(ParallelLayout(), 0)
+        source = HFCheckpointSource(reader, preset, on_layer=lambda i: bar.update(i + 1 - bar.n))
+        save_streaming(tmp, preset, source.chunk, dtype, info)
+        bar.update(preset.num_layers - bar.n)
+        if os.path.isdir(target):
+            os.replace(target, old)
+        os.replace(tmp, target)
+        ok = True
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if created and not ok:
+            shutil.rmtree(created, ignore_errors=True)
+        if started:
+            parallel.shutdown()
+
+
+def main(argv=None) -> int:
+    _quiet()
+    args = build_parser().parse_args(argv)
+    try:
+        from megatron_ext import hf_mapping as hm
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("run as a single process (not under torchrun); the output loads "
+                             "at any parallel layout")
+        save = os.path.abspath(args.save)
+        if os.path.exists(save) and not os.path.isdir(save):
+            raise UsageError(f"--save {args.save} exists and is not a directory")
+        if os.path.isdir(save) and os.listdir(save) and not args.overwrite:
+            raise UsageError(f"--save {args.save} exists and is not empty; pass --overwrite to "
+                             "replace it")
+        cfg = hm.read_hf_config(args.hf_dir)
+        fields = hm.preset_fields_from_hf_config(cfg, args.hf_dir)
+        moe = cfg.get("model_type") == "qwen3_moe"
+        preset = resolve_preset(args, fields, moe)
+        reader = hm.HFSafetensors(args.hf_dir)
+        fused = hm.hf_layer_prefix(0) + hm.HF_FUSED_GATE_UP in reader
+        reader.require(hm.expected_hf_shapes(fields, moe=moe, fused_experts=fused))
+        import torch
+
+        dtype = reader.dtype() if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
+        if dtype not in (torch.float32, torch.bfloat16):
+            dtype = torch.float32
+        from megatron_ext import data
+        from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
+
+        info = model_info(preset, imported={"source": os.path.abspath(args.hf_dir),
+                                            "model_type": cfg["model_type"],
+                                            "dtype": str(dtype).replace("torch.", "")})
+        if hm.hf_tokenizer_info(args.hf_dir):  # recorded as the trainer records its tokenizer
+            info["tokenizer"] = data.tokenizer_info(argparse.Namespace(
+                tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.abspath(args.hf_dir)))
+        print(f"{cfg['model_type']} -> preset {preset.name!r}: {preset.num_layers} layers, hidden "
+              f"{preset.hidden_size}" + (f", {preset.num_experts} experts x "
+                                         f"{preset.moe_ffn_hidden_size}, top-{preset.moe_router_topk}"
+                                         if moe else f", FFN {preset.ffn_hidden_size}"), flush=True)
+        write(args, preset, reader, dtype, info)
+        print(f"wrote {save} (iteration 0, weights only, {info['imported']['dtype']})")
+        return 0
+    except (UsageError, hm.HFCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:
+        print(f"error: writing --save {args.save} failed, nothing written: {e}", file=sys.stderr,
+              flush=True)
+        return 2
+    except ValueError as e:  # get_preset: unknown preset
+        if str(e).startswith("--preset"):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
