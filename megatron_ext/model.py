@@ -125,7 +125,7 @@ def build_model(
     seq_length: Optional[int] = None,
 ) -> GPTModel:
     """This rank's stage of a Marco model (tied embeddings, RoPE theta from the preset)."""
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=marco_block_spec(config, expert_backend),
         vocab_size=preset.vocab_size,
@@ -137,3 +137,25 @@ def build_model(
         rotary_base=preset.rotary_base,
         parallel_output=True,
     )
+    mark_expert_params(model)
+    return model
+
+
+def mark_expert_params(model: torch.nn.Module) -> None:
+    """Reduce every expert weight's gradient over the expert-data-parallel group.
+
+    Megatron-Core marks expert weights `allreduce=False` (-> expert grad buffers, reduced over
+    the expert-DP group; expert optimizer) only when EP > 1 (tensor_parallel/layers.py,
+    experts.py, TE's grouped linear: `allreduce = not expert_parallel`). With EP = 1 and
+    expert-TP < TP, experts are replicated on TP ranks that route different tokens (sequence
+    parallelism), yet would be reduced over the dense DP group only, which excludes those TP
+    ranks: the replicas diverge. Marked at every layout, the expert-DP group (== DP whenever
+    ETP == TP) does the right sum, and the optimizer is split dense/expert the same way at every
+    EP size, so plain-optimizer checkpoints reshard between EP = 1 and EP > 1.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            for param in module.experts.parameters():
+                param.allreduce = False
