@@ -12,7 +12,11 @@ The shims, in short:
   4. a CPU model-parallel RNG tracker,
   5. `moe_utils.te_general_gemm` defined when TransformerEngine is absent,
   6. gloo-friendly all-to-all split sizes (gloo rejects tensor split sizes),
-  7. grad clipping without its `torch.cuda.FloatTensor` type assertion.
+  7. grad clipping without its `torch.cuda.FloatTensor` type assertion,
+  8. an accurate grad-norm kernel (the local fallback's fp32 `torch.norm` is not),
+  9. all-gather of unequal pieces over gloo (needed for expert tensor parallelism),
+ 10. the distributed optimizer's parameter type checks accept CPU tensors,
+ 11. distributed-optimizer checkpoints load (Megatron's no-apex/TE path mishandles 'step').
 """
 
 from __future__ import annotations
@@ -244,6 +248,180 @@ def _cpu_grad_clipping() -> None:
     mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+# --------------------------------------------------------------------------------------------
+# 8. optimizer/clip_grads.py get_grad_norm_fp32 uses `l2_norm_impl`, which without TE/apex is
+# utils.py local_multi_tensor_l2_norm: `torch.norm` per tensor in fp32 (on GPU it would be
+# apex's or TE's multi_tensor_l2norm). torch's CPU fp32 norm accumulates with errors of 1e-5 to
+# 2e-4 relative on a 1M-element gradient (the tiny model's embedding), and the error depends
+# on how the tensor is split, so the grad norm and hence the clipping factor changed with TP.
+# Sums of squares in fp64 make the norm independent of the layout to ~1e-16.
+# --------------------------------------------------------------------------------------------
+def _accurate_grad_norm() -> None:
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is not mcore_utils.local_multi_tensor_l2_norm:
+        return  # TE's or apex's kernel is in use
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        squares = [t.detach().double().square().sum() for tl in tensor_lists for t in tl]
+        total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
+        return total.float().reshape(1), None
+
+    clip_grads.l2_norm_impl = l2_norm
+
+
+# --------------------------------------------------------------------------------------------
+# 9. tensor_parallel/mappings.py _gather_along_first_dim with `output_split_sizes` calls
+# torch.distributed.all_gather with pieces of different lengths; the alltoall dispatcher does
+# so over the expert-tensor-parallel group (token_dispatcher.py dispatch_postprocess) when
+# ETP > 1. Gloo's allgather requires equal sizes ("invalid tensor size"); NCCL does not.
+# Pad each piece to the longest, gather, and trim.
+# --------------------------------------------------------------------------------------------
+class _DoneWork:
+    def wait(self, *args, **kwargs):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _gloo_uneven_all_gather() -> None:
+    import torch.distributed as dist
+
+    original = dist.all_gather
+    if getattr(original, "_marco_cpu_shim", False):
+        return
+
+    @functools.wraps(original)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if len({tuple(t.shape) for t in tensor_list}) <= 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        pieces = [torch.empty_like(padded) for _ in tensor_list]
+        original(pieces, padded, group=group)
+        for out, piece in zip(tensor_list, pieces):
+            out.copy_(piece[: out.shape[0]])
+        return _DoneWork() if async_op else None
+
+    all_gather._marco_cpu_shim = True
+    dist.all_gather = all_gather
+
+
+# --------------------------------------------------------------------------------------------
+# 10. optimizer/distrib_optimizer.py DistributedOptimizer.__init__ and
+# _build_model_and_main_param_groups sort parameters by `param.type()` against
+# 'torch.cuda.FloatTensor' / 'torch.cuda.HalfTensor' / 'torch.cuda.BFloat16Tensor' and raise
+# TypeError for anything else. While that constructor runs, a CPU tensor's type() answers
+# with the CUDA name of its dtype (nothing else changes).
+# --------------------------------------------------------------------------------------------
+class _CudaTypeNamesMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(result, str):
+            return result.replace("torch.", "torch.cuda.", 1) if ".cuda." not in result else result
+        return result
+
+
+def _distributed_optimizer_on_cpu() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.__init__
+    if getattr(original, "_marco_cpu_shim", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        with _CudaTypeNamesMode():
+            original(self, *args, **kwargs)
+
+    __init__._marco_cpu_shim = True
+    DistributedOptimizer.__init__ = __init__
+
+
+# --------------------------------------------------------------------------------------------
+# 11. Loading a distributed-optimizer checkpoint: Megatron-Core's path without apex/TE
+# (`HAVE_APEX_OR_TE` False in optimizer/distrib_optimizer.py) keeps torch Adam's per-parameter
+# 'step' and mishandles it in three places (a, b, d); with fp32 params (c) lacks no_grad.
+# --------------------------------------------------------------------------------------------
+def _distributed_optimizer_checkpoint_loading() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if getattr(DistributedOptimizer.load_state_dict, "_marco_cpu_shim", False):
+        return
+
+    # (a) DistributedOptimizer.state_dict asserts exactly one 'step' value across torch Adam's
+    # per-parameter state; sharded_state_dict(is_loading=True) calls it before any step, while
+    # that state is still empty (AssertionError). Give a fresh optimizer the state torch's Adam
+    # would create on its first step (step 0, zero moments); loading overwrites it.
+    original_sharded = DistributedOptimizer.sharded_state_dict
+
+    @functools.wraps(original_sharded)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, *args, **kwargs):
+        inner = self.optimizer
+        if is_loading and not distrib_optimizer.HAVE_APEX_OR_TE and not inner.state:
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
+        return original_sharded(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    # (b) load_parameter_state_from_fully_reshardable leaves 'step' out of the loaded tensors
+    # ("Handle torch Adam 'step' state separately"), but _set_main_param_and_optimizer_states
+    # fills every key of torch's per-parameter state from them: KeyError 'step'. Keep the
+    # current value for that key; (d) sets it.
+    original_set = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original_set)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if not distrib_optimizer.HAVE_APEX_OR_TE and "step" not in tensors:
+            current = self._get_main_param_and_optimizer_states(model_param)
+            if "step" in current:
+                tensors = {**tensors, "step": current["step"]}
+        original_set(self, model_param, tensors)
+
+    # (c) load_parameter_state_from_dp_reshardable copies into the main params without
+    # torch.no_grad() (its fs_model_space sibling has it). With fp32 params (CPU training) a
+    # main param is a view of the model param, a leaf that requires grad: RuntimeError "a view
+    # of a leaf Variable that requires grad is being used in an in-place operation".
+    original_dp_load = DistributedOptimizer.load_parameter_state_from_dp_reshardable
+
+    # (d) load_state_dict sets `s["step"] = step` for every parameter with ONE shared tensor,
+    # which torch's Adam then increments once per parameter per iteration; and the
+    # dp_reshardable load afterwards copies each 'step' from the template of (a), not from the
+    # checkpoint. Either way Adam's bias correction after a resume was wrong (the loss of the
+    # second step after a resume was 4e-3 off). Each parameter gets its own tensor holding the
+    # checkpoint's step.
+    original_load_state_dict = DistributedOptimizer.load_state_dict
+
+    @functools.wraps(original_load_state_dict)
+    def load_state_dict(self, state_dict):
+        original_load_state_dict(self, state_dict)
+        if distrib_optimizer.HAVE_APEX_OR_TE:
+            return
+        steps = {g["step"] for g in state_dict["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step)
+
+    load_state_dict._marco_cpu_shim = True
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    DistributedOptimizer.load_parameter_state_from_dp_reshardable = functools.wraps(
+        original_dp_load
+    )(torch.no_grad()(original_dp_load))
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
 def enable() -> None:
     """Install the shims (idempotent). Does nothing when CUDA is available."""
     global _enabled
@@ -253,6 +431,10 @@ def enable() -> None:
     _install_cpu_rng_tracker()
     _define_missing_te_names()
     _gloo_all_to_all_split_sizes()
+    _gloo_uneven_all_gather()
     _cpu_grad_clipping()
+    _accurate_grad_norm()
+    _distributed_optimizer_on_cpu()
+    _distributed_optimizer_checkpoint_loading()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _enabled = True
