@@ -265,8 +265,8 @@ def _accurate_grad_norm() -> None:
 
     def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
         squares = [t.detach().double().square().sum() for tl in tensor_lists for t in tl]
-        total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
-        return total.float().reshape(1), None
+        total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+        return total.sqrt().float().reshape(1), None
 
     clip_grads.l2_norm_impl = l2_norm
 
