@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", help="resume from this checkpoint directory")
     g.add_argument("--no-load-optim", action="store_true", help="load model weights only")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state so that it loads at any "
+                        "TP/PP/EP layout (slower saves); default: reshardable over DP only")
     g.add_argument("--exit-interval", type=int,
                    help="stop (after saving) once the iteration is a multiple of this")
 

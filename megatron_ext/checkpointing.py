@@ -90,10 +90,17 @@ def _model_sharded_state_dict(model_chunks) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
-def _sharding_metadata() -> dict:
-    # The distributed optimizer's fully-reshardable format fails to load in 0.16 (KeyError
-    # 'step'); dp_reshardable is what Megatron-LM uses by default.
-    return {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False}
+def _sharding_metadata(optimizer_fully_reshardable: bool = False) -> dict:
+    """How the distributed optimizer's state is laid out in the checkpoint.
+
+    dp_reshardable (Megatron-LM's default) writes each rank's buffers as they are: fast, and
+    loadable at another DP size only. fully_reshardable gathers them into per-parameter
+    tensors on save (slower, more memory on DP rank 0) and loads at any TP/PP/EP/DP layout.
+    The plain optimizer's state is per parameter either way. Loads read the choice back from
+    the checkpoint's content metadata.
+    """
+    kind = "fully_reshardable" if optimizer_fully_reshardable else "dp_reshardable"
+    return {"distrib_optim_sharding_type": kind, "singleton_local_shards": False}
 
 
 def _rng_state() -> ShardedObject:
@@ -157,6 +164,7 @@ def save_checkpoint(
     optimizer=None,
     scheduler=None,
     model_info: Optional[dict] = None,
+    optimizer_fully_reshardable: bool = False,
 ) -> str:
     """Save on every rank (collective); returns the final checkpoint directory."""
     final = iteration_dir(root, state.iteration)
@@ -169,7 +177,7 @@ def save_checkpoint(
     _barrier()
 
     sharded = _model_sharded_state_dict(model_chunks)
-    metadata = _sharding_metadata()
+    metadata = _sharding_metadata(optimizer_fully_reshardable)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"] if len(model_chunks) == 1 else sharded, metadata=metadata)
     if scheduler is not None:
@@ -241,7 +249,7 @@ def load_checkpoint(
     except Exception as e:  # noqa: BLE001 - any unreadable common state means a bad checkpoint
         raise CheckpointError(f"--load {ckpt}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     sharded = _model_sharded_state_dict(model_chunks)
-    metadata = _sharding_metadata()
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or _sharding_metadata()
     with_optimizer = optimizer is not None and common.get("has_optimizer", False)
     if with_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -277,8 +285,7 @@ def load_checkpoint(
     if with_rng:
         _set_rng_state(loaded["rng_state"])
     state = TrainState(**loaded.get("train_state", {}))
-    if not with_optimizer:
-        state.extra["model_only"] = True
+    state.extra["model_only"] = not with_optimizer  # about this load, not the saved run
     return state
 
 

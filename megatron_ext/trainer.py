@@ -376,6 +376,7 @@ class Trainer:
             model_info=checkpointing.model_info(
                 self.preset, tokenizer=data.tokenizer_info(self.args)
             ),
+            optimizer_fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable,
         )
         self.log(f"saved checkpoint {path}")
 

@@ -176,17 +176,9 @@ class _RoutingProbe:
 
 
 def _run_train(job: dict) -> dict:
-    from megatron_ext import checkpointing
-
-    default_format = checkpointing._sharding_metadata
-    if job.get("optimizer_format"):
-        fmt = {"distrib_optim_sharding_type": job["optimizer_format"],
-               "singleton_local_shards": False}
-        checkpointing._sharding_metadata = lambda: dict(fmt)
-    try:
-        return _train(job)
-    finally:
-        checkpointing._sharding_metadata = default_format
+    if job.get("optimizer_format") == "fully_reshardable":
+        job = {**job, "args": [*job["args"], "--dist-ckpt-optim-fully-reshardable"]}
+    return _train(job)
 
 
 def _train(job: dict) -> dict:
