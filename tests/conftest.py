@@ -33,9 +33,10 @@ def run_pretrain(*args: str, timeout: int = 600, env: dict | None = None, nproc:
                "--master-port", str(_free_port()), str(REPO / "pretrain_marco.py"), *args]
     else:
         cmd = [sys.executable, str(REPO / "pretrain_marco.py"), *args]
-    return subprocess.run(
-        cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
+    # One thread per process when several share the 2 cores: oversubscribed OpenMP threads
+    # spin against each other and can slow a step tenfold.
+    env = env or subprocess_env(OMP_NUM_THREADS=str(max(1, 2 // nproc)))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _free_port() -> int:
