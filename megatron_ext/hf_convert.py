@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp

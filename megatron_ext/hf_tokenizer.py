@@ -48,6 +48,19 @@ def copy_hf_tokenizer(src: str, out_dir: str) -> list[str]:
     return copied
 
 
+def bpe_merges(vocab: dict) -> list[tuple[str, str]]:
+    """SentencePiece BPE as merge rules: every piece that two pieces concatenate to, ranked by
+    the merged piece's id (SentencePiece orders BPE pieces by merge order), then by the ids of
+    its parts."""
+    merges = []
+    for piece, rank in vocab.items():
+        for i in range(1, len(piece)):
+            left, right = piece[:i], piece[i:]
+            if left in vocab and right in vocab:
+                merges.append((rank, vocab[left], vocab[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
 def sentencepiece_to_hf(model_file: str, out_dir: str, max_length: Optional[int] = None) -> list[str]:
     """Write tokenizer.json + tokenizer_config.json equivalent to a SentencePiece BPE model
     trained as tools/train_tokenizer.py does (identity normalisation, no dummy prefix)."""
@@ -55,7 +68,6 @@ def sentencepiece_to_hf(model_file: str, out_dir: str, max_length: Optional[int]
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
-    from transformers.tokenization_utils_base import generate_merges
 
     proto = sentencepiece_model_pb2.ModelProto()
     try:
@@ -72,7 +84,7 @@ def sentencepiece_to_hf(model_file: str, out_dir: str, max_length: Optional[int]
             "Hugging Face tokenizer instead")
     pieces = list(proto.pieces)
     vocab = {p.piece: i for i, p in enumerate(pieces)}
-    tok = Tokenizer(BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=pieces[
+    tok = Tokenizer(BPE(vocab=vocab, merges=bpe_merges(vocab), unk_token=pieces[
         proto.trainer_spec.unk_id].piece, byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
