@@ -2,7 +2,7 @@
 """CPU training-step throughput: our trainer on the `tiny` preset vs Hugging Face
 `Qwen3MoeForCausalLM` of the same shape, same batch, same data, in the same process.
 
-    python bench/bench_cpu_tiny.py [--rounds 5 --steps-per-round 5]
+    python bench/bench_cpu_tiny.py [--rounds 5 --steps-per-round 5] [--profile]
 
 Both do a full training step: forward, backward, grad clipping to 1.0, Adam(W) update. Ours is
 Megatron-Core (SequentialMLP experts, local attention, Megatron DDP + optimizer, fp32); HF runs
@@ -21,38 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment_lines  # noqa: E402
-
-
-def hf_model(preset, experts_implementation: str | None):
-    import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    config = Qwen3MoeConfig(
-        vocab_size=preset.vocab_size,
-        hidden_size=preset.hidden_size,
-        intermediate_size=preset.ffn_hidden_size,
-        moe_intermediate_size=preset.moe_ffn_hidden_size,
-        num_experts=preset.num_experts,
-        num_experts_per_tok=preset.moe_router_topk,
-        norm_topk_prob=True,
-        num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_attention_heads,
-        num_key_value_heads=preset.num_query_groups,
-        head_dim=preset.kv_channels,
-        rope_theta=preset.rotary_base,
-        rms_norm_eps=preset.norm_epsilon,
-        max_position_embeddings=preset.max_position_embeddings,
-        tie_word_embeddings=True,
-        output_router_logits=True,  # include the load-balancing loss, as ours does
-        router_aux_loss_coef=1e-3,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-    )
-    if experts_implementation:
-        config._experts_implementation = experts_implementation
-    torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(config)
+from bench.common import environment_lines, hf_qwen3_moe  # noqa: E402
 
 
 def hf_step_fn(model):
@@ -83,6 +52,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=5)
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--hf-experts", nargs="+", default=["eager", "grouped_mm"],
+                   help="transformers experts implementations to run (batched_mm: about 7 s a "
+                        "step on 2 CPU cores, index-bound)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the top operators of one step of each stack (torch profiler)")
     opts = p.parse_args(argv)
 
     import torch
@@ -109,9 +83,12 @@ def main(argv=None) -> int:
 
     reference = "ours: Megatron-Core, SequentialMLP (CPU default)"
     contenders = {reference: ours_sequential, "ours: Megatron-Core, torch._grouped_mm experts": ours_grouped}
-    for impl in ["eager", *[k for k in ("grouped_mm", "batched_mm") if k in hf_moe.ALL_EXPERTS_FUNCTIONS]]:
+    for impl in opts.hf_experts:
+        if impl != "eager" and impl not in hf_moe.ALL_EXPERTS_FUNCTIONS:
+            print(f"# HF experts implementation {impl!r} is not in this transformers")
+            continue
         try:
-            step = hf_step_fn(hf_model(preset, impl))
+            step = hf_step_fn(hf_qwen3_moe(preset, impl))
             step(batches[0])  # warm up; also proves the implementation runs on CPU
             contenders[f"HF Qwen3MoeForCausalLM, experts {impl}"] = step
         except Exception as e:  # noqa: BLE001 - report implementations that cannot run here
@@ -137,7 +114,38 @@ def main(argv=None) -> int:
         median = statistics.median(values)
         print(f"| {name} | {1000 * median:.1f} | {1 / median:.2f} | {tokens_per_step / median:,.0f} | "
               f"{base / median:.2f}x |")
+    best = {side: min(statistics.median(v) for k, v in times.items() if k.startswith(side))
+            for side in ("ours", "HF")}
+    print(f"# ours (faster backend) vs HF (faster experts implementation): "
+          f"{best['HF'] / best['ours']:.2f}x the step rate (issue target: 1.5x)")
+    if opts.profile:
+        for name, step in contenders.items():
+            print_profile(name, lambda: step(batches[0]))
     return 0
+
+
+def print_profile(name: str, step, top: int = 8) -> None:
+    """Where one training step's CPU time goes: the operators with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    print(f"\n# {name}: {total / 3e3:.1f} ms of operator self time per step, "
+          f"{100 * matmul / total:.0f}% in matrix multiplies ({', '.join(sorted(MATMUL_OPS))})")
+    print("| operator | self time share | calls per step |")
+    print("|---|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% | {e.count // 3} |")
+
+
+MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
 
 
 if __name__ == "__main__":

@@ -61,26 +61,15 @@ def run_ours(backend: str, opts, fp8: bool = False) -> dict:
 
 def run_hf(opts) -> dict:
     import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from transformers.integrations import moe as hf_moe
 
+    from bench.common import hf_qwen3_moe
     from megatron_ext.flops import analytic_model_size, training_flops_per_token
     from megatron_ext.presets import get_preset, override
 
     preset = override(get_preset("nano"), num_layers=opts.num_layers)
     impl = "grouped_mm" if "grouped_mm" in hf_moe.ALL_EXPERTS_FUNCTIONS else "eager"
-    config = Qwen3MoeConfig(
-        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
-        intermediate_size=preset.ffn_hidden_size, moe_intermediate_size=preset.moe_ffn_hidden_size,
-        num_experts=preset.num_experts, num_experts_per_tok=preset.moe_router_topk,
-        norm_topk_prob=True, num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_attention_heads, num_key_value_heads=preset.num_query_groups,
-        head_dim=preset.kv_channels, rope_theta=preset.rotary_base, rms_norm_eps=preset.norm_epsilon,
-        tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=1e-3,
-        torch_dtype=torch.bfloat16,
-    )
-    config._experts_implementation = impl
-    model = Qwen3MoeForCausalLM(config).to("cuda", torch.bfloat16)
+    model = hf_qwen3_moe(preset, impl).to("cuda", torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, preset.vocab_size, (opts.micro_batch_size, opts.seq_length), device="cuda")
 

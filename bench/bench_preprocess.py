@@ -9,10 +9,7 @@ prints a Markdown table with the date, machine and package versions.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata as md
 import os
-import platform
 import sys
 import tempfile
 import warnings
@@ -21,15 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from bench.common import environment_lines  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,12 +45,7 @@ def main(argv=None) -> int:
                     best = stats
             rows.append((workers, best))
 
-    versions = ", ".join(f"{pkg} {md.version(pkg)}" for pkg in
-                         ("megatron-core", "torch", "sentencepiece", "numpy", "transformers"))
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} "
-          f"{platform.release()}, Python {platform.python_version()}")
-    print(f"packages: {versions}")
+    print("\n".join(environment_lines()))
     print(f"input: {len(inputs)} files of data/corpus ({rows[0][1].documents} documents, "
           f"{rows[0][1].input_bytes / 1e6:.2f} MB of JSON), tokenizer "
           f"{args.tokenizer_type} {args.tokenizer_model or 'data/tokenizer/marco_tiny_spm.model'}"

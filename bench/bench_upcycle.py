@@ -13,10 +13,8 @@ under 5 minutes and 4 GiB). Temporary files are removed unless --keep.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import struct
 import subprocess
@@ -25,6 +23,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.common import environment_lines  # noqa: E402
+
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151_936)
 
@@ -75,24 +77,6 @@ def write_dense(directory: str, layers: int, seed: int = 0) -> int:
 
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB"
-
-
-def versions() -> str:
-    from importlib.metadata import version
-
-    pkgs = ("torch", "megatron-core", "safetensors", "transformers")
-    return f"python {platform.python_version()}, " + ", ".join(f"{p} {version(p)}" for p in pkgs)
-
-
 def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, n)) for r, _, files in os.walk(path) for n in files)
 
@@ -140,9 +124,6 @@ def main() -> int:
         rss = usage.ru_maxrss / 2**20  # KiB -> GiB
         size = du(out)
         rows = [
-            ("date", datetime.datetime.now().strftime("%Y-%m-%d %H:%M")),
-            ("machine", machine()),
-            ("versions", versions()),
             ("input", f"random Qwen3-0.6B shape, {args.layers} layers, {params / 1e9:.3f}B params "
                       f"bf16 ({du(dense) / 2**30:.2f} GiB, written in {write_s:.0f} s)"),
             ("output", f"nano 232 x 384 top-8 (N=8, M=29), {args.layers} layers, scale "
@@ -150,6 +131,7 @@ def main() -> int:
             ("wall time", f"{wall:.1f} s ({size / 2**20 / wall:.0f} MiB/s written)"),
             ("peak RSS", f"{rss:.2f} GiB"),
         ]
+        print("\n".join(environment_lines()))
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"| {k.ljust(width)} | {v}")
