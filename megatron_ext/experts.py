@@ -11,8 +11,6 @@ read as [E_local, hidden, 2F] and [E_local, F, hidden] per-expert blocks.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import (

@@ -17,17 +17,13 @@ import os
 import re
 import shutil
 import sys
-import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-class UsageError(ValueError):
-    pass
+from megatron_ext.cli import (DTYPES, UsageError, fail, quiet_imports,  # noqa: E402
+                              require_single_process, torch_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,14 +56,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise UsageError(f"--max-shard-size {text} must be positive")
     return size
-
-
-def _quiet() -> None:
-    for pattern in (".*[Aa]pex.*", ".*Transformer Engine.*", ".*transformer_engine.*",
-                    ".*nvidia_resiliency.*", ".*deprecated.*", ".*torch.distributed.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def resolve_tokenizer(args, info: dict):
@@ -140,21 +128,18 @@ def write_export(tmp: str, reader, preset, dtype, tokenizer, args) -> dict:
 
 
 def main(argv=None) -> int:
-    _quiet()
+    quiet_imports()
     args = build_parser().parse_args(argv)
     out = os.path.abspath(args.out)
     tmp, old = f"{out}.tmp-export-{os.getpid()}", f"{out}.old-export-{os.getpid()}"
     created = None  # the topmost missing parent of --out, removed again if the export fails
     try:
         parse_size(args.max_shard_size)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UsageError("run as a single process (not under torchrun)")
+        require_single_process("it reads any checkpoint layout by itself")
         if os.path.exists(out) and not args.overwrite:
             raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
         if os.path.exists(out) and not os.path.isdir(out):
             raise UsageError(f"--out {args.out} exists and is not a directory")
-        import torch
-
         from megatron_ext import checkpointing
         from megatron_ext.hf_convert import ConversionError, McoreCheckpointReader
         from megatron_ext.hf_tokenizer import TokenizerError
@@ -167,9 +152,7 @@ def main(argv=None) -> int:
             reader = McoreCheckpointReader(ckpt, preset)
         except (checkpointing.CheckpointError, ConversionError, TokenizerError) as e:
             raise UsageError(str(e)) from None
-        dtype = reader.dtype if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
-        if dtype not in (torch.float32, torch.bfloat16):
-            dtype = torch.float32
+        dtype = torch_dtype(args.dtype, reader.dtype)
         parent = os.path.dirname(out)
         while not os.path.isdir(parent):
             created, parent = parent, os.path.dirname(parent)
@@ -189,12 +172,9 @@ def main(argv=None) -> int:
               flush=True)
         return 0
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(str(e))
     except OSError as e:
-        print(f"error: writing --out {args.out} failed, nothing written: {e}", file=sys.stderr,
-              flush=True)
-        return 2
+        return fail(f"writing --out {args.out} failed, nothing written: {e}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if created:

@@ -17,17 +17,13 @@ import dataclasses
 import os
 import shutil
 import sys
-import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-class UsageError(ValueError):
-    pass
+from megatron_ext.cli import (DTYPES, UsageError, fail, quiet_imports,  # noqa: E402
+                              require_empty_output, require_single_process, torch_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,14 +68,6 @@ def resolve_preset(args, fields: dict, moe: bool):
     if not same:
         return base
     return dataclasses.replace(same[0], max_position_embeddings=fields["max_position_embeddings"])
-
-
-def _quiet() -> None:
-    for pattern in (".*[Aa]pex.*", ".*Transformer Engine.*", ".*transformer_engine.*",
-                    ".*nvidia_resiliency.*", ".*deprecated.*", ".*torch.distributed.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def write(args, preset, reader, dtype, info) -> None:
@@ -127,20 +115,14 @@ def write(args, preset, reader, dtype, info) -> None:
 
 
 def main(argv=None) -> int:
-    _quiet()
+    quiet_imports()
     args = build_parser().parse_args(argv)
     try:
         from megatron_ext import hf_mapping as hm
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UsageError("run as a single process (not under torchrun); the output loads "
-                             "at any parallel layout")
+        require_single_process()
         save = os.path.abspath(args.save)
-        if os.path.exists(save) and not os.path.isdir(save):
-            raise UsageError(f"--save {args.save} exists and is not a directory")
-        if os.path.isdir(save) and os.listdir(save) and not args.overwrite:
-            raise UsageError(f"--save {args.save} exists and is not empty; pass --overwrite to "
-                             "replace it")
+        require_empty_output(save, "--save", args.overwrite)
         cfg = hm.read_hf_config(args.hf_dir)
         fields = hm.preset_fields_from_hf_config(cfg, args.hf_dir)
         moe = cfg.get("model_type") == "qwen3_moe"
@@ -148,11 +130,7 @@ def main(argv=None) -> int:
         reader = hm.HFSafetensors(args.hf_dir)
         fused = hm.hf_layer_prefix(0) + hm.HF_FUSED_GATE_UP in reader
         reader.require(hm.expected_hf_shapes(fields, moe=moe, fused_experts=fused))
-        import torch
-
-        dtype = reader.dtype() if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
-        if dtype not in (torch.float32, torch.bfloat16):
-            dtype = torch.float32
+        dtype = torch_dtype(args.dtype, reader.dtype())
         from megatron_ext import data
         from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
 
@@ -170,16 +148,12 @@ def main(argv=None) -> int:
         print(f"wrote {save} (iteration 0, weights only, {info['imported']['dtype']})")
         return 0
     except (UsageError, hm.HFCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(str(e))
     except OSError as e:
-        print(f"error: writing --save {args.save} failed, nothing written: {e}", file=sys.stderr,
-              flush=True)
-        return 2
+        return fail(f"writing --save {args.save} failed, nothing written: {e}")
     except ValueError as e:  # get_preset: unknown preset
         if str(e).startswith("--preset"):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
+            return fail(str(e))
         raise
 
 

@@ -16,17 +16,13 @@ import argparse
 import os
 import shutil
 import sys
-import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-class UsageError(ValueError):
-    pass
+from megatron_ext.cli import (DTYPES, UsageError, fail, quiet_imports,  # noqa: E402
+                              require_empty_output, require_single_process)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     return p
-
-
-def _check_output(path: str, overwrite: bool) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--save {path} exists and is not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise UsageError(f"--save {path} exists and is not empty; pass --overwrite to replace it")
 
 
 def resolve_preset(args, fields: dict):
@@ -146,14 +135,6 @@ def _check_space(path: str, needed: int) -> None:
                          f"{free / 2**30:.1f} GiB free there")
 
 
-def _quiet() -> None:
-    for pattern in (".*[Aa]pex.*", ".*Transformer Engine.*", ".*transformer_engine.*",
-                    ".*nvidia_resiliency.*", ".*deprecated.*", ".*torch.distributed.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-
-
 def write(args, preset, spec, reader, out_dtype, info) -> None:
     """Write into a temporary sibling of --save, then move it into place."""
     import torch
@@ -206,7 +187,7 @@ def write(args, preset, spec, reader, out_dtype, info) -> None:
 
 
 def main(argv=None) -> int:
-    _quiet()
+    quiet_imports()
     args = build_parser().parse_args(argv)
     try:
         from megatron_ext.hf_mapping import (HFCheckpointError, HFSafetensors,
@@ -214,13 +195,11 @@ def main(argv=None) -> int:
                                              preset_fields_from_hf_config, read_hf_config)
         from megatron_ext.upcycling import UpcycleSpec, UpcyclingError
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UsageError("run as a single process (not under torchrun); the output loads "
-                             "at any parallel layout")
+        require_single_process()
         if not (0.0 <= args.drop_ratio < 1.0):
             raise UsageError(f"--drop-ratio {args.drop_ratio} must be in [0, 1)")
         if not args.dry_run:
-            _check_output(os.path.abspath(args.save), args.overwrite)
+            require_empty_output(os.path.abspath(args.save), "--save", args.overwrite)
         cfg = read_hf_config(args.hf_dir)
         if cfg.get("model_type") == "qwen3_moe":
             raise UsageError(f"--hf-dir {args.hf_dir}: already a MoE (qwen3_moe); upcycling "
@@ -257,16 +236,12 @@ def main(argv=None) -> int:
         print(f"wrote {os.path.abspath(args.save)} (iteration 0, weights only)")
         return 0
     except (UsageError, HFCheckpointError, UpcyclingError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(str(e))
     except OSError as e:  # disk full, permissions: write() has removed its partial output
-        print(f"error: writing --save {args.save} failed, nothing written: {e}", file=sys.stderr,
-              flush=True)
-        return 2
+        return fail(f"writing --save {args.save} failed, nothing written: {e}")
     except ValueError as e:  # get_preset: unknown preset
         if str(e).startswith("--preset"):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
+            return fail(str(e))
         raise
 
 
