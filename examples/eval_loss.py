@@ -74,14 +74,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_ext import parallel
-    from megatron_ext.model import ParallelLayout
 
     tokens, labels = windows(args.data, args.seq_length, args.sequences_per_dataset)
-    parallel.init_distributed(ParallelLayout(), seed=0)
-    try:
+    with parallel.single_process(seed=0):
         losses = {path: checkpoint_loss(path, tokens, labels) for path in args.load}
-    finally:
-        parallel.shutdown()
     first = losses[args.load[0]]
     result = {"tokens": int(labels.numel()), "losses": losses,
               "relative_gap_to_first": {k: (v - first) / first for k, v in losses.items()}}

@@ -1,9 +1,11 @@
-"""What every command-line tool shares: quiet imports, the usage-error type, output checks and
-the one-line `error: ...` exit (status 2) for bad input."""
+"""What every command-line tool shares: quiet imports, the usage-error type, output checks,
+all-or-nothing output directories and the one-line `error: ...` exit (status 2)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 import warnings
 
@@ -48,3 +50,33 @@ def torch_dtype(choice: str, found):
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return 2
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str, tag: str):
+    """Yields a fresh sibling directory of `target` to write into. When the block succeeds it
+    becomes `target` (replacing an old one); when it fails nothing is left behind: not the
+    temporary, not the parent directories it needed, and an old `target` stays in place."""
+    target = os.path.abspath(target)
+    tmp, old = f"{target}.tmp-{tag}-{os.getpid()}", f"{target}.old-{tag}-{os.getpid()}"
+    created = None  # the topmost missing parent, removed again on failure
+    parent = os.path.dirname(target)
+    while not os.path.isdir(parent):
+        created, parent = parent, os.path.dirname(parent)
+    done = False
+    try:
+        os.makedirs(tmp)
+        yield tmp
+        if os.path.exists(target):
+            os.replace(target, old)
+        os.replace(tmp, target)
+        done = True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if done:
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if os.path.exists(old) and not os.path.exists(target):
+                os.replace(old, target)
+            if created:
+                shutil.rmtree(created, ignore_errors=True)

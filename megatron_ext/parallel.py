@@ -7,6 +7,7 @@ expert-parallel size x expert-tensor-parallel size must divide TP x DP.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -142,3 +143,20 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process(seed: int = 0):
+    """Megatron's parallel state for one process (the offline tools). A caller that already
+    holds a single-rank state (a test process) keeps it: it is neither re-made nor torn down."""
+    held = (dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == 1
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1
+            and parallel_state.get_expert_model_parallel_world_size() == 1)
+    if not held:
+        init_distributed(ParallelLayout(), seed)
+    try:
+        yield
+    finally:
+        if not held:
+            shutdown()

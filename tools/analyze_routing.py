@@ -22,9 +22,7 @@ import argparse
 import gzip
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -174,12 +172,11 @@ def record_routing(model, preset, streams, seq_length: int, micro_batch_size: in
 
 
 def write_outputs(out: str, result, counts: dict, info: dict) -> None:
+    """All files into a temporary sibling of --out, renamed into place when complete."""
     from megatron_ext import routing_analysis
+    from megatron_ext.cli import atomic_directory
 
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".routing-", dir=parent)
-    try:
+    with atomic_directory(out, "routing") as tmp:
         layers = result.layers
         np.savez(
             os.path.join(tmp, "signatures.npz"),
@@ -212,12 +209,6 @@ def write_outputs(out: str, result, counts: dict, info: dict) -> None:
         Path(tmp, "summary.json").write_text(json.dumps(info, indent=2))
         figure = routing_analysis.correlation_figure(result)
         figure.savefig(os.path.join(tmp, "correlation_heatmap.png"), dpi=120)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv=None) -> int:
@@ -225,7 +216,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_ext import checkpointing, parallel, routing_analysis
     from megatron_ext.data import DataConfigError
-    from megatron_ext.model import ParallelLayout
 
     try:
         info = checkpointing.read_model_info(args.load)
@@ -235,9 +225,10 @@ def main(argv=None) -> int:
         layers = parse_layers(args.layers, preset.num_layers)
         kind, model_path, tokenizer = _tokenizer(args, info)
         streams = language_token_streams(args, kind, model_path, tokenizer)
-        parallel.init_distributed(ParallelLayout(), seed=0)
-        model, preset = checkpointing.load_model_from_checkpoint(args.load)
-        counts, tokens = record_routing(model, preset, streams, args.seq_length, args.micro_batch_size)
+        with parallel.single_process(seed=0):
+            model, preset = checkpointing.load_model_from_checkpoint(args.load)
+            counts, tokens = record_routing(model, preset, streams, args.seq_length,
+                                            args.micro_batch_size)
         result = routing_analysis.analyse({l: c[layers] for l, c in counts.items()}, tokens, layers)
         write_outputs(args.out, result, counts, {
             "checkpoint": os.path.abspath(args.load),
@@ -253,8 +244,6 @@ def main(argv=None) -> int:
     except (AnalysisError, checkpointing.CheckpointError, DataConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        parallel.shutdown()
     print(f"wrote routing analysis of {len(result.languages)} languages x {len(layers)} layers to {args.out}")
     print(f"dendrogram order: {' '.join(result.leaf_order)}")
     return 0

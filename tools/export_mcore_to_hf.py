@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import (DTYPES, UsageError, fail, quiet_imports,  # noqa: E402
-                              require_single_process, torch_dtype)
+from megatron_ext.cli import (DTYPES, UsageError, atomic_directory, fail,  # noqa: E402
+                              quiet_imports, require_single_process, torch_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +130,6 @@ def main(argv=None) -> int:
     quiet_imports()
     args = build_parser().parse_args(argv)
     out = os.path.abspath(args.out)
-    tmp, old = f"{out}.tmp-export-{os.getpid()}", f"{out}.old-export-{os.getpid()}"
-    created = None  # the topmost missing parent of --out, removed again if the export fails
     try:
         parse_size(args.max_shard_size)
         require_single_process("it reads any checkpoint layout by itself")
@@ -153,19 +150,11 @@ def main(argv=None) -> int:
         except (checkpointing.CheckpointError, ConversionError, TokenizerError) as e:
             raise UsageError(str(e)) from None
         dtype = torch_dtype(args.dtype, reader.dtype)
-        parent = os.path.dirname(out)
-        while not os.path.isdir(parent):
-            created, parent = parent, os.path.dirname(parent)
-        os.makedirs(tmp)
         try:
-            summary = write_export(tmp, reader, preset, dtype, tokenizer, args)
+            with atomic_directory(out, "export") as tmp:
+                summary = write_export(tmp, reader, preset, dtype, tokenizer, args)
         except (ConversionError, TokenizerError) as e:
             raise UsageError(str(e)) from None
-        if os.path.exists(out):
-            os.replace(out, old)
-        os.replace(tmp, out)
-        created = None
-        shutil.rmtree(old, ignore_errors=True)
         tok = ", tokenizer " + " ".join(summary["tokenizer"]) if summary["tokenizer"] else ", no tokenizer"
         print(f"wrote {out}: {summary['config']} ({preset.name}), {summary['shards']} shard(s), "
               f"{summary['bytes'] / 2**20:.1f} MiB {str(dtype).replace('torch.', '')}{tok}",
@@ -175,10 +164,6 @@ def main(argv=None) -> int:
         return fail(str(e))
     except OSError as e:
         return fail(f"writing --out {args.out} failed, nothing written: {e}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import (DTYPES, UsageError, fail, quiet_imports,  # noqa: E402
-                              require_empty_output, require_single_process, torch_dtype)
+from megatron_ext.cli import (DTYPES, UsageError, atomic_directory, fail,  # noqa: E402
+                              quiet_imports, require_empty_output, require_single_process,
+                              torch_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,46 +72,17 @@ def resolve_preset(args, fields: dict, moe: bool):
 
 def write(args, preset, reader, dtype, info) -> None:
     """Into a temporary sibling of --save, then moved into place."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
     from tqdm import tqdm
 
     from megatron_ext import parallel
     from megatron_ext.hf_convert import HFCheckpointSource
-    from megatron_ext.model import ParallelLayout
     from megatron_ext.streaming_checkpoint import save_streaming
 
-    target = os.path.abspath(args.save)
-    tmp, old = f"{target}.tmp-import-{os.getpid()}", f"{target}.old-import-{os.getpid()}"
-    created = None
-    parent = os.path.dirname(target)
-    while not os.path.isdir(parent):
-        created, parent = parent, os.path.dirname(parent)
-    # In-process callers (tests) that already hold a single-rank Megatron state keep it.
-    started = not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()
-                   and parallel_state.get_tensor_model_parallel_world_size() == 1
-                   and parallel_state.get_pipeline_model_parallel_world_size() == 1
-                   and parallel_state.get_expert_model_parallel_world_size() == 1)
-    ok, bar = False, tqdm(total=preset.num_layers, desc="importing", unit="layer", file=sys.stderr)
-    try:
-        os.makedirs(tmp)
-        if started:
-            parallel.init_distributed(ParallelLayout(), 0)
+    with tqdm(total=preset.num_layers, desc="importing", unit="layer", file=sys.stderr) as bar, \
+            atomic_directory(args.save, "import") as tmp, parallel.single_process(seed=0):
         source = HFCheckpointSource(reader, preset, on_layer=lambda i: bar.update(i + 1 - bar.n))
         save_streaming(tmp, preset, source.chunk, dtype, info)
         bar.update(preset.num_layers - bar.n)
-        if os.path.isdir(target):
-            os.replace(target, old)
-        os.replace(tmp, target)
-        ok = True
-    finally:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-        if created and not ok:
-            shutil.rmtree(created, ignore_errors=True)
-        if started:
-            parallel.shutdown()
 
 
 def main(argv=None) -> int:

@@ -21,8 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import (DTYPES, UsageError, fail, quiet_imports,  # noqa: E402
-                              require_empty_output, require_single_process)
+from megatron_ext.cli import (DTYPES, UsageError, atomic_directory, fail,  # noqa: E402
+                              quiet_imports, require_empty_output, require_single_process)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,52 +138,25 @@ def _check_space(path: str, needed: int) -> None:
 def write(args, preset, spec, reader, out_dtype, info) -> None:
     """Write into a temporary sibling of --save, then move it into place."""
     import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
     from tqdm import tqdm
 
     from megatron_ext import parallel
-    from megatron_ext.model import ParallelLayout
     from megatron_ext.streaming_checkpoint import save_streaming
     from megatron_ext.upcycling import UpcycledCheckpoint
 
-    target = os.path.abspath(args.save)
-    tmp, old = f"{target}.tmp-upcycle-{os.getpid()}", f"{target}.old-upcycle-{os.getpid()}"
-    created = os.path.dirname(target)  # the topmost parent this run creates, if any
-    while not os.path.isdir(os.path.dirname(created)):
-        created = os.path.dirname(created)
-    created = None if os.path.isdir(created) else created
-    # In-process callers (tests) that already hold a single-rank Megatron state keep it.
-    started = not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()
-                   and parallel_state.get_tensor_model_parallel_world_size() == 1
-                   and parallel_state.get_pipeline_model_parallel_world_size() == 1
-                   and parallel_state.get_expert_model_parallel_world_size() == 1)
-    ok, bar = False, tqdm(total=preset.num_layers, desc="upcycling", unit="layer", file=sys.stderr)
     # One intra-op thread: the work is a stream of small tensors (one expert matrix at a time),
     # where OpenMP threads gain little and, on a busy machine, spin-wait: 50x slower measured
     # on 2 shared cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        os.makedirs(tmp)
-        if started:
-            parallel.init_distributed(ParallelLayout(), args.seed)
-        source = UpcycledCheckpoint(reader, spec, preset, on_layer=lambda i: bar.update(i - bar.n))
-        save_streaming(tmp, preset, source.chunk, getattr(torch, DTYPES[out_dtype]), info)
-        bar.update(preset.num_layers - bar.n)
-        if os.path.isdir(target):
-            os.replace(target, old)
-        os.replace(tmp, target)
-        ok = True
+        with tqdm(total=preset.num_layers, desc="upcycling", unit="layer", file=sys.stderr) as bar, \
+                atomic_directory(args.save, "upcycle") as tmp, parallel.single_process(args.seed):
+            source = UpcycledCheckpoint(reader, spec, preset, on_layer=lambda i: bar.update(i - bar.n))
+            save_streaming(tmp, preset, source.chunk, getattr(torch, DTYPES[out_dtype]), info)
+            bar.update(preset.num_layers - bar.n)
     finally:
         torch.set_num_threads(threads)
-        bar.close()  # ends the bar's line before any error message
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not ok:
-            shutil.rmtree(created, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-        if started:
-            parallel.shutdown()
 
 
 def main(argv=None) -> int:
