@@ -54,13 +54,20 @@ def launch_plan(model: str, stage: int, nodes: int | None, nproc: int | None) ->
                          env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(out.stderr.strip() or f"slurm/launch.sh failed ({out.returncode})")
+    plan = parse_dry_run(out.stdout)
+    plan["env"] = {k: v for k, v in plan["env"].items() if k not in _LAUNCHER_ONLY}
+    return plan
+
+
+def parse_dry_run(text: str) -> dict:
+    """launch.sh's MARCO_DRY_RUN=nul output (NUL-terminated `key=value` records) as
+    {"env": {NAME: value}, "args": [stage command], setting: value, ...}."""
     plan = {"env": {}, "args": []}
-    for record in out.stdout.split("\0")[:-1]:
+    for record in text.split("\0")[:-1]:
         key, _, value = record.partition("=")
         if key == "env":
             name, _, val = value.partition("=")
-            if name not in _LAUNCHER_ONLY:
-                plan["env"][name] = val
+            plan["env"][name] = val
         elif key == "arg":
             plan["args"].append(value)
         else:

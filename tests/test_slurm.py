@@ -30,6 +30,17 @@ BOUNDARY_TOKENS = {1: 2.4e12, 2: 4.1e12, 3: 4.6e12, 4: 5.1e12, 5: 6.5e12}  # the
 TOKENS_PER_STEP = 1024 * 4096  # the configs' global batch x sequence length
 
 
+def _load(path: Path):
+    """A script of the repo (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+parse_dry_run = _load(REPO / "examples" / "launch_nemo_run.py").parse_dry_run
+
+
 def _step(tokens: float) -> int:
     return math.ceil(tokens / TOKENS_PER_STEP)
 
@@ -51,17 +62,7 @@ def _dry_run(script: str, **env) -> dict:
     out = subprocess.run(["bash", str(SLURM / script)], cwd=REPO, env=_env(MARCO_DRY_RUN="nul", **env),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    plan = {"env": {}, "args": []}
-    for record in out.stdout.split("\0")[:-1]:
-        key, _, value = record.partition("=")
-        if key == "env":
-            name, _, val = value.partition("=")
-            plan["env"][name] = val
-        elif key == "arg":
-            plan["args"].append(value)
-        else:
-            plan[key] = value
-    return plan
+    return parse_dry_run(out.stdout)
 
 
 def _split(args: list[str]) -> tuple[list[str], list[str]]:
@@ -207,10 +208,7 @@ def test_global_curricula_repeat_the_four_stages_they_extend(monkeypatch):
 
 
 def test_memory_estimates_fit_an_h100(tmp_path):
-    spec = importlib.util.spec_from_file_location("memory_estimate", SLURM / "memory_estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    estimate = module.estimate
+    estimate = _load(SLURM / "memory_estimate.py").estimate
 
     for script, model in (("nano_stage1.sbatch", "nano"), ("mini_stage1.sbatch", "mini"),
                           ("mini_global.sbatch", "mini_global")):
