@@ -29,16 +29,15 @@ def _quiet_known_warnings() -> None:
 def main(argv=None) -> int:
     _quiet_known_warnings()
     from megatron_ext import parallel
-    from megatron_ext.arguments import ConfigError, parse_args
-    from megatron_ext.checkpointing import CheckpointError
-    from megatron_ext.data import DataConfigError
+    from megatron_ext.arguments import parse_args
+    from megatron_ext.errors import MarcoError, report
 
     rank = int(os.environ.get("RANK", "0"))
     try:
         args = parse_args(argv)
         if args.describe:
             from megatron_ext.flops import describe
-            from megatron_ext.model import ParallelLayout
+            from megatron_ext.parallel import ParallelLayout
 
             parallel.init_distributed(ParallelLayout(), args.seed)
             if rank == 0:
@@ -48,10 +47,8 @@ def main(argv=None) -> int:
 
         Trainer(args).train()
         return 0
-    except (ConfigError, parallel.LayoutError, CheckpointError, DataConfigError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except MarcoError as e:
+        return report(e, rank)
     finally:
         parallel.shutdown()
 

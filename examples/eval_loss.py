@@ -47,9 +47,9 @@ def checkpoint_loss(path: str, tokens, labels, batch: int = 8) -> float:
     import torch
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
 
-    model, _ = checkpointing.load_model_from_checkpoint(path)
+    model, _ = load_model_from_checkpoint(path)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():

@@ -12,11 +12,8 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_ext import data
+from megatron_ext.errors import ConfigError
 from megatron_ext.presets import PRESETS, get_preset, override
-
-
-class ConfigError(ValueError):
-    """A bad flag or flag combination; the message names the flag."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,9 +150,7 @@ def check_args(args: argparse.Namespace) -> None:
     on_gpu = torch.cuda.is_available()
     if args.bf16 and args.fp32:
         raise ConfigError("--bf16 and --fp32 are exclusive")
-    if args.bf16 and not on_gpu:
-        raise ConfigError("--bf16: training on CPU runs in fp32; drop --bf16")
-    args.params_dtype = torch.float32 if (args.fp32 or not on_gpu) else torch.bfloat16
+    args.params_dtype = torch.bfloat16 if (args.bf16 or (on_gpu and not args.fp32)) else torch.float32
     if args.fp8_format:
         from megatron_ext.layer_spec import te_usable
 

@@ -38,15 +38,12 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 
+from megatron_ext.errors import CheckpointError
 from megatron_ext.presets import ModelPreset
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "marco_model.json"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or does not fit; the message names the path."""
 
 
 @dataclass
@@ -301,31 +298,3 @@ def preset_from_checkpoint(path: str) -> ModelPreset:
         return ModelPreset(**info["preset"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: {MODEL_FILE} does not describe a model ({e})") from None
-
-
-def load_model_from_checkpoint(path: str, expert_backend: str = "sequential"):
-    """Build the model a checkpoint describes (this rank's stage) and load its weights.
-
-    Megatron's parallel state must be initialised (`parallel.init_distributed`); the
-    checkpoint may have been saved at any TP/PP/EP layout. Returns (model, preset).
-    """
-    from megatron_ext.model import ParallelLayout, build_model, marco_config
-
-    preset = preset_from_checkpoint(path)
-    layout = ParallelLayout(
-        tensor=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline=parallel_state.get_pipeline_model_parallel_world_size(),
-        expert=parallel_state.get_expert_model_parallel_world_size(),
-        expert_tensor=parallel_state.get_expert_tensor_parallel_world_size(),
-        sequence_parallel=parallel_state.get_tensor_model_parallel_world_size() > 1,
-    )
-    config = marco_config(preset, layout, expert_backend=expert_backend)
-    model = build_model(
-        preset,
-        config,
-        expert_backend,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
-    load_checkpoint(path, [model], load_rng=False)
-    return model, preset

@@ -9,11 +9,9 @@ import shutil
 import sys
 import warnings
 
+from megatron_ext.errors import UsageError  # noqa: F401 - the tools import it from here
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-class UsageError(ValueError):
-    """Bad input named by the flag or file at fault; the tool prints it as one line."""
 
 
 def quiet_imports() -> None:

@@ -15,7 +15,7 @@ The shims, in short:
   7. grad clipping without its `torch.cuda.FloatTensor` type assertion,
   8. an accurate grad-norm kernel (the local fallback's fp32 `torch.norm` is not),
   9. all-gather of unequal pieces over gloo (needed for expert tensor parallelism),
- 10. the distributed optimizer's parameter type checks accept CPU tensors,
+ 10. the optimizers' parameter type checks accept CPU tensors (distributed, bf16),
  11. distributed-optimizer checkpoints load (Megatron's no-apex/TE path mishandles 'step').
 """
 
@@ -312,7 +312,8 @@ def _gloo_uneven_all_gather() -> None:
 
 # --------------------------------------------------------------------------------------------
 # 10. optimizer/distrib_optimizer.py DistributedOptimizer.__init__ and
-# _build_model_and_main_param_groups sort parameters by `param.type()` against
+# _build_model_and_main_param_groups, and optimizer/optimizer.py
+# Float16OptimizerWithFloat16Params.__init__ (bf16 training) sort parameters by `param.type()` against
 # 'torch.cuda.FloatTensor' / 'torch.cuda.HalfTensor' / 'torch.cuda.BFloat16Tensor' and raise
 # TypeError for anything else. While that constructor runs, a CPU tensor's type() answers
 # with the CUDA name of its dtype (nothing else changes).
@@ -326,20 +327,25 @@ class _CudaTypeNamesMode(TorchFunctionMode):
         return result
 
 
-def _distributed_optimizer_on_cpu() -> None:
+def _optimizer_type_checks_on_cpu() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    original = DistributedOptimizer.__init__
-    if getattr(original, "_marco_cpu_shim", False):
-        return
+    for cls in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        original = cls.__init__
+        if getattr(original, "_marco_cpu_shim", False):
+            continue
 
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        with _CudaTypeNamesMode():
-            original(self, *args, **kwargs)
+        def make(original):
+            @functools.wraps(original)
+            def __init__(self, *args, **kwargs):
+                with _CudaTypeNamesMode():
+                    original(self, *args, **kwargs)
 
-    __init__._marco_cpu_shim = True
-    DistributedOptimizer.__init__ = __init__
+            __init__._marco_cpu_shim = True
+            return __init__
+
+        cls.__init__ = make(original)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +440,7 @@ def enable() -> None:
     _gloo_uneven_all_gather()
     _cpu_grad_clipping()
     _accurate_grad_norm()
-    _distributed_optimizer_on_cpu()
+    _optimizer_type_checks_on_cpu()
     _distributed_optimizer_checkpoint_loading()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _enabled = True

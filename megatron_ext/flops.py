@@ -105,21 +105,10 @@ def training_flops_per_token(size: ModelSize, preset: ModelPreset, seq_length: i
     return 6.0 * size.active_matmul_params + attention_flops_per_token(preset, seq_length)
 
 
-def build_meta_model(preset: ModelPreset, expert_backend: str = "sequential") -> torch.nn.Module:
-    """The full model on the meta device: shapes and names only, no weights allocated.
-
-    Needs Megatron's parallel state (single rank is enough).
-    """
-    from megatron_ext.model import build_model, marco_config
-
-    config = marco_config(preset, perform_initialization=False, expert_backend=expert_backend)
-    config.use_cpu_initialization = True  # create parameters without a device: meta applies
-    with torch.device("meta"):
-        return build_model(preset, config, expert_backend)
-
-
 def describe(preset: ModelPreset, seq_length: int) -> dict:
     """Parameter counts and training FLOPs per token for a preset (single-rank parallel state)."""
+    from megatron_ext.model import build_meta_model
+
     size = count_parameters(build_meta_model(preset), preset)
     flops = training_flops_per_token(size, preset, seq_length)
     return {

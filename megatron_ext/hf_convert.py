@@ -27,10 +27,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ext import hf_mapping as hm
-
-
-class ConversionError(ValueError):
-    """A checkpoint or directory that cannot be converted; the message names it."""
+from megatron_ext.errors import ConversionError
 
 
 # ------------------------------------------------------------------------------------------

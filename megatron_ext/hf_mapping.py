@@ -24,6 +24,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from megatron_ext.errors import ConversionError
+
 MCORE_LAYERS = "decoder.layers."
 
 # Megatron per-layer name -> HF per-layer name (tensor unchanged).
@@ -54,7 +56,7 @@ GLOBAL_RENAMES = {
 }
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(ConversionError):
     """An HF directory that cannot be read as the expected model; the message names it."""
 
 

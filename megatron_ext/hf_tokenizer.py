@@ -14,13 +14,15 @@ import os
 import shutil
 from typing import Optional
 
+from megatron_ext.errors import ConversionError
+
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                       "chat_template.jinja", "chat_template.json")
 SPM_TYPES = {"normal": 1, "unknown": 2, "control": 3, "user_defined": 4, "byte": 6}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConversionError):
     """A tokenizer that cannot be exported; the message names it."""
 
 

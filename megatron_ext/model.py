@@ -1,7 +1,15 @@
-"""From a preset and the parallel/precision flags to a Megatron-Core GPTModel.
+"""The one model builder: from a preset and the parallel/precision options to a Megatron-Core
+GPTModel.
 
 `marco_config` makes the TransformerConfig (one place for every Qwen3/Marco choice);
-`build_model` builds this rank's pipeline stage with the Marco layer spec.
+`build_model` builds this rank's pipeline stage with the Marco layer spec. Every caller goes
+through here:
+
+  training                 `build_model` (the trainer, the parallel-layout tests)
+  loading a checkpoint     `load_model_from_checkpoint` (tools, generation, evaluation)
+  shapes and counts only   `build_meta_model` (--describe, FLOPs, streaming conversion): the
+                           full model on the meta device, always with the non-TE spec, since
+                           TransformerEngine allocates real memory even under the meta device
 """
 
 from __future__ import annotations
@@ -15,16 +23,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.layer_spec import marco_block_spec
+from megatron_ext.parallel import ParallelLayout
 from megatron_ext.presets import ModelPreset
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    tensor: int = 1
-    pipeline: int = 1
-    expert: int = 1
-    expert_tensor: int = 1
-    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,14 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     seq_length: Optional[int] = None,
+    use_te: Optional[bool] = None,
 ) -> GPTModel:
-    """This rank's stage of a Marco model (tied embeddings, RoPE theta from the preset)."""
+    """This rank's stage of a Marco model (tied embeddings, RoPE theta from the preset).
+
+    `use_te`: build with TransformerEngine's modules (default: where TE is usable)."""
     model = GPTModel(
         config=config,
-        transformer_layer_spec=marco_block_spec(config, expert_backend),
+        transformer_layer_spec=marco_block_spec(config, expert_backend, use_te),
         vocab_size=preset.vocab_size,
         max_sequence_length=seq_length or preset.max_position_embeddings,
         pre_process=pre_process,
@@ -159,3 +162,40 @@ def mark_expert_params(model: torch.nn.Module) -> None:
         if isinstance(module, MoELayer):
             for param in module.experts.parameters():
                 param.allreduce = False
+
+
+def build_meta_model(
+    preset: ModelPreset, dtype: torch.dtype = torch.float32, expert_backend: str = "sequential"
+) -> GPTModel:
+    """The full model (TP = PP = EP = 1) on the meta device: names, shapes and dtypes, no
+    memory. Built with the non-TE spec (TE modules allocate real buffers even on meta; the
+    checkpoint keys are the same). Needs Megatron's parallel state (one rank is enough)."""
+    config = marco_config(preset, params_dtype=dtype, perform_initialization=False,
+                          expert_backend=expert_backend)
+    config.use_cpu_initialization = True  # create parameters without a device: meta applies
+    with torch.device("meta"):
+        return build_model(preset, config, expert_backend, use_te=False)
+
+
+def load_model_from_checkpoint(path: str, expert_backend: str = "sequential",
+                               params_dtype: torch.dtype = torch.float32):
+    """Build the model a checkpoint describes (this rank's stage, at the current parallel
+    layout) and load its weights. Megatron's parallel state must be initialised
+    (`parallel.init_distributed`); the checkpoint may have been saved at any TP/PP/EP layout.
+    Returns (model, preset)."""
+    from megatron.core import parallel_state
+
+    from megatron_ext import checkpointing
+
+    preset = checkpointing.preset_from_checkpoint(path)
+    config = marco_config(preset, ParallelLayout.current(), expert_backend=expert_backend,
+                          params_dtype=params_dtype)
+    model = build_model(
+        preset,
+        config,
+        expert_backend,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    checkpointing.load_checkpoint(path, [model], load_rng=False)
+    return model, preset

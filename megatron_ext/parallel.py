@@ -12,6 +12,7 @@ import datetime
 import os
 import random
 import socket
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,12 +21,31 @@ import torch.distributed as dist
 from megatron.core import parallel_state, rerun_state_machine, tensor_parallel
 
 from megatron_ext import cpu_compat
-from megatron_ext.model import ParallelLayout
+from megatron_ext.errors import LayoutError
 from megatron_ext.presets import ModelPreset
 
 
-class LayoutError(ValueError):
-    """A parallel layout that cannot work; the message names the sizes involved."""
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Model-parallel sizes; data parallelism is what the world size leaves."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    expert_tensor: int = 1
+    sequence_parallel: bool = False
+
+    @classmethod
+    def current(cls) -> "ParallelLayout":
+        """The layout of Megatron's initialised parallel state."""
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        return cls(
+            tensor=tp,
+            pipeline=parallel_state.get_pipeline_model_parallel_world_size(),
+            expert=parallel_state.get_expert_model_parallel_world_size(),
+            expert_tensor=parallel_state.get_expert_tensor_parallel_world_size(),
+            sequence_parallel=tp > 1,
+        )
 
 
 def world_size_from_env() -> int:

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelPreset:
@@ -117,7 +119,7 @@ PRESETS: dict[str, ModelPreset] = {
 
 def get_preset(name: str) -> ModelPreset:
     if name not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        raise ConfigError(f"--preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
 

@@ -154,16 +154,6 @@ class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
             raise
 
 
-def meta_model(preset: ModelPreset, dtype: torch.dtype):
-    """The full model on the meta device (needs Megatron's single-rank parallel state)."""
-    from megatron_ext.model import build_model, marco_config
-
-    config = marco_config(preset, params_dtype=dtype, perform_initialization=False)
-    config.use_cpu_initialization = True  # no device in parameter creation: meta applies
-    with torch.device("meta"):
-        return build_model(preset, config, "sequential")
-
-
 def save_streaming(root: str, preset: ModelPreset, produce: Producer, dtype: torch.dtype,
                    model_info: dict, common: Optional[dict] = None) -> str:
     """Write `<root>/iter_0000000` (model weights only) and the 'latest' marker.
@@ -172,10 +162,12 @@ def save_streaming(root: str, preset: ModelPreset, produce: Producer, dtype: tor
     Common state as `checkpointing.save_checkpoint` writes it, without optimizer; world_size
     is None because there is no per-rank (RNG) state to restore.
     """
+    from megatron_ext.model import build_meta_model
+
     ckpt = checkpointing.iteration_dir(root, 0)
     os.makedirs(ckpt)
     sharded = {
-        "model": meta_model(preset, dtype).sharded_state_dict(),
+        "model": build_meta_model(preset, dtype).sharded_state_dict(),
         "train_state": dataclasses.asdict(checkpointing.TrainState()),
         "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
         "world_size": None,

@@ -30,7 +30,8 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron_ext import checkpointing, data, parallel
 from megatron_ext.flops import H100_BF16_PEAK_TFLOPS, analytic_model_size, training_flops_per_token
 from megatron_ext.metrics import MetricsWriter, peak_memory_gib
-from megatron_ext.model import MoEOptions, ParallelLayout, build_model, marco_config
+from megatron_ext.model import MoEOptions, build_model, marco_config
+from megatron_ext.parallel import ParallelLayout
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ext.routing import RoutingRecorder
 
@@ -170,7 +171,11 @@ class Trainer:
             )
             if self.state.extra.get("model_only"):
                 # Weights only (an upcycled or converted checkpoint, or --no-load-optim):
-                # a fresh optimizer and schedule start from this checkpoint's iteration.
+                # a fresh optimizer and schedule start from this checkpoint's iteration. The
+                # optimizer was built before the load: in bf16 its fp32 main params are copies
+                # of the random init, and its first step would copy them back over the loaded
+                # weights. Refresh them from the model (Megatron-LM does the same).
+                self.optimizer.reload_model_params()
                 self.log(f"loaded model weights from {args.load} (iteration {self.state.iteration})")
             else:
                 self.log(f"resumed from {args.load} at iteration {self.state.iteration}")

@@ -33,13 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_ext.errors import ConversionError
+
 SCALES = ("marco", "exact", "none")
 ROUTER_INITS = ("virtual-group", "random")
 MATRICES = ("gate", "up", "down")
 _TAG = {"indices": 0, "gate": 1, "up": 2, "down": 3, "router": 4}
 
 
-class UpcyclingError(ValueError):
+class UpcyclingError(ConversionError):
     """Expert settings that cannot upcycle the given dense model; the message names the flag."""
 
 

@@ -52,7 +52,7 @@ def megatron_single_rank():
     """Megatron's parallel state for one process (gloo), set up once per test session."""
     warnings.filterwarnings("ignore", category=UserWarning)
     from megatron_ext import parallel
-    from megatron_ext.model import ParallelLayout
+    from megatron_ext.parallel import ParallelLayout
 
     parallel.init_distributed(ParallelLayout(), seed=1234)
     yield

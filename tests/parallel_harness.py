@@ -257,10 +257,10 @@ def _run_init(job: dict) -> dict:
 def _full_state(path: str) -> dict:
     import torch
 
-    from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
 
     _reset_process_globals()
-    model, _ = checkpointing.load_model_from_checkpoint(path)
+    model, _ = load_model_from_checkpoint(path)
     return {k: v.detach().clone() for k, v in model.state_dict().items()
             if isinstance(v, torch.Tensor) and "_extra_state" not in k}
 
@@ -270,7 +270,7 @@ def _run_compare(job: dict) -> dict:
       max_rel_l2  the worst tensor's ||a - ref|| / ||ref||
       max_rel     the worst tensor's max |a - ref| / max |ref| (elementwise)
       max_abs     max |a - ref|"""
-    from megatron_ext.model import ParallelLayout
+    from megatron_ext.parallel import ParallelLayout
     from megatron_ext.parallel import init_distributed
 
     _reset_process_globals()

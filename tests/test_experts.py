@@ -4,6 +4,7 @@ checkpoint (the two layouts are interchangeable through dist_checkpointing)."""
 import torch
 
 from megatron_ext import checkpointing
+from megatron_ext.model import load_model_from_checkpoint
 from megatron_ext.model import build_model, marco_config
 from megatron_ext.presets import get_preset, override
 
@@ -22,7 +23,7 @@ def test_grouped_experts_match_sequential(megatron_single_rank, fresh_moe_tracke
         str(tmp_path), checkpointing.TrainState(), [sequential],
         model_info=checkpointing.model_info(preset),
     )
-    grouped, _ = checkpointing.load_model_from_checkpoint(str(tmp_path), expert_backend="torch-grouped")
+    grouped, _ = load_model_from_checkpoint(str(tmp_path), expert_backend="torch-grouped")
     assert any("weight1" in n for n, _ in grouped.named_parameters())
 
     tokens, positions = _batch()

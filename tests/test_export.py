@@ -46,9 +46,9 @@ def load_hf(directory):
 
 
 def logit_gap(ckpt, hf_dir, vocab, seq=48) -> float:
-    from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
 
-    model, _ = checkpointing.load_model_from_checkpoint(ckpt)
+    model, _ = load_model_from_checkpoint(ckpt)
     ids = tokens(seq=seq, vocab=vocab, seed=1)
     return (megatron_logits(model.eval(), ids) - hf_logits(load_hf(hf_dir), ids)).abs().max().item()
 
@@ -60,9 +60,9 @@ def test_qwen3_moe_hf_to_megatron_to_hf_is_bit_identical(megatron_single_rank, f
     original = make_moe_qwen3(str(src), seed=5)  # 8 experts x 32, top-2, per-expert files
     assert IMPORT.main(["--hf-dir", str(src), "--save", str(ckpt)]) == 0
     # The imported checkpoint computes what transformers computes.
-    from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
 
-    model, preset = checkpointing.load_model_from_checkpoint(str(ckpt))
+    model, preset = load_model_from_checkpoint(str(ckpt))
     ids = tokens(seq=32)
     gap_import = (megatron_logits(model, ids) - hf_logits(original, ids)).abs().max().item()
     assert gap_import < 1e-4, gap_import

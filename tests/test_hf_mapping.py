@@ -84,6 +84,7 @@ def _global_chunk(tensors):
 def test_qwen3_moe_logits_match_in_megatron(megatron_single_rank, fresh_moe_tracker, tmp_path):
     """HF qwen3_moe -> Megatron keys -> checkpoint -> Megatron model: same logits (fp32)."""
     from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
     from megatron_ext.presets import ModelPreset
     from megatron_ext.streaming_checkpoint import save_streaming
 
@@ -95,7 +96,7 @@ def test_qwen3_moe_logits_match_in_megatron(megatron_single_rank, fresh_moe_trac
     mc = hm.hf_to_mcore(sd, layout, preset.num_layers, moe=True)
     root = str(tmp_path / "ckpt")
     save_streaming(root, preset, _global_chunk(mc), torch.float32, checkpointing.model_info(preset))
-    model, _ = checkpointing.load_model_from_checkpoint(root)
+    model, _ = load_model_from_checkpoint(root)
     ids = tokens()
     gap = (megatron_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
     assert gap < 1e-4, gap
@@ -116,6 +117,7 @@ def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_
     from torch.distributed.checkpoint import FileSystemReader
 
     from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
     from megatron_ext.model import build_model, marco_config
     from megatron_ext.presets import get_preset, override
     from megatron_ext.streaming_checkpoint import save_streaming
@@ -144,7 +146,7 @@ def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_
                     sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks))
                 for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
     assert tensors(ours) == tensors(theirs)
-    loaded, _ = checkpointing.load_model_from_checkpoint(ours)
+    loaded, _ = load_model_from_checkpoint(ours)
     reference = model.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items()
                if isinstance(v, torch.Tensor))

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import run_pretrain, subprocess_env
-from megatron_ext.model import ParallelLayout
+from megatron_ext.parallel import ParallelLayout
 from megatron_ext.parallel import LayoutError, validate_layout
 from megatron_ext.presets import get_preset, override
 

@@ -144,7 +144,7 @@ def dense_models(tmp_path_factory):
 def upcycle_and_compare(tmp_path, dense_models, name, *flags):
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
 
     path, ids, ref = dense_models[name]
     experts, expert_ffn, topk = SHAPES[name][1]
@@ -154,7 +154,7 @@ def upcycle_and_compare(tmp_path, dense_models, name, *flags):
                            "--moe-router-topk", str(topk), *flags])
     assert rc == 0
     get_moe_layer_wise_logging_tracker().clear()
-    model, preset = checkpointing.load_model_from_checkpoint(out)
+    model, preset = load_model_from_checkpoint(out)
     assert preset.num_experts == experts
     return (megatron_logits(model, ids) - ref).abs().max().item(), model, out
 
@@ -218,7 +218,7 @@ def test_bf16_weights_give_a_bf16_checkpoint(megatron_single_rank, fresh_moe_tra
     scale multiplies by 2, exact in bf16, so the logits still match the dense model's."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
 
     from transformers import Qwen3ForCausalLM
 
@@ -233,7 +233,7 @@ def test_bf16_weights_give_a_bf16_checkpoint(megatron_single_rank, fresh_moe_tra
         "--drop-ratio", "0"]) == 0
     meta = FileSystemReader(os.path.join(out, "iter_0000000")).read_metadata()
     assert meta.state_dict_metadata[EXPERT_FC1_KEY].properties.dtype == torch.bfloat16
-    model, _ = checkpointing.load_model_from_checkpoint(out)
+    model, _ = load_model_from_checkpoint(out)
     ids = tokens()
     assert (megatron_logits(model, ids) - hf_logits(hf, ids)).abs().max().item() < 1e-4
 

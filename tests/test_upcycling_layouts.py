@@ -19,7 +19,7 @@ def test_upcycled_checkpoint_loads_at_ep2_and_tp2(megatron_single_rank, fresh_mo
                                                    tmp_path):
     from conftest import REPO, _free_port, subprocess_env
     from helpers_hf import load_upcycle_tool, make_dense_qwen3, megatron_logits, tokens
-    from megatron_ext import checkpointing
+    from megatron_ext.model import load_model_from_checkpoint
 
     hf, out = str(tmp_path / "hf"), str(tmp_path / "moe")
     make_dense_qwen3(hf, seed=3)  # FFN 256, 4 heads / 2 kv heads, vocab 256
@@ -27,7 +27,7 @@ def test_upcycled_checkpoint_loads_at_ep2_and_tp2(megatron_single_rank, fresh_mo
     assert load_upcycle_tool().main([
         "--hf-dir", hf, "--save", out, "--num-experts", "8", "--moe-ffn-hidden-size", "64",
         "--moe-router-topk", "4", "--drop-ratio", "0.5", "--scale", "marco"]) == 0
-    model, _ = checkpointing.load_model_from_checkpoint(out)
+    model, _ = load_model_from_checkpoint(out)
     ids = tokens(seq=32)
     torch.save({"ids": ids, "logits": megatron_logits(model, ids)}, tmp_path / "ref.pt")
 
@@ -50,8 +50,9 @@ def _worker(ckpt: str, ref_path: str, out_path: str) -> None:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    from megatron_ext import checkpointing, parallel
-    from megatron_ext.model import ParallelLayout
+    from megatron_ext import parallel
+    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.parallel import ParallelLayout
 
     ref = torch.load(ref_path)
     gaps = {}
@@ -65,7 +66,7 @@ def _worker(ckpt: str, ref_path: str, out_path: str) -> None:
                 tensor_model_parallel_size=layout.tensor,
                 expert_model_parallel_size=layout.expert)
         get_moe_layer_wise_logging_tracker().clear()
-        model, _ = checkpointing.load_model_from_checkpoint(ckpt)
+        model, _ = load_model_from_checkpoint(ckpt)
         ids = ref["ids"]
         with torch.no_grad():
             logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)

@@ -30,8 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_ext.errors import UsageError  # noqa: E402
 
-class AnalysisError(ValueError):
+
+class AnalysisError(UsageError):
     """Bad input; the message names the flag or file."""
 
 
@@ -215,6 +217,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     args = parse_args(argv)
     from megatron_ext import checkpointing, parallel, routing_analysis
+    from megatron_ext.model import load_model_from_checkpoint
     from megatron_ext.data import DataConfigError
 
     try:
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
         kind, model_path, tokenizer = _tokenizer(args, info)
         streams = language_token_streams(args, kind, model_path, tokenizer)
         with parallel.single_process(seed=0):
-            model, preset = checkpointing.load_model_from_checkpoint(args.load)
+            model, preset = load_model_from_checkpoint(args.load)
             counts, tokens = record_routing(model, preset, streams, args.seq_length,
                                             args.micro_batch_size)
         result = routing_analysis.analyse({l: c[layers] for l, c in counts.items()}, tokens, layers)
