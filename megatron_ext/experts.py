@@ -68,8 +68,8 @@ class TorchGroupedMLP(GroupedMLP):
                 self.weight2, config.output_layer_init_method, partition_dim=0, is_expert=True
             )
         # Expert weights are reduced over the expert-data-parallel group, not the full DP group.
-        setattr(self.weight1, "allreduce", not self.expert_parallel)
-        setattr(self.weight2, "allreduce", not self.expert_parallel)
+        self.weight1.allreduce = not self.expert_parallel
+        self.weight2.allreduce = not self.expert_parallel
         # Checkpoints written by SequentialMLP carry per-expert `_extra_state` entries that
         # this layout has no module for (GroupedMLP ignores them the same way).
         self.register_load_state_dict_post_hook(_ignore_extra_states)

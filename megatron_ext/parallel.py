@@ -15,7 +15,6 @@ import socket
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, rerun_state_machine, tensor_parallel

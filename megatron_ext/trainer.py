@@ -31,8 +31,8 @@ from megatron_ext import checkpointing, data, parallel
 from megatron_ext.flops import H100_BF16_PEAK_TFLOPS, analytic_model_size, training_flops_per_token
 from megatron_ext.metrics import MetricsWriter, peak_memory_gib
 from megatron_ext.model import MoEOptions, build_model, marco_config
-from megatron_ext.parallel import ParallelLayout
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
+from megatron_ext.parallel import ParallelLayout
 from megatron_ext.routing import RoutingRecorder
 
 

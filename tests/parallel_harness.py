@@ -270,8 +270,7 @@ def _run_compare(job: dict) -> dict:
       max_rel_l2  the worst tensor's ||a - ref|| / ||ref||
       max_rel     the worst tensor's max |a - ref| / max |ref| (elementwise)
       max_abs     max |a - ref|"""
-    from megatron_ext.parallel import ParallelLayout
-    from megatron_ext.parallel import init_distributed
+    from megatron_ext.parallel import ParallelLayout, init_distributed
 
     _reset_process_globals()
     init_distributed(ParallelLayout(), seed=0)  # one process: the common layout TP=PP=EP=1

@@ -13,10 +13,9 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import REPO, run_pretrain
 from helpers_hf import hf_logits, make_dense_qwen3, make_moe_qwen3, megatron_logits, tokens
+from safetensors import safe_open
 
 
 def _tool(name):

@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from helpers_hf import hf_logits, make_dense_qwen3, make_moe_qwen3, megatron_logits, tokens
 from safetensors import safe_open
 
-from helpers_hf import hf_logits, make_dense_qwen3, make_moe_qwen3, megatron_logits, tokens
 from megatron_ext import hf_mapping as hm
 
 LAYOUT = hm.AttentionLayout(num_heads=4, num_query_groups=2, head_dim=3)
@@ -117,8 +117,7 @@ def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_
     from torch.distributed.checkpoint import FileSystemReader
 
     from megatron_ext import checkpointing
-    from megatron_ext.model import load_model_from_checkpoint
-    from megatron_ext.model import build_model, marco_config
+    from megatron_ext.model import build_model, load_model_from_checkpoint, marco_config
     from megatron_ext.presets import get_preset, override
     from megatron_ext.streaming_checkpoint import save_streaming
 

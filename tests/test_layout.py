@@ -1,10 +1,9 @@
 """The 4D layout is validated before any process group or model exists; each rule is named."""
 
 import pytest
-
 from conftest import run_pretrain, subprocess_env
-from megatron_ext.parallel import ParallelLayout
-from megatron_ext.parallel import LayoutError, validate_layout
+
+from megatron_ext.parallel import LayoutError, ParallelLayout, validate_layout
 from megatron_ext.presets import get_preset, override
 
 TINY = get_preset("tiny")

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import run_pretrain
+
 from megatron_ext.flops import analytic_model_size, count_parameters
 from megatron_ext.model import build_meta_model
 from megatron_ext.presets import PRESETS, get_preset

@@ -15,9 +15,8 @@ Megatron imports for all layouts together.
 
 from __future__ import annotations
 
-import pytest
-
 import parallel_harness as H
+import pytest
 
 LOSS_RTOL = 1e-5  # per-step lm loss, relative (issue 8)
 PARAM_RTOL = 1e-5  # final parameters: per tensor, ||a - ref|| / ||ref|| (issue 8)

@@ -10,7 +10,6 @@ loaded weights exactly as they were, for the plain and the distributed optimizer
 
 import pytest
 import torch
-
 from conftest import run_pretrain
 
 SMALL = ["--preset", "tiny", "--mock-data", "--micro-batch-size", "2", "--seq-length", "64",

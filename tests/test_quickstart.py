@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO, subprocess_env
 
 SCRIPT = REPO / "examples" / "quickstart.sh"

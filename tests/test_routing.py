@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, run_pretrain, subprocess_env
+
 from megatron_ext import routing_analysis
 from megatron_ext.presets import get_preset, override
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, _free_port, subprocess_env
 
 SLURM = REPO / "slurm"

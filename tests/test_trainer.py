@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_pretrain, subprocess_env
 
 TINY = ["--preset", "tiny", "--micro-batch-size", "4", "--seed", "7"]

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers_hf import hf_logits, load_upcycle_tool, make_dense_qwen3, megatron_logits, tokens
+
 from megatron_ext import upcycling as up
 from megatron_ext.hf_mapping import EXPERT_FC1, EXPERT_FC2, ROUTER
 
@@ -217,10 +217,9 @@ def test_bf16_weights_give_a_bf16_checkpoint(megatron_single_rank, fresh_moe_tra
     """bf16 in, bf16 out (--dtype auto), loaded into the fp32 CPU model. With N = 4 the exact
     scale multiplies by 2, exact in bf16, so the logits still match the dense model's."""
     from torch.distributed.checkpoint import FileSystemReader
+    from transformers import Qwen3ForCausalLM
 
     from megatron_ext.model import load_model_from_checkpoint
-
-    from transformers import Qwen3ForCausalLM
 
     make_dense_qwen3(str(tmp_path / "hf"), dtype=torch.bfloat16)
     # Reference: the bf16 weights in an fp32 model (a model cast to bf16 and back would keep

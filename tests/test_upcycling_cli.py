@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_pretrain, subprocess_env
 from helpers_hf import load_upcycle_tool, make_dense_qwen3, write_tokenizer_stub
 

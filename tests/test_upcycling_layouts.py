@@ -19,6 +19,7 @@ def test_upcycled_checkpoint_loads_at_ep2_and_tp2(megatron_single_rank, fresh_mo
                                                    tmp_path):
     from conftest import REPO, _free_port, subprocess_env
     from helpers_hf import load_upcycle_tool, make_dense_qwen3, megatron_logits, tokens
+
     from megatron_ext.model import load_model_from_checkpoint
 
     hf, out = str(tmp_path / "hf"), str(tmp_path / "moe")

@@ -217,8 +217,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     args = parse_args(argv)
     from megatron_ext import checkpointing, parallel, routing_analysis
-    from megatron_ext.model import load_model_from_checkpoint
     from megatron_ext.data import DataConfigError
+    from megatron_ext.model import load_model_from_checkpoint
 
     try:
         info = checkpointing.read_model_info(args.load)

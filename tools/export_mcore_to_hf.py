@@ -21,8 +21,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import (DTYPES, UsageError, atomic_directory, fail,  # noqa: E402
-                              quiet_imports, require_single_process, torch_dtype)
+from megatron_ext.cli import (  # noqa: E402
+    DTYPES,
+    UsageError,
+    atomic_directory,
+    fail,
+    quiet_imports,
+    require_single_process,
+    torch_dtype,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +102,7 @@ def write_export(tmp: str, reader, preset, dtype, tokenizer, args) -> dict:
 
     from megatron_ext import hf_mapping as hm
     from megatron_ext.hf_convert import SafetensorsWriter, export_tensors
-    from megatron_ext.hf_tokenizer import (copy_hf_tokenizer, sentencepiece_to_hf,
-                                           special_token_ids)
+    from megatron_ext.hf_tokenizer import copy_hf_tokenizer, sentencepiece_to_hf, special_token_ids
 
     files, ids = [], {}
     if tokenizer is not None:

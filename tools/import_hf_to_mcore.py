@@ -21,9 +21,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import (DTYPES, UsageError, atomic_directory, fail,  # noqa: E402
-                              quiet_imports, require_empty_output, require_single_process,
-                              torch_dtype)
+from megatron_ext.cli import (  # noqa: E402
+    DTYPES,
+    UsageError,
+    atomic_directory,
+    fail,
+    quiet_imports,
+    require_empty_output,
+    require_single_process,
+    torch_dtype,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import io
+import json
 import os
 import sys
 from pathlib import Path

@@ -21,8 +21,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import (DTYPES, UsageError, atomic_directory, fail,  # noqa: E402
-                              quiet_imports, require_empty_output, require_single_process)
+from megatron_ext.cli import (  # noqa: E402
+    DTYPES,
+    UsageError,
+    atomic_directory,
+    fail,
+    quiet_imports,
+    require_empty_output,
+    require_single_process,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,9 +170,14 @@ def main(argv=None) -> int:
     quiet_imports()
     args = build_parser().parse_args(argv)
     try:
-        from megatron_ext.hf_mapping import (HFCheckpointError, HFSafetensors,
-                                             expected_hf_shapes, hf_tokenizer_info,
-                                             preset_fields_from_hf_config, read_hf_config)
+        from megatron_ext.hf_mapping import (
+            HFCheckpointError,
+            HFSafetensors,
+            expected_hf_shapes,
+            hf_tokenizer_info,
+            preset_fields_from_hf_config,
+            read_hf_config,
+        )
         from megatron_ext.upcycling import UpcycleSpec, UpcyclingError
 
         require_single_process()
