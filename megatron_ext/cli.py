@@ -78,3 +78,22 @@ def atomic_directory(target: str, tag: str):
                 os.replace(old, target)
             if created:
                 shutil.rmtree(created, ignore_errors=True)
+
+
+def entry_point(main, argv=None) -> int:
+    """The training entry points' start-up and error tail (pretrain_marco.py,
+    posttrain_marco.py): quiet imports, rank-aware logging, one `error: ...` line from rank 0
+    and exit 2 for any MarcoError, and Megatron's process groups torn down whatever happened."""
+    from megatron_ext.errors import MarcoError, report
+    from megatron_ext.logs import setup_logging
+
+    quiet_imports()
+    setup_logging()
+    try:
+        return main(argv)
+    except MarcoError as e:
+        return report(e)
+    finally:
+        from megatron_ext import parallel
+
+        parallel.shutdown()

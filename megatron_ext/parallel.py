@@ -47,6 +47,10 @@ class ParallelLayout:
         )
 
 
+def is_rank_zero() -> bool:
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
