@@ -109,7 +109,7 @@ def test_sentencepiece_tokenizer_exports_to_the_same_ids(tmp_path):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from megatron_ext.hf_tokenizer import sentencepiece_to_hf
+    from megatron_ext.convert.tokenizer_export import sentencepiece_to_hf
 
     model = REPO / "data" / "tokenizer" / "marco_tiny_spm.model"
     files = sentencepiece_to_hf(str(model), str(tmp_path))

@@ -8,7 +8,7 @@ import torch
 from helpers_hf import hf_logits, make_dense_qwen3, make_moe_qwen3, megatron_logits, tokens
 from safetensors import safe_open
 
-from megatron_ext import hf_mapping as hm
+from megatron_ext.convert import mapping as hm
 
 LAYOUT = hm.AttentionLayout(num_heads=4, num_query_groups=2, head_dim=3)
 
@@ -86,7 +86,7 @@ def test_qwen3_moe_logits_match_in_megatron(megatron_single_rank, fresh_moe_trac
     from megatron_ext import checkpointing
     from megatron_ext.model import load_model_from_checkpoint
     from megatron_ext.presets import ModelPreset
-    from megatron_ext.streaming_checkpoint import save_streaming
+    from megatron_ext.convert.streaming import save_streaming
 
     hf = make_moe_qwen3()
     fields = hm.preset_fields_from_hf_config(hf.config.to_dict())
@@ -119,7 +119,7 @@ def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_
     from megatron_ext import checkpointing
     from megatron_ext.model import build_model, load_model_from_checkpoint, marco_config
     from megatron_ext.presets import get_preset, override
-    from megatron_ext.streaming_checkpoint import save_streaming
+    from megatron_ext.convert.streaming import save_streaming
 
     preset = override(get_preset("tiny"), num_layers=2)
     torch.manual_seed(0)

@@ -123,7 +123,7 @@ def test_overwrite_and_tokenizer_record(megatron_single_rank, tmp_path, dense_di
 
 def test_failure_mid_write_leaves_nothing(megatron_single_rank, tmp_path, dense_dir, monkeypatch,
                                           capsys):
-    from megatron_ext import upcycling
+    from megatron_ext.convert import upcycling
 
     real, calls = upcycling.UpcycledCheckpoint.chunk, []
 

@@ -68,7 +68,7 @@ def resolve_tokenizer(args, info: dict):
     """('hf'|'spm', path) to ship, or None; fails early on a bad --tokenizer-dir."""
     import hashlib
 
-    from megatron_ext.hf_tokenizer import find_tokenizer
+    from megatron_ext.convert.tokenizer_export import find_tokenizer
 
     if args.no_tokenizer:
         return None
@@ -100,9 +100,9 @@ def write_export(tmp: str, reader, preset, dtype, tokenizer, args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from megatron_ext import hf_mapping as hm
-    from megatron_ext.hf_convert import SafetensorsWriter, export_tensors
-    from megatron_ext.hf_tokenizer import copy_hf_tokenizer, sentencepiece_to_hf, special_token_ids
+    from megatron_ext.convert import mapping as hm
+    from megatron_ext.convert.mcore_reader import SafetensorsWriter, export_tensors
+    from megatron_ext.convert.tokenizer_export import copy_hf_tokenizer, sentencepiece_to_hf, special_token_ids
 
     files, ids = [], {}
     if tokenizer is not None:
@@ -144,8 +144,8 @@ def main(argv=None) -> int:
         if os.path.exists(out) and not os.path.isdir(out):
             raise UsageError(f"--out {args.out} exists and is not a directory")
         from megatron_ext import checkpointing
-        from megatron_ext.hf_convert import ConversionError, McoreCheckpointReader
-        from megatron_ext.hf_tokenizer import TokenizerError
+        from megatron_ext.convert.mcore_reader import ConversionError, McoreCheckpointReader
+        from megatron_ext.convert.tokenizer_export import TokenizerError
 
         try:
             ckpt = checkpointing.resolve_checkpoint_dir(args.load)

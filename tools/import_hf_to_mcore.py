@@ -82,8 +82,8 @@ def write(args, preset, reader, dtype, info) -> None:
     from tqdm import tqdm
 
     from megatron_ext import parallel
-    from megatron_ext.hf_convert import HFCheckpointSource
-    from megatron_ext.streaming_checkpoint import save_streaming
+    from megatron_ext.convert.mcore_reader import HFCheckpointSource
+    from megatron_ext.convert.streaming import save_streaming
 
     with tqdm(total=preset.num_layers, desc="importing", unit="layer", file=sys.stderr) as bar, \
             atomic_directory(args.save, "import") as tmp, parallel.single_process(seed=0):
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     quiet_imports()
     args = build_parser().parse_args(argv)
     try:
-        from megatron_ext import hf_mapping as hm
+        from megatron_ext.convert import mapping as hm
 
         require_single_process()
         save = os.path.abspath(args.save)
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
                                             "model_type": cfg["model_type"],
                                             "dtype": str(dtype).replace("torch.", "")})
         if hm.hf_tokenizer_info(args.hf_dir):  # recorded as the trainer records its tokenizer
-            info["tokenizer"] = data.tokenizer_info(argparse.Namespace(
-                tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.abspath(args.hf_dir)))
+            info["tokenizer"] = data.tokenizer_info("HuggingFaceTokenizer", os.path.abspath(args.hf_dir))
         print(f"{cfg['model_type']} -> preset {preset.name!r}: {preset.num_layers} layers, hidden "
               f"{preset.hidden_size}" + (f", {preset.num_experts} experts x "
                                          f"{preset.moe_ffn_hidden_size}, top-{preset.moe_router_topk}"

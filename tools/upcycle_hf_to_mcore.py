@@ -99,7 +99,7 @@ def plan_lines(preset, spec, dense_dtype, out_dtype) -> list[str]:
     from dataclasses import replace
 
     from megatron_ext.flops import analytic_model_size
-    from megatron_ext.upcycling import num_dropped, scale_factors
+    from megatron_ext.convert.upcycling import num_dropped, scale_factors
 
     s = scale_factors(spec.scale, spec.n)
     size = analytic_model_size(preset)
@@ -148,8 +148,8 @@ def write(args, preset, spec, reader, out_dtype, info) -> None:
     from tqdm import tqdm
 
     from megatron_ext import parallel
-    from megatron_ext.streaming_checkpoint import save_streaming
-    from megatron_ext.upcycling import UpcycledCheckpoint
+    from megatron_ext.convert.streaming import save_streaming
+    from megatron_ext.convert.upcycling import UpcycledCheckpoint
 
     # One intra-op thread: the work is a stream of small tensors (one expert matrix at a time),
     # where OpenMP threads gain little and, on a busy machine, spin-wait: 50x slower measured
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     quiet_imports()
     args = build_parser().parse_args(argv)
     try:
-        from megatron_ext.hf_mapping import (
+        from megatron_ext.convert.mapping import (
             HFCheckpointError,
             HFSafetensors,
             expected_hf_shapes,
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
             preset_fields_from_hf_config,
             read_hf_config,
         )
-        from megatron_ext.upcycling import UpcycleSpec, UpcyclingError
+        from megatron_ext.convert.upcycling import UpcycleSpec, UpcyclingError
 
         require_single_process()
         if not (0.0 <= args.drop_ratio < 1.0):

@@ -170,7 +170,7 @@ def upcycle_layer(spec: UpcycleSpec, layer: int, gate: torch.Tensor, up: torch.T
 
     fc1 (E, 2F_e, H) = [gate; up] per expert, fc2 (E, H, F_e), router (E, H).
     """
-    from megatron_ext.hf_mapping import EXPERT_FC1, EXPERT_FC2, ROUTER, concat_gate_up
+    from megatron_ext.convert.mapping import EXPERT_FC1, EXPERT_FC2, ROUTER, concat_gate_up
 
     dense = {"gate": gate, "up": up, "down": down}
     mats = {w: [expert_matrix(spec, w, dense[w], layer, e) for e in range(spec.num_experts)]
@@ -191,7 +191,7 @@ class UpcycledCheckpoint:
     """
 
     def __init__(self, reader, spec: UpcycleSpec, preset, on_layer=None):
-        from megatron_ext.hf_mapping import AttentionLayout
+        from megatron_ext.convert.mapping import AttentionLayout
 
         self.reader, self.spec, self.preset = reader, spec, preset
         self.layout = AttentionLayout.from_preset(preset)
@@ -199,7 +199,7 @@ class UpcycledCheckpoint:
         self._index, self._layer, self._dense = None, {}, {}
 
     def _load_layer(self, i: int) -> None:
-        from megatron_ext import hf_mapping as hm
+        from megatron_ext.convert import mapping as hm
 
         p = hm.hf_layer_prefix(i)
         names = [*hm.HF_QKV, *hm.ATTENTION_RENAMES.values(), hm.HF_POST_ATTN_NORM, *hm.HF_DENSE]
@@ -219,7 +219,7 @@ class UpcycledCheckpoint:
         return full[start - base:start - base + length]
 
     def chunk(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
-        from megatron_ext import hf_mapping as hm
+        from megatron_ext.convert import mapping as hm
 
         if not key.startswith(hm.MCORE_LAYERS):
             full = self.reader.get(hm.GLOBAL_RENAMES[key])

@@ -1,0 +1,1 @@
+"""HF <-> Megatron conversion (placeholder, filled in the next commit)."""
