@@ -57,11 +57,11 @@ mapfile -t DENSE_BLEND < <(sed -n 's|^wrote \(.*\)\.bin/\.idx (\([0-9]*\) tokens
 mapfile -t VALID < <(sed -n 's|^wrote \(.*\)\.bin/\.idx (.*$|\1|p' "$OUT/data/valid.log")
 VALID_SETS=()  # one validation loss per language ('weight prefix' pairs, weights unused)
 for prefix in "${VALID[@]}"; do VALID_SETS+=(1 "$prefix"); done
-# The tiny curriculum over these files (same stages and blends as examples/curriculum/tiny.yaml).
+# The tiny curriculum over these files (same stages and blends as configs/curriculum/tiny.yaml).
 "$PY" - "$OUT" <<'EOF'
 import re, sys, yaml
 out = sys.argv[1]
-cur = yaml.safe_load(open("examples/curriculum/tiny.yaml"))
+cur = yaml.safe_load(open("configs/curriculum/tiny.yaml"))
 cur["data_root"] = f"{out}/data"
 rename = lambda p: re.sub(r"^(\w+?)_(train|valid)_text_document$", r"\2_\1_text_document", p)
 for name, src in cur["sources"].items():

@@ -41,9 +41,9 @@ if [[ ${MARCO_CPU:-0} == 1 ]]; then
     GPUS_PER_NODE=2 LR=3e-3 MIN_LR=3e-4 WARMUP_ITERS=2 SAVE_INTERVAL=0 EVAL_INTERVAL=0
     LOG_INTERVAL=1 NODES=1
     if [[ $model == mini_global ]]; then
-        CURRICULUM=slurm/curriculum/tiny_global.yaml
+        CURRICULUM=configs/curriculum/tiny_global.yaml
     else
-        CURRICULUM=examples/curriculum/tiny.yaml
+        CURRICULUM=configs/curriculum/tiny.yaml
     fi
     [[ $stage == "${STAGES[0]}" && $model != mini_global ]] && INIT_CHECKPOINT=none
 fi

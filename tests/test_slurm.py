@@ -198,8 +198,8 @@ def test_global_curricula_repeat_the_four_stages_they_extend(monkeypatch):
     from megatron_ext.data.curriculum import load_curriculum
 
     monkeypatch.setenv("MARCO_DATA_ROOT", "/data/marco")
-    for base, extended in (("examples/curriculum/marco_5.1T.yaml", "slurm/curriculum/marco_global_6.5T.yaml"),
-                           ("examples/curriculum/tiny.yaml", "slurm/curriculum/tiny_global.yaml")):
+    for base, extended in (("configs/curriculum/marco_5.1T.yaml", "configs/curriculum/marco_global_6.5T.yaml"),
+                           ("configs/curriculum/tiny.yaml", "configs/curriculum/tiny_global.yaml")):
         a, b = load_curriculum(REPO / base), load_curriculum(REPO / extended)
         assert len(b.stages) == len(a.stages) + 1 == 5
         assert b.stages[:4] == a.stages and b.validation == a.validation and b.data_root == a.data_root

@@ -5,7 +5,7 @@
 # default that the MARCO_* variable in brackets overrides (docs/cluster.md).
 RUN=mini
 PRESET=mini                                          # [MARCO_PRESET]
-CURRICULUM=examples/curriculum/marco_5.1T.yaml       # [MARCO_CURRICULUM]
+CURRICULUM=configs/curriculum/marco_5.1T.yaml        # [MARCO_CURRICULUM]
 STAGES=(1 2 3 4)                                     # stages of CURRICULUM this model runs
 INIT_CHECKPOINT=mini/upcycled                        # [MARCO_INIT_CHECKPOINT] stage 1 starts here
 INIT_WEIGHTS_ONLY=0                                  # (relative: under MARCO_CKPT_ROOT); iteration 0,

@@ -4,14 +4,14 @@
 # slurm/launch.sh for slurm/mini_global.sbatch; MARCO_* variables override (docs/cluster.md).
 #
 # The trainer addresses data by global step, so the continuation is stage 5 of a curriculum
-# whose stages 1-4 are the paper's (slurm/curriculum/marco_global_6.5T.yaml): it starts at
+# whose stages 1-4 are the paper's (configs/curriculum/marco_global_6.5T.yaml): it starts at
 # Mini's last iteration (5.1T tokens), which the trainer keeps when loading weights only.
 # Weights only: Mini's schedule has annealed to its minimum, so Global gets a fresh optimizer
 # and its own warmup + decay over its 1.4T tokens (LR_SCHEDULE=stage). Its data blend is not
 # published: the curriculum file's stage 5 is a documented placeholder.
 RUN=mini_global
 PRESET=mini-global
-CURRICULUM=slurm/curriculum/marco_global_6.5T.yaml
+CURRICULUM=configs/curriculum/marco_global_6.5T.yaml
 STAGES=(5)
 INIT_CHECKPOINT=mini/stage4                          # [MARCO_INIT_CHECKPOINT] Mini's final stage
 INIT_WEIGHTS_ONLY=1

@@ -5,7 +5,7 @@
 # default that the MARCO_* variable in brackets overrides (docs/cluster.md).
 RUN=nano
 PRESET=nano                                          # [MARCO_PRESET]
-CURRICULUM=examples/curriculum/marco_5.1T.yaml       # [MARCO_CURRICULUM]
+CURRICULUM=configs/curriculum/marco_5.1T.yaml        # [MARCO_CURRICULUM]
 STAGES=(1 2 3 4)
 INIT_CHECKPOINT=nano/upcycled                        # [MARCO_INIT_CHECKPOINT] under MARCO_CKPT_ROOT
 INIT_WEIGHTS_ONLY=0
