@@ -66,6 +66,12 @@ class SDPAttention(MegatronModule):
         causal = attention_mask is None and mask_type == AttnMaskType.causal
         # Megatron masks mark positions to drop (True); SDPA's boolean masks mark positions kept.
         keep = None if attention_mask is None else ~attention_mask
+        if causal and query.shape[0] != key.shape[0]:
+            # Inference with a KV cache: fewer queries than keys, the queries being the last
+            # positions. SDPA's is_causal aligns the triangle top-left (query i sees keys <= i),
+            # which is wrong here; the triangle must be aligned bottom-right.
+            keep = _causal_bottom_right(query.shape[0], key.shape[0], query.device)
+            causal = False
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         dropout = self.dropout if self.training else 0.0
         rng = (
@@ -81,3 +87,10 @@ class SDPAttention(MegatronModule):
         # [b, heads, s, d] -> [s, b, heads * d]
         return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_per_partition)
 
+
+
+def _causal_bottom_right(q_len: int, k_len: int, device) -> torch.Tensor:
+    """Boolean keep-mask [q_len, k_len]: query i (at key position k_len - q_len + i) sees
+    keys up to and including its own position."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    return torch.arange(k_len, device=device)[None, :] <= q_pos

@@ -1,0 +1,446 @@
+"""Generation with a Megatron GPTModel: batched, KV-cached sampling at the model's parallel layout.
+
+Serves the CLI (tools/generate.py), evaluation, and the rollouts of on-policy distillation
+(n samples per prompt at temperature 1, whose log-probs are compared with the trainer's).
+
+Design.
+- One loop of our own; the model is Megatron-Core's, untouched. Megatron-Core 0.16's inference
+  engines and controllers assume CUDA, but the KV cache they drive lives in `Attention`
+  itself: given a `StaticInferenceContext`, each attention layer allocates a
+  [max_seq, batch, kv_heads, head_dim] key and value buffer once, writes the new keys/values at
+  `sequence_len_offset`, attends over everything cached so far, and slices RoPE at the same
+  offset. That path is plain PyTorch and runs on CPU (with our non-TE spec and cpu_compat) and
+  on GPU alike, so we use it: static buffers, no per-step reallocation, no re-run of the prompt.
+- Batches of prompts of different lengths are LEFT-padded to the longest (P tokens), so every
+  row's next token is read off the same last column and all rows decode in lockstep. Padding
+  is masked out of attention with an explicit boolean mask (True = masked): causal plus padded
+  keys in the prefill, padded keys in each decode step. A padding query attends to itself
+  only, so no softmax row is empty (an all-masked row gives NaN, and 0 * NaN poisons
+  the real rows through the values). Megatron applies RoPE by cache position, not by
+  `position_ids`, so a row with k padding tokens sits k positions to the right; RoPE scores
+  depend on relative positions only, so this changes nothing but rounding (cached decoding
+  equals a full unpadded recompute to ~1e-6, tested).
+- The prefill computes logits for the last column only (`materialize_only_last_token_logits`);
+  each decode step feeds one token per row. Rows that finish (a stop token, or their own
+  budget) are dropped from the batch and from the cache buffers once a quarter of the rows are
+  done, so long tails do not pay for finished rows.
+- Sampling: logits in fp32, cut to `vocab_size` (the tokenizer's real vocabulary; embedding
+  tables are padded); greedy = argmax; otherwise logits / T, then top-k, then top-p (the
+  `transformers` warpers' semantics), then inverse-CDF sampling with one uniform per row per
+  step from a generator seeded by (seed, prompt index): a prompt's samples do not depend on
+  what else is in the batch, and n copies of one prompt draw n different samples. The reported
+  log-prob is log softmax(logits / T) of the chosen token before truncation (T = 1 for greedy).
+- Parallel layouts: logits are gathered over TP by the output layer (`runtime_gather_output`),
+  so every rank holds the full vocabulary. Global rank 0 chooses the tokens and broadcasts
+  (ids, log-probs) to all ranks each step, so every rank gets the same result even where the
+  ranks' logits differ in the last bit (expert parallelism batches tokens differently per
+  rank), and all ranks run the same number of forward steps (the MoE all-to-alls need that).
+  Every rank must be called with the same prompts and parameters (checked: a digest is
+  compared across ranks, so a mismatch is an error, never a hang). Sequence parallelism (TP > 1)
+  is switched off for the duration of generation, as Megatron's own static engine does: a decode
+  step's one token cannot be split over TP ranks; the MoE layers then route every TP rank's full
+  sequence, which is the same computation replicated. Pipeline parallelism is refused.
+- MoE in eval mode routes exactly as in training: top-k over the router's fp32 softmax, no
+  capacity factor, no token dropping; no aux/z-loss is computed under no_grad.
+- `torch.no_grad`, not `inference_mode`: RoPE's embedding is lru-cached by length inside
+  Megatron, and an inference-mode tensor in that cache would break a later training step of
+  the same model (on-policy distillation alternates the two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from megatron_ext.errors import LayoutError, UsageError
+
+# Rows are dropped from the cache when at least this share of the current batch has finished.
+COMPACT_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UsageError(f"--top-k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    output_ids: list[int]  # up to and including the first stop token; nothing after it
+    logprobs: list[float]  # per output token: log softmax(logits / T) of the chosen token
+    #                        (T = 1 for greedy), before top-k/top-p truncation, in fp32
+    finish_reason: str  # "stop" | "length"
+
+
+def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: int = 0,
+             batch_size: int | None = None, vocab_size: int | None = None,
+             use_cache: bool = True,
+             on_batch: Optional[Callable[[int], None]] = None) -> list[Generation]:
+    """Continue each prompt (a list of token ids). `model`: a Megatron GPTModel, or a list of
+    one model chunk, possibly wrapped (DDP, Float16Module), at the current parallel layout;
+    every rank calls this with the same arguments and gets the same result. `batch_size`
+    prompts are decoded together (all at once when None), longest first. `vocab_size`: cut the
+    logits to the tokenizer's real vocabulary. `use_cache=False` recomputes the whole sequence
+    at every step (the reference the KV cache is tested against). `on_batch(n)` is called
+    after each batch of n prompts (progress bars)."""
+    gpt = _unwrap(model)
+    vocab = _check_vocab(gpt, vocab_size)
+    prompts = _check_prompts(prompts, gpt, params, vocab)
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_same_on_all_ranks(prompts, params, seed, batch_size, vocab)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable
+    size = batch_size or max(1, len(prompts))
+    results: list[Optional[Generation]] = [None] * len(prompts)
+    with _inference_layout(gpt), torch.no_grad():
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            batch = _generate_batch(gpt, [prompts[i] for i in rows], rows, params, seed, vocab,
+                                    use_cache)
+            for i, g in zip(rows, batch):
+                results[i] = g
+            if on_batch is not None:
+                on_batch(len(rows))
+    return results
+
+
+# ------------------------------------------------------------------------------ checks
+def _unwrap(model):
+    from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise LayoutError(f"generation takes one model chunk, got {len(model)} "
+                              "(virtual pipeline stages are not supported)")
+        model = model[0]
+    if parallel_state.model_parallel_is_initialized():
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if pp > 1:
+            raise LayoutError(f"generation needs --pipeline-model-parallel-size 1, got {pp}; "
+                              "load the checkpoint at PP=1 (checkpoints reshard)")
+    gpt = unwrap_model(model)
+    if not (getattr(gpt, "pre_process", True) and getattr(gpt, "post_process", True)):
+        raise LayoutError("generation needs the whole model on this rank (no pipeline stages)")
+    return gpt
+
+
+def _check_vocab(gpt, vocab_size: int | None) -> int:
+    if vocab_size is None:
+        return gpt.vocab_size
+    if not 0 < vocab_size <= gpt.vocab_size:
+        raise UsageError(f"vocab_size {vocab_size}: must be in [1, {gpt.vocab_size}] "
+                         "(the model's vocabulary)")
+    return vocab_size
+
+
+def _check_prompts(prompts, gpt, params: SamplingParams, vocab: int) -> list[list[int]]:
+    if not isinstance(prompts, (list, tuple)):
+        raise UsageError("prompts must be a list of token-id lists")
+    out = []
+    limit = getattr(gpt, "max_sequence_length", None)
+    for n, p in enumerate(prompts):
+        ids = [int(i) for i in p]
+        if not ids:
+            raise UsageError(f"prompt {n} is empty; a prompt needs at least one token")
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise UsageError(f"prompt {n}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if limit and len(ids) + params.max_new_tokens > limit:
+            raise UsageError(f"prompt {n}: {len(ids)} tokens + --max-new-tokens "
+                             f"{params.max_new_tokens} exceed the model's {limit} positions")
+        out.append(ids)
+    return out
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_same_on_all_ranks(prompts, params, seed, batch_size, vocab) -> None:
+    """Every rank must decode the same batches (the forward steps hold collectives)."""
+    import torch.distributed as dist
+
+    if _world()[1] == 1:
+        return
+    text = json.dumps([prompts, params.__dict__, seed, batch_size, vocab], sort_keys=True)
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+    t = torch.tensor([digest, -digest], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if t[0].item() != -t[1].item():
+        raise UsageError("generate: the ranks were given different prompts or sampling "
+                         "parameters; every rank must pass the same ones")
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------ layout
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def _inference_layout(gpt):
+    """Eval mode and no sequence parallelism while generating; the training state after."""
+    was_training = gpt.training
+    config = gpt.config
+    switched = []
+    sequence_parallel = config.sequence_parallel
+    if sequence_parallel:
+        for module in gpt.modules():
+            for attr in _SP_ATTRS:
+                if getattr(module, attr, None) is True:
+                    setattr(module, attr, False)
+                    switched.append((module, attr))
+        config.sequence_parallel = False
+    gpt.eval()
+    try:
+        with _without_cpu_device_mode():
+            yield
+    finally:
+        for module, attr in switched:
+            setattr(module, attr, True)
+        config.sequence_parallel = sequence_parallel
+        gpt.train(was_training)
+
+
+@contextlib.contextmanager
+def _without_cpu_device_mode():
+    """On a CPU-only machine cpu_compat keeps a TorchFunctionMode active that rewrites
+    device="cuda" requests to the CPU; it costs a Python call per torch call, a fifth of a
+    small model's decode step. The inference forward makes no such request (the KV buffers
+    and router state are created with torch.cuda.current_device(), which cpu_compat answers
+    as "cpu" without the mode), so the mode is lifted while generating."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    from megatron_ext import cpu_compat
+
+    stack = _get_current_function_mode_stack()
+    if stack and isinstance(stack[-1], cpu_compat._CudaToCpuMode):
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
+# ------------------------------------------------------------------------------ decoding
+def attention_mask(pad: torch.Tensor, q_len: int) -> Optional[torch.Tensor]:
+    """Megatron's boolean mask (True = masked) for the last `q_len` of the pad.shape[1] key
+    positions: causal (bottom-right aligned) and padded keys masked; a padding query sees
+    itself. None when nothing is padded and q_len is 1 or the whole sequence (plain causal)."""
+    b, s = pad.shape
+    if not bool(pad.any()):
+        return None
+    q_pos = torch.arange(s - q_len, s, device=pad.device)[:, None]
+    k_pos = torch.arange(s, device=pad.device)[None, :]
+    mask = (k_pos > q_pos)[None, None] | pad[:, None, None, :]
+    return mask & ~(k_pos == q_pos)[None, None]
+
+
+class _CachedSteps:
+    """Prefill once, then one token per row per step, with Megatron's static KV cache."""
+
+    def __init__(self, gpt, batch: int, max_len: int, pad: torch.Tensor):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.gpt = gpt
+        self.ctx = StaticInferenceContext(batch, max_len)
+        self.ctx.materialize_only_last_token_logits = True
+        self.pad = pad  # [rows in the cache, max_len] True = padding
+
+    def _forward(self, tokens: torch.Tensor, mask) -> torch.Tensor:
+        offset = self.ctx.sequence_len_offset
+        positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+        logits = self.gpt(tokens, positions.expand_as(tokens), mask,
+                          inference_context=self.ctx, runtime_gather_output=True)
+        self.ctx.sequence_len_offset += tokens.shape[1]
+        return logits[:, -1].float()
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.ctx.enable_prefill_mode()
+        logits = self._forward(tokens, attention_mask(self.pad[:, :tokens.shape[1]], tokens.shape[1]))
+        self.ctx.enable_decode_mode()
+        return logits
+
+    def decode(self, last: torch.Tensor) -> torch.Tensor:
+        end = self.ctx.sequence_len_offset + 1
+        return self._forward(last[:, None], attention_mask(self.pad[:, :end], 1))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices into the current batch) in the cache."""
+        memory = self.ctx.key_value_memory_dict
+        for layer, (k, v) in memory.items():
+            memory[layer] = (k.index_select(1, rows), v.index_select(1, rows))
+        self.pad = self.pad.index_select(0, rows)
+
+
+class _RecomputeSteps:
+    """No cache: the whole sequence so far at every step (the reference for the cache)."""
+
+    def __init__(self, gpt, pad: torch.Tensor):
+        self.gpt, self.pad = gpt, pad
+        self.tokens = None
+
+    def _forward(self) -> torch.Tensor:
+        s = self.tokens.shape[1]
+        positions = torch.arange(s, device=self.tokens.device).expand_as(self.tokens)
+        mask = attention_mask(self.pad[:, :s], s)
+        return self.gpt(self.tokens, positions, mask, runtime_gather_output=True)[:, -1].float()
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = tokens
+        return self._forward()
+
+    def decode(self, last: torch.Tensor) -> torch.Tensor:
+        self.tokens = torch.cat([self.tokens, last[:, None]], dim=1)
+        return self._forward()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.tokens = self.tokens.index_select(0, rows)
+        self.pad = self.pad.index_select(0, rows)
+
+
+def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vocab: int,
+                    use_cache: bool) -> list[Generation]:
+    device = next(gpt.parameters()).device
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    max_len = longest + params.max_new_tokens
+    tokens = torch.zeros(b, longest, dtype=torch.long, device=device)
+    pad = torch.zeros(b, max_len, dtype=torch.bool, device=device)
+    for r, p in enumerate(prompts):
+        tokens[r, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        pad[r, :longest - len(p)] = True
+    steps = _CachedSteps(gpt, b, max_len, pad) if use_cache else _RecomputeSteps(gpt, pad)
+    chooser = _Chooser(params, seed, indices, vocab)
+    stop = set(params.stop_ids)
+    outputs: list[list[int]] = [[] for _ in range(b)]
+    logprobs: list[list[float]] = [[] for _ in range(b)]
+    reasons = ["length"] * b
+    active = list(range(b))  # batch rows still decoding, in cache order
+    logits = steps.prefill(tokens)
+    for step in range(params.max_new_tokens):
+        ids, lps = chooser.choose(logits[:, :vocab], active)
+        still = []
+        for k, (r, i, lp) in enumerate(zip(active, ids.tolist(), lps.tolist())):
+            outputs[r].append(i)
+            logprobs[r].append(lp)
+            if i in stop:
+                reasons[r] = "stop"
+            else:
+                still.append(k)
+        if not still or step == params.max_new_tokens - 1:
+            break
+        last = ids.to(device)
+        if len(active) - len(still) >= COMPACT_SHARE * len(active):
+            rows = torch.tensor(still, dtype=torch.long, device=device)
+            steps.keep(rows)
+            last = last.index_select(0, rows)
+            active = [active[k] for k in still]
+        logits = steps.decode(last)
+    return [Generation(prompt_ids=list(p), output_ids=o, logprobs=lp, finish_reason=f)
+            for p, o, lp, f in zip(prompts, outputs, logprobs, reasons)]
+
+
+# ------------------------------------------------------------------------------ sampling
+def _row_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence((seed & (2**63 - 1), index)).generate_state(1, np.uint64)[0]
+               & (2**63 - 1))
+
+
+def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) on [rows, vocab] scores: removed entries become -inf.
+    The semantics of transformers' TopKLogitsWarper / TopPLogitsWarper (ties at the k-th
+    value kept; the smallest set whose probability reaches top_p, at least one token)."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, idx = torch.sort(scores, dim=-1, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False
+        scores = scores.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    return scores
+
+
+class _Chooser:
+    """Chooses each row's next token on global rank 0 and broadcasts it (ids, log-probs)."""
+
+    def __init__(self, params: SamplingParams, seed: int, indices, vocab: int):
+        self.params = params
+        self.rank, self.world = _world()
+        self.generators = {}
+        if not params.greedy and self.rank == 0:
+            self.generators = {r: torch.Generator().manual_seed(_row_seed(seed, i))
+                               for r, i in enumerate(indices)}
+
+    def choose(self, logits: torch.Tensor, rows: list[int]):
+        if self.rank == 0:
+            ids, lps = self._choose(logits, rows)
+        else:
+            ids = lps = None
+        if self.world > 1:
+            ids, lps = self._broadcast(ids, lps, len(rows))
+        return ids, lps
+
+    def _choose(self, logits: torch.Tensor, rows: list[int]):
+        p = self.params
+        if p.greedy:
+            ids = logits.argmax(dim=-1)
+            lps = torch.log_softmax(logits, dim=-1)
+        else:
+            scaled = logits / p.temperature
+            lps = torch.log_softmax(scaled, dim=-1)
+            probs = filter_logits(scaled, p.top_k, p.top_p).softmax(dim=-1, dtype=torch.float64)
+            u = torch.stack([torch.rand((), generator=self.generators[r], dtype=torch.float64)
+                             for r in rows]).to(probs.device)
+            cdf = probs.cumsum(dim=-1)
+            ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+            # u * total rounds to total only for u within 2^-53 of 1: the last kept token.
+            last_kept = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1)
+            ids = torch.minimum(ids, last_kept)
+        return ids, lps.gather(-1, ids[:, None]).squeeze(-1)
+
+    def _broadcast(self, ids, lps, n: int):
+        import torch.distributed as dist
+
+        buf = torch.empty(2, n, dtype=torch.float64, device=_comm_device())
+        if self.rank == 0:
+            buf[0] = ids.to(buf.device, torch.float64)
+            buf[1] = lps.to(buf.device, torch.float64)
+        dist.broadcast(buf, src=0)
+        return buf[0].to(torch.long), buf[1].to(torch.float32)
