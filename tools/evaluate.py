@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -34,8 +33,8 @@ if REPO not in sys.path:
 
 from megatron_ext.cli import UsageError, atomic_directory, fail, quiet_imports  # noqa: E402
 from megatron_ext.errors import MarcoError  # noqa: E402
-
-LOCAL_DATASETS = {"json", "csv", "parquet", "text", "arrow"}
+from megatron_ext.evaluation import harness  # noqa: E402
+from megatron_ext.evaluation.harness import Plan  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,110 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------------------ planning
-@dataclass
-class Plan:
-    tasks: list[str]
-    entries: dict = field(default_factory=dict)        # task -> SuiteTask
-    include_paths: list[str] = field(default_factory=list)
-    local: bool = False
-    suite: str | None = None
-
-
-class _Tolerant(__import__("yaml").SafeLoader):
-    """Reads lm-eval YAMLs (which use !function tags) for their plain fields."""
-
-
-_Tolerant.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
-def scan_task_files(paths: list[str]) -> dict:
-    """task name -> (file, merged config) for every task YAML under the include paths."""
-    import yaml
-
-    found = {}
-    for root in paths:
-        for dirpath, _, names in os.walk(root):
-            for name in sorted(n for n in names if n.endswith((".yaml", ".yml"))):
-                path = os.path.join(dirpath, name)
-                try:
-                    data = _load_with_includes(path, yaml)
-                except (yaml.YAMLError, OSError) as e:
-                    raise UsageError(f"--include-path {path}: not valid YAML "
-                                     f"({str(e).splitlines()[0]})") from None
-                if isinstance(data, dict) and isinstance(data.get("task"), str):
-                    found[data["task"]] = (path, data)
-                elif isinstance(data, dict) and isinstance(data.get("group"), str):
-                    found[data["group"]] = (path, data)
-    return found
-
-
-def _load_with_includes(path: str, yaml, depth: int = 0) -> dict:
-    with open(path, encoding="utf-8") as f:
-        data = yaml.load(f, Loader=_Tolerant) or {}
-    if isinstance(data, dict) and isinstance(data.get("include"), str) and depth < 4:
-        base = os.path.join(os.path.dirname(path), data["include"])
-        if os.path.isfile(base):
-            data = {**_load_with_includes(base, yaml, depth + 1), **data}
-    return data
-
-
-def check_task_file(task: str, path: str, config: dict) -> None:
-    """A task YAML must name its data, prompt and answer (one line naming the missing field)."""
-    if "group" in config and "task" not in config:
-        return
-    kind = config.get("output_type", "generate_until")
-    needed = ["doc_to_target"] + {"multiple_choice": ["doc_to_text", "doc_to_choice"],
-                                  "loglikelihood": ["doc_to_text"], "generate_until": ["doc_to_text"],
-                                  }.get(kind, [])
-    if not (config.get("dataset_path") or config.get("custom_dataset")):
-        needed.insert(0, "dataset_path")
-    else:
-        needed = [k for k in needed if k not in config]
-    missing = [k for k in needed if k not in config]
-    if missing:
-        raise UsageError(f"--include-path {path}: task '{task}' has no '{missing[0]}' (a {kind} task "
-                         f"needs dataset_path, {', '.join(n for n in needed if n != 'dataset_path')})")
-
-
-def _is_local(config: dict) -> bool:
-    path = config.get("dataset_path")
-    return path in LOCAL_DATASETS or (isinstance(path, str) and os.path.exists(path))
-
-
-def plan_run(args) -> Plan:
-    from megatron_ext.evaluation import suites
-    from megatron_ext.evaluation import tasks as bundled
-
-    entries, names = {}, []
-    if args.suite:
-        suite = suites.load_suite(args.suite)
-        for entry in suite.tasks:
-            entries[entry.task] = entry
-            names.append(entry.task)
-    for name in (t.strip() for t in args.tasks.split(",")):
-        if name and name not in names:
-            names.append(name)
-    if not names:
-        raise UsageError("no tasks: give --tasks T1,T2 and/or --suite NAME")
-    include = []
-    for path in args.include_path:
-        if not os.path.isdir(path):
-            raise UsageError(f"--include-path {path}: no such directory")
-        include.append(os.path.abspath(path))
-    if any(bundled.is_bundled(n) for n in names):
-        include.append(bundled.ensure_bundled_tasks(args.task_cache))
-    if os.path.isdir(suites.TASK_DIR):
-        include.append(suites.TASK_DIR)
-    files = scan_task_files(include)
-    for name in names:
-        if name in files:
-            check_task_file(name, *files[name])
-    local = all(n in files and (_is_local(files[n][1]) or "group" in files[n][1]) for n in names)
-    return Plan(tasks=names, entries=entries, include_paths=include, local=local,
-                suite=os.path.abspath(suites.suite_path(args.suite)) if args.suite else None)
-
-
 def check_source(args) -> None:
     if args.load and not os.path.isdir(args.load):
         raise UsageError(f"--load {args.load}: no such checkpoint directory")
@@ -184,25 +79,6 @@ def check_source(args) -> None:
         raise UsageError(f"--out {args.out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise UsageError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
-
-
-def task_manager(plan: Plan):
-    """lm-eval's TaskManager; without its ~15k built-in tasks when every task is local (fast)."""
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=plan.include_paths or None, include_defaults=not plan.local)
-    known = set(tm.all_tasks)
-    unknown = [t for t in plan.tasks if t not in known]
-    if unknown and plan.local:  # cannot happen (local tasks were found on disk), but be exact
-        tm = TaskManager(include_path=plan.include_paths or None)
-        known = set(tm.all_tasks)
-        unknown = [t for t in plan.tasks if t not in known]
-    if unknown:
-        import lm_eval
-
-        raise UsageError(f"unknown task '{unknown[0]}': not in lm-eval {lm_eval.__version__}'s registry "
-                         "nor in an --include-path folder (list them with `lm-eval ls tasks`)")
-    return tm
 
 
 # ------------------------------------------------------------------------------ running
@@ -294,11 +170,9 @@ def main(argv=None) -> int:
     lm = None
     try:
         check_source(args)
-        plan = plan_run(args)
-        if plan.local:  # before `datasets` is imported: it reads these at import
-            os.environ["HF_DATASETS_OFFLINE"] = "1"
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        tm = task_manager(plan)
+        plan = harness.plan_tasks(args.tasks, args.suite, args.include_path, args.task_cache)
+        harness.set_offline(plan)
+        tm = harness.task_manager(plan)
         lm = build_model(args)
         results = evaluate(args, plan, lm, tm)
         settings = settings_record(args, plan, lm, results)

@@ -62,7 +62,8 @@ def rows(results: dict, entries: dict) -> list[dict]:
         entry = entries.get(task)
         config = configs.get(task, {})
         meta = config.get("metadata") or {}
-        metric, value, stderr = headline(task_results, entry.metric if entry else None)
+        preferred = (entry.metric if entry else None) or meta.get("metric")
+        metric, value, stderr = headline(task_results, preferred)
         if metric is None:
             continue
         out.append({

@@ -5,7 +5,8 @@ Two task families, one task per language plus a group that averages them (weight
   marco_continuation_<lang>   multiple choice: a paragraph of a held-out manual page cut at a
                               word boundary (a character count for zh/ja); pick its true
                               continuation among four (the three others are continuations of
-                              other held-out paragraphs of the same language). Metrics acc and
+                              other held-out paragraphs of the same language). Paragraphs that
+                              occur verbatim in any training split are skipped. Metrics acc and
                               acc_norm; chance is 0.25.
   marco_manqa_<lang>          generation: "Question: <the SFT sample's held-out question, in
                               the page's language, e.g. 'What does the command X do?'>\\nAnswer:"
@@ -38,7 +39,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORPUS = os.path.join(REPO, "data", "corpus")
 SFT_VALID = os.path.join(REPO, "data", "sft", "valid.jsonl.gz")
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 PREFIXES = ("marco_continuation", "marco_manqa")
 NO_SPACES = {"zh", "ja"}
 PER_LANGUAGE = 24          # at most this many multiple-choice examples per language
@@ -80,11 +81,24 @@ def _split_paragraph(p: str, lang: str) -> Optional[tuple[str, str]]:
     return (p[:cut], continuation) if len(continuation.split()) >= 4 else None
 
 
+def training_paragraphs(corpus: str = CORPUS) -> set[str]:
+    """Every paragraph of every language's training split (translated pages keep untranslated
+    English paragraphs, so a held-out page can repeat a training page word for word)."""
+    seen = set()
+    for path in sorted(glob.glob(os.path.join(corpus, "*.train.jsonl.gz"))):
+        for doc in read_corpus(path):
+            seen.update(p.strip() for p in doc["text"].split("\n"))
+    return seen
+
+
 def continuation_examples(lang: str, corpus: str = CORPUS, per_language: int = PER_LANGUAGE,
-                          seed: int = 0) -> list[dict]:
+                          seed: int = 0, exclude: frozenset | set = frozenset()) -> list[dict]:
+    """Paragraphs of held-out pages not found verbatim in `exclude` (the training paragraphs)."""
     pairs = []
     for doc in read_corpus(os.path.join(corpus, f"{lang}.valid.jsonl.gz")):
         for p in doc["text"].split("\n"):
+            if p.strip() in exclude:
+                continue
             split = _split_paragraph(p.strip(), lang)
             if split:
                 pairs.append((_stable(p), split, doc["source"]))
@@ -149,7 +163,7 @@ def continuation_task(name: str, data: str, lang: str) -> dict:
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": float(RECIPE_VERSION), "language": lang, "group": "bundled",
-                         "chance": 0.25}}
+                         "metric": "acc", "chance": 0.25}}
 
 
 def manqa_task(name: str, data: str, lang: str) -> dict:
@@ -161,7 +175,8 @@ def manqa_task(name: str, data: str, lang: str) -> dict:
                 {"metric": "chrf", "aggregation": "chrf", "higher_is_better": True},
                 {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                  "ignore_case": True, "regexes_to_ignore": ["^\\s+", "\\s+$"]}],
-            "metadata": {"version": float(RECIPE_VERSION), "language": lang, "group": "bundled"}}
+            "metadata": {"version": float(RECIPE_VERSION), "language": lang, "group": "bundled",
+                         "metric": "chrf"}}
 
 
 def group_file(group: str, tasks: list[str], metrics: list[str]) -> dict:
@@ -188,9 +203,11 @@ def write_bundled_tasks(out: str, corpus: str = CORPUS, per_language: int = PER_
     os.makedirs(out, exist_ok=True)
     counts: dict[str, int] = {}
     groups: dict[str, list[str]] = {p: [] for p in PREFIXES}
+    seen = training_paragraphs(corpus)
     for lang in languages(corpus):
         for prefix, rows, make in (
-                ("marco_continuation", continuation_examples(lang, corpus, per_language), continuation_task),
+                ("marco_continuation", continuation_examples(lang, corpus, per_language, exclude=seen),
+                 continuation_task),
                 ("marco_manqa", manqa_examples(lang, corpus), manqa_task)):
             if not rows:
                 continue
