@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Tokenize chat data (JSON lines {"messages": [{"role", "content"}, ...]}) for SFT.
+
+Each conversation is rendered with Qwen3's ChatML template and written as one document of two
+parallel Megatron indexed datasets, PREFIX_tokens_document (token ids) and
+PREFIX_loss_mask_document (1 on assistant content and its <|im_end|>, else 0), plus
+PREFIX_chat.json (counts and the tokenizer's identity). Train with `posttrain_marco.py sft
+--data-path PREFIX` (same tokenizer). Byte-identical output for any --workers.
+
+Errors and skips: a line that is not JSON, a message without role or content, an unknown role
+or a conversation without an assistant turn stops the tool with "error: FILE:LINE: ..." (exit
+2, nothing written); a conversation longer than --max-length tokens is skipped and counted
+(listed at the end).
+
+    python tools/preprocess_chat_data.py --input chats.jsonl.gz --output-prefix /data/sft/chats \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/Qwen3-0.6B \\
+        --workers 8 --max-length 8192
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", nargs="+", required=True,
+                   help="chat JSON-lines file(s) (.jsonl or .jsonl.gz), read in order")
+    g.add_argument("--max-length", type=int, default=8192,
+                   help="skip (and count) conversations longer than this many tokens; a "
+                        "conversation of N tokens fits --seq-length N (default 8192)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model file or local Hugging Face tokenizer directory "
+                        "(default: data/tokenizer/marco_tiny_spm.model); needs <|im_start|> and "
+                        "<|im_end|> as single tokens")
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from megatron_ext.errors import MarcoError, report
+    from megatron_ext.posttrain.sft_data import INFO, LOSS_MASK, TOKENS, preprocess_chat
+
+    try:
+        stats = preprocess_chat(args.input, args.output_prefix, tokenizer_type=args.tokenizer_type,
+                                tokenizer_model=args.tokenizer_model, max_length=args.max_length,
+                                workers=args.workers, progress=not args.no_progress)
+    except MarcoError as e:
+        return report(e, rank=0)
+    for where in stats.skipped_long[:20]:
+        print(f"skipped {where}: longer than --max-length {args.max_length}", file=sys.stderr)
+    if len(stats.skipped_long) > 20:
+        print(f"skipped {len(stats.skipped_long) - 20} more conversation(s) longer than --max-length",
+              file=sys.stderr)
+    for suffix in (TOKENS, LOSS_MASK):
+        print(f"wrote {args.output_prefix}{suffix}.bin/.idx")
+    print(f"wrote {args.output_prefix}{INFO}")
+    print(stats.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
