@@ -89,12 +89,12 @@ def sft_args(*argv):
     return add_sft_data_args(argparse.ArgumentParser()).parse_args(list(argv))
 
 
-def build(env, *argv, gbs=4, seq=SEQ, iters=20, seed=3):
+def build(env, *argv, gbs=4, seq=SEQ, iters=20, seed=3, **kw):
     from megatron_ext.posttrain.sft_data import build_sft_data
 
     args = sft_args("--data-path", str(env["root"] / "w1"), *argv)
     return build_sft_data(args, env["megatron_tok"], global_batch_size=gbs, seq_length=seq,
-                          train_iters=iters, seed=seed)
+                          train_iters=iters, seed=seed, **kw)
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -212,6 +212,8 @@ def test_packed_batch_layout(env):
             a, b = segs[-1]
             assert (batch["tokens"][r, a:b] == pad).all() and not batch["loss_mask"][r, a - 1:].any()
     assert data.packing_stats(3)["conversations_per_row"] > 1.5
+    (lean,) = build(env, attention_mask=False).micro_batches(0, 0, 1, 4)  # TE's path: no dense mask
+    assert "attention_mask" not in lean and torch.equal(lean["cu_seqlens"], batch["cu_seqlens"])
 
 
 # ---------------------------------------------------------------- a real Megatron model

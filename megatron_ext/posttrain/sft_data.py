@@ -480,11 +480,12 @@ def block_causal_mask(bounds: list[int], seq_length: int) -> torch.Tensor:
     return ((seg[:, None] != seg[None, :]) | future).unsqueeze(0)
 
 
-def collate(rows: list[dict], seq_length: int, pack: bool) -> dict:
+def collate(rows: list[dict], seq_length: int, pack: bool, attention_mask: bool = True) -> dict:
     batch = {k: torch.from_numpy(np.stack([r[k] for r in rows]))
              for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    if pack:
+    if pack and attention_mask:
         batch["attention_mask"] = torch.stack([block_causal_mask(r["bounds"], seq_length) for r in rows])
+    if pack:
         cu = [0] + [i * seq_length + b for i, r in enumerate(rows) for b in r["bounds"][1:]]
         batch["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
     return batch
@@ -507,12 +508,14 @@ class SFTData:
     def __init__(self, sources: list[ChatSource], train_docs: list[np.ndarray], weights: list[float],
                  validation: dict[str, tuple[ChatSource, np.ndarray]], *, tokenizer: ChatTokenizer,
                  global_batch_size: int, seq_length: int, train_iters: int, seed: int,
-                 pack: bool = True, max_conversations: int = 0, skipped: Optional[dict] = None):
+                 pack: bool = True, max_conversations: int = 0, skipped: Optional[dict] = None,
+                 attention_mask: bool = True):
         self.sources, self.train_docs, self.weights = sources, train_docs, weights
         self.tokenizer = tokenizer
         self.global_batch_size, self.seq_length = global_batch_size, seq_length
         self.train_iters, self.seed, self.pack = train_iters, seed, pack
         self.max_conversations = max_conversations
+        self.attention_mask = attention_mask
         self.skipped = skipped or {}
         self.plan = _TrainPlan(sources, train_docs, weights, seed, seq_length, pack,
                                max_conversations, global_batch_size)
@@ -530,7 +533,8 @@ class SFTData:
     def micro_batches(self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> list[dict]:
         """This rank's micro-batches of global batch `step` (0-based)."""
         base = step * self.global_batch_size
-        return [collate([self._row(self.plan.row(base + r)) for r in rows], self.seq_length, self.pack)
+        return [collate([self._row(self.plan.row(base + r)) for r in rows], self.seq_length, self.pack,
+                        self.attention_mask)
                 for rows in rank_rows(self.global_batch_size, dp_rank, dp_size, micro_batch_size)]
 
     def batch_conversations(self, step: int) -> list[list[tuple[str, int]]]:
@@ -568,7 +572,7 @@ class SFTData:
             idx = [m * per + dp_rank * micro_batch_size + j for j in range(micro_batch_size)]
             out.append(collate([assemble([src.get(d) for d in rows[i]] if i < len(rows) else [],
                                          self.seq_length, self.tokenizer.pad_id, self.pack)
-                                for i in idx], self.seq_length, self.pack))
+                                for i in idx], self.seq_length, self.pack, self.attention_mask))
         return out
 
     # ------------------------------------------------------------ reporting
@@ -630,11 +634,13 @@ def _sample(opts: SFTDataOptions) -> dict:
 
 
 def build_sft_data(opts, tokenizer, *, global_batch_size: int, seq_length: int, train_iters: int,
-                   seed: int) -> SFTData:
+                   seed: int, attention_mask: bool = True) -> SFTData:
     """Check the SFT data flags and open the data (call on every rank).
 
     `opts`: SFTDataOptions or the parsed flags of add_sft_data_args; `tokenizer`: the trainer's
-    Megatron tokenizer (or a ChatTokenizer). Data: --data-path, else the bundled SFT sample."""
+    Megatron tokenizer (or a ChatTokenizer). Data: --data-path, else the bundled SFT sample.
+    `attention_mask=False`: packed batches carry `cu_seqlens` but no dense [b, 1, s, s] mask
+    (TE's PackedSeqParams path; the mask costs s * s bytes per row to build)."""
     from megatron_ext.data.args import parse_data_path, parse_split
 
     if not isinstance(opts, SFTDataOptions):
@@ -686,7 +692,8 @@ def build_sft_data(opts, tokenizer, *, global_batch_size: int, seq_length: int, 
     data = SFTData(sources, train_docs, weights, validation, tokenizer=tok,
                    global_batch_size=global_batch_size, seq_length=seq_length,
                    train_iters=train_iters, seed=seed, pack=opts.pack,
-                   max_conversations=opts.max_conversations, skipped=skipped)
+                   max_conversations=opts.max_conversations, skipped=skipped,
+                   attention_mask=attention_mask)
     return data
 
 
