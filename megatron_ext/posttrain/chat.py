@@ -119,6 +119,7 @@ class ChatTokenizer:
 
     def __init__(self, backend, name: str):
         self._b = backend
+        self._digest = None
         self.name = name
         self.vocab_size = backend.vocab_size
         ids = {}
@@ -180,6 +181,15 @@ class ChatTokenizer:
     def token_map(self) -> dict[str, int]:
         """piece -> id, special tokens included (to compare teacher and student vocabularies)."""
         return dict(self._b.map)
+
+    def vocab_digest(self) -> str:
+        """sha256 of the piece -> id map: the vocabulary, whatever file it was loaded from."""
+        if self._digest is None:
+            import hashlib
+
+            items = json.dumps(sorted(self.token_map().items()), ensure_ascii=False).encode()
+            self._digest = hashlib.sha256(items).hexdigest()
+        return self._digest
 
     def header_ids(self, role: str) -> tuple[int, ...]:
         """Ids of "{role}\\n" on its own (the role header after <|im_start|>)."""

@@ -299,9 +299,8 @@ def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentenceP
 
 def tokenizer_identity(tok: ChatTokenizer, tokenizer_type: str) -> dict:
     """What must match between preprocessing and training: the vocabulary and the chat ids."""
-    vocab = json.dumps(sorted(tok.token_map().items()), ensure_ascii=False).encode()
     return {"type": tokenizer_type, "model": tok.name, "vocab_size": tok.vocab_size,
-            "vocab_sha256": hashlib.sha256(vocab).hexdigest(), "im_start_id": tok.im_start_id,
+            "vocab_sha256": tok.vocab_digest(), "im_start_id": tok.im_start_id,
             "im_end_id": tok.im_end_id, "eos_id": tok.eos_id}
 
 
