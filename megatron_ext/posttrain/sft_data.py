@@ -617,6 +617,15 @@ def _split_docs(n: int, fractions: list[float]) -> tuple[np.ndarray, np.ndarray]
     return np.sort(perm[ends[0]:ends[1]]), np.sort(perm[ends[1]:ends[2]])
 
 
+def _fitting(src: ChatSource, docs: np.ndarray, seq_length: int, where: str) -> np.ndarray:
+    """The validation conversations of `docs` that fit one row (an empty set is an error)."""
+    fits = docs[src.lengths[docs] <= seq_length]
+    if not len(fits):
+        raise DataConfigError(f"{where} {src.prefix}: no validation conversation fits --seq-length "
+                              f"{seq_length}")
+    return fits
+
+
 def _sample(opts: SFTDataOptions) -> dict:
     """Prepare the bundled SFT sample once per node (local rank 0 first, then the others)."""
     import functools
@@ -679,13 +688,14 @@ def build_sft_data(opts, tokenizer, *, global_batch_size: int, seq_length: int, 
             if not len(valid):
                 raise DataConfigError(f"--split {opts.split}: {s.prefix} has {len(s)} conversations, "
                                       "none for validation (use --valid-data-path or another --split)")
-            validation[s.name] = (s, valid[s.lengths[valid] <= seq_length])
+            validation[s.name] = (s, _fitting(s, valid, seq_length, f"--split {opts.split}: validation of"))
     if opts.valid_data_path:
         validation_prefixes = parse_data_path(list(opts.valid_data_path), "--valid-data-path")[0]
     for p in validation_prefixes:
-        v = ChatSource(p, "--valid-data-path" if opts.valid_data_path else flag, tok)
-        docs = np.arange(len(v))
-        validation[v.name if v.name not in validation else v.prefix] = (v, docs[v.lengths <= seq_length])
+        where = "--valid-data-path" if opts.valid_data_path else flag
+        v = ChatSource(p, where, tok)
+        docs = _fitting(v, np.arange(len(v)), seq_length, where)
+        validation[v.name if v.name not in validation else v.prefix] = (v, docs)
     if weights is None:  # blended by size, as Megatron does for an unweighted list
         weights = [float(len(d)) for d in train_docs]
     data = SFTData(sources, train_docs, weights, validation, tokenizer=tok,
