@@ -5,53 +5,35 @@
     python pretrain_marco.py --preset nano --describe            # parameter / FLOP counts
     torchrun --nproc-per-node 8 pretrain_marco.py --preset mini --expert-model-parallel-size 8 ...
 
-See README.md for the flags; megatron_ext/trainer.py for the loop.
+One batch goes: arguments.py (flags -> frozen RunConfig) -> trainer.py (the loop) -> model.py /
+layer_spec.py (the Megatron model) -> checkpointing.py. See README.md for the flags.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import warnings
 
-
-def _quiet_known_warnings() -> None:
-    # Megatron-Core warns at import about optional CUDA extras (apex, TE, nvidia-resiliency);
-    # their absence is expected on CPU and documented in README.
-    for pattern in (".*[Aa]pex.*", ".*Transformer Engine.*", ".*transformer_engine.*",
-                    ".*nvidia_resiliency.*", ".*deprecated.*", ".*torch.distributed.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+from megatron_ext.cli import entry_point
 
 
 def main(argv=None) -> int:
-    _quiet_known_warnings()
     from megatron_ext import parallel
     from megatron_ext.arguments import parse_args
-    from megatron_ext.errors import MarcoError, report
 
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        args = parse_args(argv)
-        if args.describe:
-            from megatron_ext.flops import describe
-            from megatron_ext.parallel import ParallelLayout
+    cfg = parse_args(argv)
+    if cfg.describe:
+        from megatron_ext.flops import describe
 
-            parallel.init_distributed(ParallelLayout(), args.seed)
-            if rank == 0:
-                print(json.dumps(describe(args.model, args.seq_length)))
-            return 0
-        from megatron_ext.trainer import Trainer
-
-        Trainer(args).train()
+        parallel.init_distributed(parallel.ParallelLayout(), cfg.batch.seed)
+        if parallel.is_rank_zero():
+            print(json.dumps(describe(cfg.model, cfg.batch.seq_length)))
         return 0
-    except MarcoError as e:
-        return report(e, rank)
-    finally:
-        parallel.shutdown()
+    from megatron_ext.trainer import Trainer
+
+    Trainer(cfg).train()
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry_point(main))

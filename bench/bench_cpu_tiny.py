@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     _, ours_grouped = ours("torch-grouped")
     args, preset = trainer.args, trainer.preset
     batches = [trainer.data.micro_batches(s, 0, 1, opts.micro_batch_size)[0] for s in range(8)]
-    tokens_per_step = opts.micro_batch_size * args.seq_length
+    tokens_per_step = opts.micro_batch_size * args.batch.seq_length
 
     from transformers.integrations import moe as hf_moe
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     print("\n".join(environment_lines()))
     print(f"# tiny preset: {preset.num_layers} layers, hidden {preset.hidden_size}, "
           f"{preset.num_experts} experts x {preset.moe_ffn_hidden_size}, top-{preset.moe_router_topk}; "
-          f"batch {opts.micro_batch_size} x {args.seq_length} tokens, fp32, "
+          f"batch {opts.micro_batch_size} x {args.batch.seq_length} tokens, fp32, "
           f"{torch.get_num_threads()} threads; median of {opts.rounds} x {opts.steps_per_round} steps")
     print("| stack | step (ms) | steps/s | tokens/s | step rate vs ours (SequentialMLP) |")
     print("|---|---:|---:|---:|---:|")

@@ -55,6 +55,15 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What a load found: the saved run's state, and facts about this load (not saved again)."""
+
+    path: str  # the iteration directory read
+    state: TrainState
+    model_only: bool  # weights only: no optimizer state was loaded (upcycled/imported/--no-load-optim)
+
+
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -238,7 +247,7 @@ def load_checkpoint(
     optimizer=None,
     scheduler=None,
     load_rng: bool = True,
-) -> TrainState:
+) -> LoadedCheckpoint:
     """Load into the given model (and optimizer/scheduler when given and saved)."""
     ckpt = resolve_checkpoint_dir(path)
     try:
@@ -282,8 +291,7 @@ def load_checkpoint(
     if with_rng:
         _set_rng_state(loaded["rng_state"])
     state = TrainState(**loaded.get("train_state", {}))
-    state.extra["model_only"] = not with_optimizer  # about this load, not the saved run
-    return state
+    return LoadedCheckpoint(ckpt, state, model_only=not with_optimizer)
 
 
 def model_info(preset: ModelPreset, **extra: Any) -> dict:

@@ -93,8 +93,9 @@ class TorchGroupedMLP(GroupedMLP):
         w2 = self.weight2.view(self.num_local_experts, -1, hidden)
         if x.shape[0] == 0:
             # No token reached these experts: a zero-size product keeps every weight in the
-            # autograd graph so gradient buffers stay consistent across ranks.
-            h = self._glu(x @ self.weight1) * probs
+            # autograd graph so gradient buffers stay consistent across ranks. The routing
+            # probabilities are fp32: cast back before the second matmul (bf16 weights).
+            h = (self._glu(x @ self.weight1) * probs).to(x.dtype)
             return (h @ self.weight2).to(x.dtype), None
         offsets = torch.cumsum(
             torch.as_tensor(tokens_per_expert, device=x.device), dim=0, dtype=torch.int32

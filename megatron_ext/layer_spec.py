@@ -50,12 +50,30 @@ def te_usable() -> bool:
     return HAVE_TE and torch.cuda.is_available()
 
 
-def default_expert_backend() -> str:
+def default_expert_backend(params_dtype: torch.dtype = torch.bfloat16) -> str:
+    """`--moe-expert-backend auto`: TE's grouped GEMM where TE runs; else our torch._grouped_mm
+    module, which is the faster equivalent of SequentialMLP on CPU (1.24x, bench/RESULTS.md) and
+    on GPUs in bf16 (the CUDA kernel has no fp32 path, so fp32 on a GPU takes SequentialMLP)."""
     if te_usable():
         return "te"
-    if torch.cuda.is_available():
-        return "torch-grouped"
-    return "sequential"
+    if torch.cuda.is_available() and params_dtype != torch.bfloat16:
+        return "sequential"
+    return "torch-grouped"
+
+
+def torch_grouped_problem(hidden: int, expert_ffn: int, expert_tp: int,
+                          params_dtype: torch.dtype) -> str | None:
+    """Why `torch._grouped_mm` cannot run these expert shapes, or None. Its operands' rows must
+    be 16-byte aligned (e.g. expert-TP leaving 12 bf16 columns fails), and on a GPU it runs in
+    bf16 only."""
+    if torch.cuda.is_available() and params_dtype != torch.bfloat16:
+        return "torch._grouped_mm runs in bf16 only on GPUs (use --bf16, or sequential/te)"
+    itemsize = torch.empty((), dtype=params_dtype).element_size()
+    for what, cols in (("hidden size", hidden), ("expert FFN size / expert-TP", expert_ffn // expert_tp)):
+        if cols * itemsize % 16:
+            return (f"torch._grouped_mm needs 16-byte aligned rows, but the {what} is {cols} "
+                    f"({cols * itemsize} bytes in {str(params_dtype).replace('torch.', '')})")
+    return None
 
 
 class RMSNorm(torch.nn.Module):

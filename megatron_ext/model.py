@@ -5,7 +5,8 @@ GPTModel.
 `build_model` builds this rank's pipeline stage with the Marco layer spec. Every caller goes
 through here:
 
-  training                 `build_model` (the trainer, the parallel-layout tests)
+  training                 `build_stage` (the trainer, the parallel-layout tests): this
+                           rank's stage under the initialised parallel state
   loading a checkpoint     `load_model_from_checkpoint` (tools, generation, evaluation)
   shapes and counts only   `build_meta_model` (--describe, FLOPs, streaming conversion): the
                            full model on the meta device, always with the non-TE spec, since
@@ -14,7 +15,6 @@ through here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,31 +22,24 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.config import ModelOptions
 from megatron_ext.layer_spec import marco_block_spec
 from megatron_ext.parallel import ParallelLayout
 from megatron_ext.presets import ModelPreset
 
 
-@dataclass(frozen=True)
-class MoEOptions:
-    aux_loss_coeff: float = 1e-3
-    z_loss_coeff: float = 1e-3
-    token_dispatcher: str = "allgather"
-
-
 def marco_config(
     preset: ModelPreset,
     layout: ParallelLayout = ParallelLayout(),
+    options: ModelOptions = ModelOptions(),
     *,
-    params_dtype: torch.dtype = torch.float32,
-    moe: MoEOptions = MoEOptions(),
-    expert_backend: str = "sequential",
-    fp8_format: Optional[str] = None,
-    fp8_recipe: str = "delayed",
-    init_method_std: float = 0.02,
-    recompute_granularity: Optional[str] = None,
     perform_initialization: bool = True,
 ) -> TransformerConfig:
+    """The TransformerConfig of `preset` at `layout`, built as `options` say."""
+    moe = options.moe
+    expert_backend = options.expert_backend
+    params_dtype = options.params_dtype
+    recompute_granularity = options.recompute_granularity
     on_gpu = torch.cuda.is_available()
     moe_fields = {}
     if preset.is_moe:
@@ -85,7 +78,7 @@ def marco_config(
         add_qkv_bias=False,
         attention_dropout=0.0,
         hidden_dropout=0.0,
-        init_method_std=init_method_std,
+        init_method_std=options.init_method_std,
         # Parallelism.
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
@@ -96,8 +89,8 @@ def marco_config(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
-        fp8=fp8_format,
-        fp8_recipe=fp8_recipe,
+        fp8=options.fp8_format,
+        fp8_recipe=options.fp8_recipe,
         # Fused kernels need CUDA; on CPU the plain PyTorch paths run.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
@@ -164,14 +157,36 @@ def mark_expert_params(model: torch.nn.Module) -> None:
                 param.allreduce = False
 
 
+def build_stage(
+    preset: ModelPreset,
+    options: ModelOptions,
+    layout: Optional[ParallelLayout] = None,
+    seq_length: Optional[int] = None,
+) -> tuple[GPTModel, TransformerConfig]:
+    """This rank's pipeline stage of `preset` under Megatron's initialised parallel state
+    (`layout` defaults to that state's), and its TransformerConfig."""
+    from megatron.core import parallel_state
+
+    config = marco_config(preset, layout or ParallelLayout.current(), options)
+    model = build_model(
+        preset,
+        config,
+        options.expert_backend,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        seq_length=seq_length,
+    )
+    return model, config
+
+
 def build_meta_model(
     preset: ModelPreset, dtype: torch.dtype = torch.float32, expert_backend: str = "sequential"
 ) -> GPTModel:
     """The full model (TP = PP = EP = 1) on the meta device: names, shapes and dtypes, no
     memory. Built with the non-TE spec (TE modules allocate real buffers even on meta; the
     checkpoint keys are the same). Needs Megatron's parallel state (one rank is enough)."""
-    config = marco_config(preset, params_dtype=dtype, perform_initialization=False,
-                          expert_backend=expert_backend)
+    options = ModelOptions(params_dtype=dtype, expert_backend=expert_backend)
+    config = marco_config(preset, options=options, perform_initialization=False)
     config.use_cpu_initialization = True  # create parameters without a device: meta applies
     with torch.device("meta"):
         return build_model(preset, config, expert_backend, use_te=False)
@@ -183,19 +198,10 @@ def load_model_from_checkpoint(path: str, expert_backend: str = "sequential",
     layout) and load its weights. Megatron's parallel state must be initialised
     (`parallel.init_distributed`); the checkpoint may have been saved at any TP/PP/EP layout.
     Returns (model, preset)."""
-    from megatron.core import parallel_state
-
     from megatron_ext import checkpointing
 
     preset = checkpointing.preset_from_checkpoint(path)
-    config = marco_config(preset, ParallelLayout.current(), expert_backend=expert_backend,
-                          params_dtype=params_dtype)
-    model = build_model(
-        preset,
-        config,
-        expert_backend,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
+    options = ModelOptions(params_dtype=params_dtype, expert_backend=expert_backend)
+    model, _ = build_stage(preset, options)
     checkpointing.load_checkpoint(path, [model], load_rng=False)
     return model, preset

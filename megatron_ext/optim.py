@@ -1,8 +1,11 @@
-"""Megatron DDP wrapping, the Megatron optimizer and its LR/WD scheduler, from the flags."""
+"""Megatron DDP wrapping, the Megatron optimizer and its LR/WD scheduler, from OptimizerOptions.
+
+Resuming with schedule flags that differ from the checkpoint's is an error naming both values
+(Megatron-LM's behaviour), unless `--override-opt-param-scheduler` (take the flags) or
+`--use-checkpoint-opt-param-scheduler` (take the checkpoint) says which wins.
+"""
 
 from __future__ import annotations
-
-import argparse
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -10,13 +13,28 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.config import OptimizerOptions
+from megatron_ext.errors import ConfigError
 
-def wrap_ddp(model, config: TransformerConfig, args: argparse.Namespace) -> DistributedDataParallel:
+# Scheduler state key -> (flag, what it is); weight decay is constant here, so its increment
+# horizon is not compared.
+_SCHEDULE_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--lr-decay-iters",
+    "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay",
+    "end_wd": "--weight-decay",
+}
+
+
+def wrap_ddp(model, config: TransformerConfig, opts: OptimizerOptions) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
-        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=opts.overlap_grad_reduce,
+        overlap_param_gather=opts.overlap_param_gather,
+        use_distributed_optimizer=opts.use_distributed_optimizer,
         check_for_nan_in_grad=True,
         # Sum over data-parallel ranks then divide: the loss is a mean over global tokens.
         average_in_collective=False,
@@ -24,43 +42,68 @@ def wrap_ddp(model, config: TransformerConfig, args: argparse.Namespace) -> Dist
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(model_chunks: list, args: argparse.Namespace) -> MegatronOptimizer:
+def build_optimizer(model_chunks: list, opts: OptimizerOptions,
+                    params_dtype: torch.dtype) -> MegatronOptimizer:
     config = OptimizerConfig(
         optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.params_dtype == torch.bfloat16,
-        params_dtype=args.params_dtype,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_param_gather=args.overlap_param_gather,
+        lr=opts.lr,
+        min_lr=opts.min_lr,
+        weight_decay=opts.weight_decay,
+        adam_beta1=opts.adam_beta1,
+        adam_beta2=opts.adam_beta2,
+        adam_eps=opts.adam_eps,
+        clip_grad=opts.clip_grad,
+        bf16=params_dtype == torch.bfloat16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=opts.use_distributed_optimizer,
+        overlap_param_gather=opts.overlap_param_gather,
     )
     return get_megatron_optimizer(config, model_chunks)
 
 
-def build_scheduler(optimizer: MegatronOptimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
+class MarcoScheduler(OptimizerParamScheduler):
+    """Megatron's scheduler whose resume check names the flag and both values."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not (self.override_opt_param_scheduler or self.use_checkpoint_opt_param_scheduler):
+            mine = self.state_dict()
+            for key, flag in _SCHEDULE_FLAGS.items():
+                if key in state_dict and state_dict[key] != mine[key]:
+                    raise ConfigError(
+                        f"{flag} {mine[key]} differs from the checkpoint's {state_dict[key]} "
+                        f"({key}); pass --override-opt-param-scheduler to take the flags or "
+                        "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
+                    )
+            # Everything compared is equal; the rest (weight-decay horizon) follows the flags.
+            self.override_opt_param_scheduler = True
+            try:
+                super().load_state_dict(state_dict)
+            finally:
+                self.override_opt_param_scheduler = False
+            return
+        super().load_state_dict(state_dict)
+
+
+def build_scheduler(optimizer: MegatronOptimizer, opts: OptimizerOptions,
+                    train_iters: int) -> OptimizerParamScheduler:
     """Warmup, then cosine / linear / WSD decay to --min-lr, stepped once per iteration."""
     wsd_decay = None
-    if args.lr_decay_style == "WSD":
-        wsd_decay = args.lr_wsd_decay_iters or max(1, args.lr_decay_iters // 10)
-    return OptimizerParamScheduler(
+    if opts.lr_decay_style == "WSD":
+        wsd_decay = opts.lr_wsd_decay_iters or max(1, opts.lr_decay_iters // 10)
+    return MarcoScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        max_lr=opts.lr,
+        min_lr=opts.min_lr,
+        lr_warmup_steps=opts.lr_warmup_iters,
+        lr_decay_steps=opts.lr_decay_iters,
+        lr_decay_style=opts.lr_decay_style,
+        start_wd=opts.weight_decay,
+        end_wd=opts.weight_decay,
+        wd_incr_steps=train_iters,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        use_checkpoint_opt_param_scheduler=opts.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=opts.override_opt_param_scheduler,
         wsd_decay_steps=wsd_decay,
-        lr_wsd_decay_style=args.lr_wsd_decay_style,
+        lr_wsd_decay_style=opts.lr_wsd_decay_style,
     )

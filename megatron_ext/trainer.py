@@ -1,20 +1,25 @@
-"""The trainer: one loop over Megatron-Core's engine.
+"""The trainer: one loop over Megatron-Core's engine, for pre-training and post-training.
 
-setup:  validate layout -> process groups -> model stage -> DDP -> optimizer + scheduler
-        -> (resume) -> data
+setup:  process groups -> model stage -> DDP -> optimizer + scheduler -> (load) -> data
 step:   get_forward_backward_func (pipeline schedule) -> finalize grads -> optimizer step
         -> scheduler step -> metrics
 exit:   at --train-iters, --exit-interval, or SIGTERM/SIGUSR1 (finish the step, save, exit 0)
+
+The trainer takes a frozen `RunConfig` (config.py; every flag was checked at parse time) and a
+*task*: what the data is and how a micro-batch becomes a loss. Pre-training and SFT differ
+only in their data (SFT batches carry an attention mask for packed conversations and a loss
+mask over assistant tokens); on-policy distillation supplies its own task.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import logging
+import math
 import signal
 import time
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,41 +33,15 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from megatron_ext import checkpointing, data, parallel
+from megatron_ext.config import RunConfig
+from megatron_ext.errors import CheckpointError, TrainingError
 from megatron_ext.flops import H100_BF16_PEAK_TFLOPS, analytic_model_size, training_flops_per_token
 from megatron_ext.metrics import MetricsWriter, peak_memory_gib
-from megatron_ext.model import MoEOptions, build_model, marco_config
+from megatron_ext.model import build_stage
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
-from megatron_ext.parallel import ParallelLayout
 from megatron_ext.routing import RoutingRecorder
 
-
-def layout_from_args(args: argparse.Namespace) -> ParallelLayout:
-    return ParallelLayout(
-        tensor=args.tensor_model_parallel_size,
-        pipeline=args.pipeline_model_parallel_size,
-        expert=args.expert_model_parallel_size,
-        expert_tensor=args.expert_tensor_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-    )
-
-
-def config_from_args(args: argparse.Namespace):
-    return marco_config(
-        args.model,
-        layout_from_args(args),
-        params_dtype=args.params_dtype,
-        moe=MoEOptions(
-            aux_loss_coeff=args.moe_aux_loss_coeff,
-            z_loss_coeff=args.moe_z_loss_coeff,
-            token_dispatcher=args.moe_token_dispatcher_type,
-        ),
-        expert_backend=args.expert_backend,
-        fp8_format=args.fp8_format,
-        fp8_recipe=args.fp8_recipe,
-        init_method_std=args.init_method_std,
-        recompute_granularity=args.recompute_granularity,
-    )
-
+log = logging.getLogger(__name__)
 
 class StopSignal:
     """SIGTERM / SIGUSR1 (Slurm preemption, `scancel --signal`) request a save-and-exit."""
@@ -84,7 +63,9 @@ class StopSignal:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _to_device(batch: dict) -> dict:
@@ -103,9 +84,19 @@ def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
+    """One micro-batch: tokens -> per-token cross-entropy, masked by `loss_mask`. A batch may
+    carry a boolean `attention_mask` [b, 1, s, s] (True = masked; packed conversations)."""
     batch = _to_device(next(data_iterator))
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
     return output, partial(lm_loss_func, batch["loss_mask"])
+
+
+def build_pretraining_data(cfg: RunConfig, tokenizer):
+    """The default data of the trainer: pre-training stages (corpus, --data-path, curriculum)."""
+    return data.build_pretraining_data(
+        cfg.data, tokenizer, global_batch_size=cfg.batch.global_batch_size,
+        seq_length=cfg.batch.seq_length, train_iters=cfg.batch.train_iters, seed=cfg.batch.seed)
 
 
 def measure_cpu_peak_tflops() -> float:
@@ -120,84 +111,51 @@ def measure_cpu_peak_tflops() -> float:
 
 
 class Trainer:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.preset = args.model
+    """One training run. `build_data(cfg, tokenizer)` makes the data (pre-training stages by
+    default); `forward_step` is Megatron's forward-step function for the pipeline schedule."""
+
+    def __init__(self, cfg: RunConfig, *, build_data: Callable = build_pretraining_data,
+                 step_func: Callable = forward_step, kind: str = "pretrain"):
+        self.cfg = cfg
+        self.preset = cfg.model
+        self.kind = kind
+        self.forward_step = step_func
         self.stop_signal = StopSignal()  # first: a signal during setup still means "save and stop"
-        world = parallel.world_size_from_env()
-        self.dp_size = parallel.validate_layout(layout_from_args(args), self.preset, world)
-        if args.global_batch_size is None:
-            args.global_batch_size = args.micro_batch_size * self.dp_size
-        per_step = args.micro_batch_size * self.dp_size
-        if args.global_batch_size % per_step:
-            raise parallel.LayoutError(
-                f"--global-batch-size {args.global_batch_size} is not divisible by "
-                f"--micro-batch-size {args.micro_batch_size} x data-parallel size {self.dp_size}"
-            )
-        self.num_microbatches = args.global_batch_size // per_step
-        # Everything above is checked before any process group or model exists.
-        self.tokenizer = data.build_tokenizer_from_args(args)
+        self.dp_size = cfg.data_parallel_size
+        self.num_microbatches = cfg.num_microbatches
+        # Everything above was checked before any process group or model exists.
+        self.tokenizer = data.build_tokenizer_from_options(cfg.data)
         data.check_vocab(self.tokenizer, self.preset.vocab_size)
 
-        parallel.init_distributed(layout_from_args(args), args.seed, args.distributed_timeout_minutes)
+        parallel.init_distributed(cfg.layout, cfg.batch.seed, cfg.distributed_timeout_minutes)
         self.rank = dist.get_rank()
         self.is_logging_rank = self.rank == dist.get_world_size() - 1
         self.dp_rank = parallel_state.get_data_parallel_rank()
 
-        self.config = config_from_args(args)
-        model = build_model(
-            self.preset,
-            self.config,
-            args.expert_backend,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-            seq_length=args.seq_length,
-        )
+        model, self.config = build_stage(self.preset, cfg.model_options, cfg.layout,
+                                         seq_length=cfg.batch.seq_length)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
-        self.model = [wrap_ddp(model, self.config, args)]
-        self.optimizer = build_optimizer(self.model, args)
-        self.scheduler = build_scheduler(self.optimizer, args)
+        self.model = [wrap_ddp(model, self.config, cfg.optim)]
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.model_options.params_dtype)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.batch.train_iters)
         self._wire_grad_sync()
 
         self.state = checkpointing.TrainState()
-        if args.load:
-            self.state = checkpointing.load_checkpoint(
-                args.load,
-                self.model,
-                None if args.no_load_optim else self.optimizer,
-                None if args.no_load_optim else self.scheduler,
-                load_rng=not args.no_load_rng,
-            )
-            if self.state.extra.get("model_only"):
-                # Weights only (an upcycled or converted checkpoint, or --no-load-optim):
-                # a fresh optimizer and schedule start from this checkpoint's iteration. The
-                # optimizer was built before the load: in bf16 its fp32 main params are copies
-                # of the random init, and its first step would copy them back over the loaded
-                # weights. Refresh them from the model (Megatron-LM does the same).
-                self.optimizer.reload_model_params()
-                self.log(f"loaded model weights from {args.load} (iteration {self.state.iteration})")
-            else:
-                self.log(f"resumed from {args.load} at iteration {self.state.iteration}")
+        if cfg.checkpoint.load:
+            self._load(cfg.checkpoint)
 
-        self.data = data.build_pretraining_data(
-            args,
-            self.tokenizer,
-            global_batch_size=args.global_batch_size,
-            seq_length=args.seq_length,
-            train_iters=args.train_iters,
-            seed=args.seed,
-        )
+        self.data = build_data(cfg, self.tokenizer)  # logs its plan (megatron_ext.data)
 
         # The local model is a shard under TP/PP/EP: count the full model by formula.
         self.size = analytic_model_size(self.preset)
-        self.flops_per_token = training_flops_per_token(self.size, self.preset, args.seq_length)
-        self.peak_tflops = args.peak_tflops or (
+        self.flops_per_token = training_flops_per_token(self.size, self.preset, cfg.batch.seq_length)
+        self.peak_tflops = cfg.logging.peak_tflops or (
             H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else measure_cpu_peak_tflops()
         )
-        self.metrics = MetricsWriter(
-            self.is_logging_rank, args.tensorboard_dir, args.log_json, args.log_interval
-        )
+        lg = cfg.logging
+        self.metrics = MetricsWriter(self.is_logging_rank, lg.tensorboard_dir, lg.log_json,
+                                     lg.log_interval)
         self.routing = (
             RoutingRecorder(self.model, self.preset.num_layers, self.preset.num_experts)
             if self.preset.is_moe
@@ -205,36 +163,64 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ setup helpers
+    def _load(self, opts) -> None:
+        weights_only = opts.no_load_optim or opts.finetune
+        loaded = checkpointing.load_checkpoint(
+            opts.load,
+            self.model,
+            None if weights_only else self.optimizer,
+            None if weights_only else self.scheduler,
+            load_rng=not (opts.no_load_rng or opts.finetune),
+        )
+        self.state = loaded.state
+        if loaded.model_only:
+            # Weights only (an upcycled or converted checkpoint, --no-load-optim, --finetune):
+            # a fresh optimizer and schedule. The optimizer was built before the load: in bf16
+            # its fp32 main params are copies of the random init, and its first step would copy
+            # them back over the loaded weights. Refresh them from the model (as Megatron-LM).
+            self.optimizer.reload_model_params()
+            if opts.finetune:
+                self.state = checkpointing.TrainState()
+            self.log(f"loaded model weights from {loaded.path} (iteration {loaded.state.iteration}"
+                     f"; training starts at iteration {self.state.iteration})")
+        else:
+            self.log(f"resumed from {loaded.path} at iteration {self.state.iteration}")
+        train_iters = self.cfg.batch.train_iters
+        if self.state.iteration > train_iters:
+            raise CheckpointError(
+                f"--load {opts.load}: the checkpoint is at iteration {self.state.iteration}, "
+                f"past --train-iters {train_iters}; raise --train-iters to continue training")
+
     def _wire_grad_sync(self) -> None:
         cfg = self.config
         ddp = self.model[0]
         cfg.no_sync_func = ddp.no_sync
-        cfg.grad_sync_func = ddp.start_grad_sync if self.args.overlap_grad_reduce else None
+        cfg.grad_sync_func = ddp.start_grad_sync if self.cfg.optim.overlap_grad_reduce else None
         cfg.finalize_model_grads_func = finalize_model_grads
-        if self.args.overlap_param_gather and self.args.use_distributed_optimizer:
+        if self.cfg.optim.overlap_param_gather and self.cfg.optim.use_distributed_optimizer:
             cfg.param_sync_func = ddp.start_param_sync
 
     def log(self, message: str) -> None:
         if self.rank == 0:
-            print(message, flush=True)
+            log.info(message)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict:
         """Global batch number `step` (0-based). Returns the step's metrics."""
-        args = self.args
+        b = self.cfg.batch
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        batches = self.data.micro_batches(step, self.dp_rank, self.dp_size, args.micro_batch_size)
+        batches = self.data.micro_batches(step, self.dp_rank, self.dp_size, b.micro_batch_size)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         t0 = time.perf_counter()
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=self.forward_step,
             data_iterator=iter(batches),
             model=self.model,
             num_microbatches=self.num_microbatches,
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
+            seq_length=b.seq_length,
+            micro_batch_size=b.micro_batch_size,
             forward_only=False,
         )
         update_ok, grad_norm, _ = self.optimizer.step()
@@ -246,7 +232,7 @@ class Trainer:
         return self._step_metrics(step, losses, lr, grad_norm, elapsed)
 
     def _step_metrics(self, step: int, losses: list, lr: float, grad_norm, elapsed: float) -> dict:
-        args = self.args
+        b = self.cfg.batch
         lm = torch.zeros(2, device=_device())
         for report in losses:  # non-empty on the last pipeline stage only
             lm += report["lm loss"].to(lm.device)
@@ -255,7 +241,7 @@ class Trainer:
         dist.all_reduce(lm, group=parallel_state.get_pipeline_model_parallel_group())
         lm_loss = (lm[0] / lm[1].clamp(min=1)).item()
 
-        tokens = args.global_batch_size * args.seq_length
+        tokens = b.tokens_per_step
         tokens_per_sec = tokens / elapsed
         tflops = self.flops_per_token * tokens_per_sec / dist.get_world_size() / 1e12
         scalars = {
@@ -267,7 +253,7 @@ class Trainer:
             "mfu": tflops / self.peak_tflops,
             "peak_memory_gib": peak_memory_gib(),
             "step_time_sec": elapsed,
-            "consumed_samples": (step + 1) * args.global_batch_size,
+            "consumed_samples": (step + 1) * b.global_batch_size,
         }
         per_layer = {}
         if self.preset.is_moe:
@@ -307,25 +293,25 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict[str, float]:
         """Validation loss per validation set (per language when the data has languages)."""
-        args = self.args
+        b, eval_iters = self.cfg.batch, self.cfg.logging.eval_iters
         results = {}
         for chunk in self.model:
             chunk.eval()
         for name in self.data.validation_names():
             batches = self.data.validation_micro_batches(
-                name, args.eval_iters * self.num_microbatches, self.dp_rank, self.dp_size,
-                args.micro_batch_size,
+                name, eval_iters * self.num_microbatches, self.dp_rank, self.dp_size,
+                b.micro_batch_size,
             )
             lm = torch.zeros(2, device=_device())
             recording = self.routing.recording(name) if self.routing else contextlib.nullcontext()
             with torch.no_grad(), recording:
                 losses = get_forward_backward_func()(
-                    forward_step_func=forward_step,
+                    forward_step_func=self.forward_step,
                     data_iterator=iter(batches),
                     model=self.model,
                     num_microbatches=len(batches),
-                    seq_length=args.seq_length,
-                    micro_batch_size=args.micro_batch_size,
+                    seq_length=b.seq_length,
+                    micro_batch_size=b.micro_batch_size,
                     forward_only=True,
                 )
             for report in losses:
@@ -368,55 +354,89 @@ class Trainer:
         return scalars
 
     # ------------------------------------------------------------------ checkpoints
+    def _params_finite(self) -> bool:
+        """True on every rank iff every parameter of every rank is finite (collective)."""
+        bad = torch.zeros(1, device=_device())
+        for chunk in self.model:
+            for p in chunk.parameters():
+                if not torch.isfinite(p).all():
+                    bad.fill_(1.0)
+                    break
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
+
     def save(self) -> None:
-        if not self.args.save:
+        ck = self.cfg.checkpoint
+        if not ck.save:
             return
+        if not self._params_finite():
+            raise TrainingError(
+                f"iteration {self.state.iteration}: the model weights are not finite (NaN/inf); "
+                f"not saving to --save {ck.save} (its last checkpoint is kept)")
         path = checkpointing.save_checkpoint(
-            self.args.save,
+            ck.save,
             self.state,
             self.model,
             self.optimizer,
             self.scheduler,
             model_info=checkpointing.model_info(
-                self.preset, tokenizer=data.tokenizer_info(self.args)
+                self.preset,
+                tokenizer=data.tokenizer_info(self.cfg.data.tokenizer_type,
+                                              self.cfg.data.tokenizer_model),
+                run={"kind": self.kind},
             ),
-            optimizer_fully_reshardable=self.args.dist_ckpt_optim_fully_reshardable,
+            optimizer_fully_reshardable=ck.optim_fully_reshardable,
         )
         self.log(f"saved checkpoint {path}")
 
+    def _check_finite(self, step: int, scalars: dict) -> None:
+        """Megatron-LM's --check-for-nan-in-loss-and-grad: stop before anything is saved."""
+        for name in ("lm_loss", "grad_norm"):
+            value = scalars.get(name)
+            if value is not None and not math.isfinite(value):
+                raise TrainingError(
+                    f"step {step + 1}: {name.replace('_', ' ')} is {value}; stopping without "
+                    "saving (lower --lr, check the data, or resume from the last checkpoint)")
+
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[float]:
-        args = self.args
+        cfg, b, ck = self.cfg, self.cfg.batch, self.cfg.checkpoint
         losses = []
         start = self.state.iteration
+        layout = cfg.layout
         self.log(
             f"training {self.preset.name}: {self.size.total_params / 1e6:,.1f}M params "
             f"({self.size.active_params / 1e6:,.1f}M active), world {dist.get_world_size()} "
-            f"(TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
-            f"EP {args.expert_model_parallel_size} DP {self.dp_size}), global batch "
-            f"{args.global_batch_size} x {args.seq_length} tokens, steps {start} -> {args.train_iters}"
+            f"(TP {layout.tensor} PP {layout.pipeline} EP {layout.expert} DP {self.dp_size}), "
+            f"global batch {b.global_batch_size} x {b.seq_length} tokens, "
+            f"steps {start} -> {b.train_iters}"
         )
-        for step in range(start, args.train_iters):
+        if start == b.train_iters:
+            log.warning(f"nothing to train: the checkpoint is at iteration {start} = "
+                        f"--train-iters {b.train_iters}")
+        for step in range(start, b.train_iters):
             result = self.train_step(step)
+            self._check_finite(step, result["scalars"])
             self.state.iteration = step + 1
-            self.state.consumed_samples = (step + 1) * args.global_batch_size
+            self.state.consumed_samples = (step + 1) * b.global_batch_size
             losses.append(result["scalars"]["lm_loss"])
             self.metrics.log_step(step + 1, result["scalars"], result["per_layer"])
             it = self.state.iteration
-            if args.eval_interval and it % args.eval_interval == 0:
+            if cfg.logging.eval_interval and it % cfg.logging.eval_interval == 0:
                 self.metrics.log_scalars(it, self.evaluate(step))
             stop = self.stop_signal.agreed()
-            exit_now = bool(args.exit_interval and it % args.exit_interval == 0)
-            if stop or exit_now or (args.save_interval and it % args.save_interval == 0):
+            exit_now = bool(ck.exit_interval and it % ck.exit_interval == 0)
+            if stop or exit_now or (ck.save_interval and it % ck.save_interval == 0):
                 self.save()
             if stop:
-                self.log(f"signal {self.stop_signal.received or 'on another rank'}: saved at iteration {it}, exiting")
+                self.log(f"signal {self.stop_signal.received or 'on another rank'}: saved at "
+                         f"iteration {it}, exiting")
                 break
             if exit_now:
                 break
         else:
-            if args.save and not (args.save_interval and self.state.iteration % args.save_interval == 0):
+            if ck.save and start < b.train_iters and not (
+                    ck.save_interval and self.state.iteration % ck.save_interval == 0):
                 self.save()
         self.metrics.close()
         return losses
-

@@ -190,9 +190,9 @@ def _train(job: dict) -> dict:
 
     _reset_process_globals()
     t0 = time.perf_counter()
-    args = parse_args(job["args"])
-    trainer = Trainer(args)
-    m = args.model
+    cfg = parse_args(job["args"])
+    trainer = Trainer(cfg)
+    m = cfg.model
     probe = (_RoutingProbe(trainer.model, m.num_layers, m.num_experts, m.moe_router_topk)
              if m.is_moe else None)
     scalars = []  # every step's metrics, on every rank (the trainer's JSON log is one rank's)
@@ -227,7 +227,8 @@ def _train(job: dict) -> dict:
                 param.copy_(grad)
         checkpointing.save_checkpoint(
             job["grads_path"], checkpointing.TrainState(), trainer.model,
-            model_info=checkpointing.model_info(m, tokenizer=data.tokenizer_info(args)))
+            model_info=checkpointing.model_info(m, tokenizer=data.tokenizer_info(
+                cfg.data.tokenizer_type, cfg.data.tokenizer_model)))
     keys = ("grad_norm", "load_balancing_loss", "z_loss")
     return {"losses": losses, **{k: [s.get(k) for s in scalars] for k in keys},
             "routing": probe.steps if probe else None, "seconds": time.perf_counter() - t0}
@@ -238,17 +239,17 @@ def _run_init(job: dict) -> dict:
 
     from megatron_ext import checkpointing, data
     from megatron_ext.arguments import parse_args
-    from megatron_ext.model import build_model
+    from megatron_ext.model import build_stage
     from megatron_ext.parallel import init_distributed
-    from megatron_ext.trainer import config_from_args, layout_from_args
 
     _reset_process_globals()
-    args = parse_args(job["args"])
-    init_distributed(layout_from_args(args), args.seed)
+    cfg = parse_args(job["args"])
+    init_distributed(cfg.layout, cfg.batch.seed)
     assert dist.get_world_size() == 1, "the start checkpoint is written by one process"
-    model = build_model(args.model, config_from_args(args), args.expert_backend,
-                        seq_length=args.seq_length)
-    info = checkpointing.model_info(args.model, tokenizer=data.tokenizer_info(args))
+    model, _ = build_stage(cfg.model, cfg.model_options, cfg.layout,
+                           seq_length=cfg.batch.seq_length)
+    info = checkpointing.model_info(cfg.model, tokenizer=data.tokenizer_info(
+        cfg.data.tokenizer_type, cfg.data.tokenizer_model))
     checkpointing.save_checkpoint(job["path"], checkpointing.TrainState(), [model],
                                   model_info=info)
     return {"path": job["path"]}

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_ext.data import DataConfigError, add_data_args
+from megatron_ext.data import DataConfigError, DataOptions, add_data_args
 from megatron_ext.data.curriculum import load_curriculum, parse_tokens
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples" / "curriculum"
+EXAMPLES = REPO / "configs" / "curriculum"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def prefixes(tmp_path_factory, tok):
 
 
 def _args(*argv):
-    return add_data_args(argparse.ArgumentParser()).parse_args(list(argv))
+    """DataOptions of these flags, unchecked (the tests check them)."""
+    return DataOptions.from_args(add_data_args(argparse.ArgumentParser()).parse_args(list(argv)),
+                                 check=False)
 
 
 def _write(tmp_path, stages, sources=None, root=None, name="c.yaml") -> Path:
@@ -254,14 +256,14 @@ def test_conflicting_and_malformed_data_flags(prefixes, tok):
 
 
 def test_parse_time_checks_read_no_data(tmp_path):
-    from megatron_ext.data import check_data_args
+    from megatron_ext.data import check_data_options
 
-    check_data_args(_args("--curriculum", str(EXAMPLES / "tiny.yaml")))
-    check_data_args(_args("--data-path", "0.3", "/nonexistent/a", "0.7", "/nonexistent/b"))
+    check_data_options(_args("--curriculum", str(EXAMPLES / "tiny.yaml")))
+    check_data_options(_args("--data-path", "0.3", "/nonexistent/a", "0.7", "/nonexistent/b"))
     bad = _write(tmp_path, [{"name": "s1", "end": 100, "blend": {"a": 0}}])
-    assert _error(check_data_args, _args("--curriculum", str(bad))) == (
+    assert _error(check_data_options, _args("--curriculum", str(bad))) == (
         f"{bad}: stage 1 's1': all blend weights are zero")
-    assert _error(check_data_args, _args("--curriculum", str(tmp_path / "none.yaml"))).startswith(
+    assert _error(check_data_options, _args("--curriculum", str(tmp_path / "none.yaml"))).startswith(
         f"--curriculum {tmp_path / 'none.yaml'}: cannot read")
-    assert _error(check_data_args, _args("--curriculum", str(bad), "--data-path", "x")) == (
+    assert _error(check_data_options, _args("--curriculum", str(bad), "--data-path", "x")) == (
         "--curriculum: the file names the data; drop --data-path")

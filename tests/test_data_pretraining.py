@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext.data import add_data_args
+from megatron_ext.data import DataOptions, add_data_args
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "examples" / "curriculum" / "tiny.yaml"
+TINY = REPO / "configs" / "curriculum" / "tiny.yaml"
 GBS, SEQ, ITERS, SEED = 8, 128, 997, 1234  # 1024 tokens per step; tiny.yaml ends at step 997
 
 
 def _args(cache, *argv):
-    return add_data_args(argparse.ArgumentParser()).parse_args([*argv, "--data-cache-path", str(cache)])
+    return DataOptions.from_args(add_data_args(argparse.ArgumentParser()).parse_args(
+        [*argv, "--data-cache-path", str(cache)]))
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +164,8 @@ def test_resume_reads_the_same_samples(tiny, cache, tok):
     code = (
         "import argparse, hashlib, sys, warnings; warnings.filterwarnings('ignore')\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from megatron_ext.data import add_data_args, build_tokenizer, build_pretraining_data\n"
-        "args = add_data_args(argparse.ArgumentParser()).parse_args(\n"
-        f"    ['--curriculum', {str(TINY)!r}, '--data-cache-path', {str(cache)!r}])\n"
+        "from megatron_ext.data import DataOptions, build_tokenizer, build_pretraining_data\n"
+        f"args = DataOptions(curriculum={str(TINY)!r}, data_cache_path={str(cache)!r})\n"
         f"d = build_pretraining_data(args, build_tokenizer(), global_batch_size={GBS}, "
         f"seq_length={SEQ}, train_iters={ITERS}, seed={SEED})\n"
         "h = hashlib.sha256()\n"

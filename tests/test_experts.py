@@ -40,3 +40,24 @@ def test_grouped_experts_match_sequential(megatron_single_rank, fresh_moe_tracke
     w2_grad = grouped.decoder.layers[0].mlp.experts.weight2.grad.view(16, 128, 128)[3]
     seq_grad = sequential.decoder.layers[0].mlp.experts.local_experts[3].linear_fc2.weight.grad
     assert torch.allclose(w2_grad, seq_grad.t(), atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_experts_with_no_tokens_in_bf16(megatron_single_rank):
+    """An expert-parallel rank whose experts get no token (fp32 routing probabilities, bf16
+    weights): the zero-size branch keeps every weight in the graph and matches dtypes."""
+    from megatron_ext.config import ModelOptions
+    from megatron_ext.experts import TorchGroupedMLP
+    from megatron_ext.parallel import ParallelLayout
+
+    preset = override(get_preset("tiny"), num_layers=1)
+    config = marco_config(preset, ParallelLayout(), ModelOptions(params_dtype=torch.bfloat16,
+                                                                 expert_backend="torch-grouped"))
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    pgs = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["ep", "expt_tp", "expt_dp"])
+    experts = TorchGroupedMLP(4, config, pgs)
+    x = torch.zeros(0, preset.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    out, _ = experts(x, torch.zeros(4, dtype=torch.long), torch.zeros(0, dtype=torch.float32))
+    assert out.dtype == torch.bfloat16 and out.shape == (0, preset.hidden_size)
+    out.sum().backward()
+    assert experts.weight1.grad is not None and experts.weight2.grad is not None

@@ -122,8 +122,10 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path):
     iteration = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= iteration < 1000
     assert "exiting" in out
-    # Loadable: a new run resumes from it and continues at the next step.
+    # Loadable: a new run resumes from it and continues at the next step (same schedule: the
+    # 1000-step run's decay horizon and warmup, stopping earlier).
     resumed = run_pretrain(*TINY, "--train-iters", str(iteration + 1), "--load", str(ckpt),
+                           "--lr-decay-iters", "1000", "--lr-warmup-iters", "100",
                            "--log-json", str(tmp_path / "resumed.jsonl"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in _train_records(tmp_path / "resumed.jsonl")] == [iteration + 1]
@@ -140,6 +142,7 @@ def test_kill_during_save_keeps_latest_on_the_previous_checkpoint(tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert not (ckpt / "iter_0000004").exists()
     resumed = run_pretrain(*TINY, "--train-iters", "3", "--load", str(ckpt),
+                           "--lr-decay-iters", "1000", "--lr-warmup-iters", "100",
                            "--log-json", str(tmp_path / "resumed.jsonl"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in _train_records(tmp_path / "resumed.jsonl")] == [3]

@@ -2,8 +2,9 @@
 
 The trainer calls (see docs/data.md):
     add_data_args(parser)                      # --data-path, --curriculum, --mock-data, ...
-    tok = build_tokenizer_from_args(args); check_vocab(tok, model_vocab_size)
-    data = build_pretraining_data(args, tok, global_batch_size=, seq_length=, train_iters=, seed=)
+    opts = DataOptions.from_args(namespace)    # frozen, checked; what the data layer takes
+    tok = build_tokenizer_from_options(opts); check_vocab(tok, model_vocab_size)
+    data = build_pretraining_data(opts, tok, global_batch_size=, seq_length=, train_iters=, seed=)
     data.micro_batches(step, dp_rank, dp_size, micro_batch_size)   # pure in (step, rank)
     data.stage_at(step); data.consumed_tokens_by_source(step)
     data.validation_names(); data.validation_micro_batches(name, n, dp_rank, dp_size, mbs)
@@ -12,11 +13,11 @@ Only the light parts are imported eagerly: importing Megatron-Core costs seconds
 """
 import importlib
 
-from megatron_ext.data.args import add_data_args, check_data_args
+from megatron_ext.data.args import DataOptions, add_data_args, check_data_options
 from megatron_ext.data.errors import DataConfigError
 
 _LAZY = {
-    "build_tokenizer": "tokenizer", "build_tokenizer_from_args": "tokenizer",
+    "build_tokenizer": "tokenizer", "build_tokenizer_from_options": "tokenizer",
     "check_vocab": "tokenizer", "tokenizer_info": "tokenizer",
     "DEFAULT_TOKENIZER_MODEL": "tokenizer",
     "load_curriculum": "curriculum", "Curriculum": "curriculum",
@@ -24,7 +25,7 @@ _LAZY = {
     "prepare_sample_corpus": "sample",
     "build_pretraining_data": "pretraining", "PretrainingData": "pretraining",
 }
-__all__ = ["add_data_args", "check_data_args", "DataConfigError", *_LAZY]
+__all__ = ["DataOptions", "add_data_args", "check_data_options", "DataConfigError", *_LAZY]
 
 
 def __getattr__(name):

@@ -1,12 +1,49 @@
-"""Data flags, named as in Megatron-LM. The trainer's parser owns batch sizes, --seq-length,
---train-iters, --seed and the evaluation flags."""
+"""Data flags, named as in Megatron-LM, and `DataOptions`, what they mean once checked.
+
+The trainer's parser owns batch sizes, --seq-length, --train-iters, --seed and the evaluation
+flags. `DataOptions.from_args` makes the frozen options the data layer takes (no module reads
+an argparse Namespace it did not parse).
+"""
 from __future__ import annotations
 
 import argparse
 import math
 import re
+from dataclasses import dataclass
+from typing import Optional
 
 from megatron_ext.data.errors import DataConfigError
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the training data comes from and how it is tokenised."""
+
+    data_path: Optional[tuple[str, ...]] = None
+    split: str = "98,2,0"
+    valid_data_path: Optional[tuple[str, ...]] = None
+    curriculum: Optional[str] = None
+    mock_data: bool = False
+    tokenizer_type: str = "SentencePieceTokenizer"
+    tokenizer_model: Optional[str] = None
+    data_cache_path: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, check: bool = True) -> "DataOptions":
+        """The options of the flags `add_data_args` defines (checked unless told not to)."""
+        opts = cls(
+            data_path=tuple(args.data_path) if args.data_path else None,
+            split=args.split,
+            valid_data_path=tuple(args.valid_data_path) if args.valid_data_path else None,
+            curriculum=args.curriculum,
+            mock_data=args.mock_data,
+            tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
+            data_cache_path=args.data_cache_path,
+        )
+        if check:
+            check_data_options(opts)
+        return opts
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -21,7 +58,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "valid part)")
     g.add_argument("--curriculum", default=None, metavar="FILE",
                    help="YAML curriculum: stages with token boundaries and blends "
-                        "(examples/curriculum/)")
+                        "(configs/curriculum/)")
     g.add_argument("--mock-data", action="store_true",
                    help="Megatron-Core's MockGPTDataset instead of real data")
     g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
@@ -35,7 +72,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def check_data_args(args: argparse.Namespace) -> None:
+def check_data_options(args: DataOptions) -> None:
     """Parse-time checks that read no data: flag conflicts, --data-path / --split syntax and
     the curriculum file. build_pretraining_data repeats them and checks the datasets."""
     if args.mock_data and (args.data_path or args.curriculum):
@@ -53,19 +90,24 @@ def check_data_args(args: argparse.Namespace) -> None:
         load_curriculum(args.curriculum)
 
 
-def parse_data_path(values: list[str], flag: str) -> tuple[list[str], list[float]]:
-    """Megatron style: 'prefix' or 'w1 prefix1 w2 prefix2 ...'."""
-    if len(values) == 1:
-        return [values[0]], [1.0]
-    if len(values) % 2:
-        raise DataConfigError(f"{flag}: expected one prefix or 'weight prefix' pairs, got "
-                              f"{len(values)} values")
+def parse_data_path(values, flag: str) -> tuple[list[str], Optional[list[float]]]:
+    """Megatron-LM's blend list: 'prefix1 prefix2 ...' (weights None: blended by dataset size)
+    or 'w1 prefix1 w2 prefix2 ...'."""
+    values = list(values)
+    pairs = len(values) % 2 == 0 and len(values) >= 2
+    if pairs:
+        parsed = [_weight(w) for w in values[::2]]
+        if all(w is None for w in parsed):
+            pairs = False
+        elif any(w is None for w in parsed):
+            bad = values[::2][parsed.index(None)]
+            raise DataConfigError(f"{flag}: '{bad}' is not a weight; give either prefixes only "
+                                  f"or 'w1 prefix1 w2 prefix2 ...'")
+    if not pairs:
+        return values, None
     prefixes, weights = [], []
     for w, p in zip(values[::2], values[1::2]):
-        try:
-            weight = float(w)
-        except ValueError:
-            raise DataConfigError(f"{flag}: '{w}' is not a weight (expected 'w1 prefix1 w2 prefix2 ...')")
+        weight = _weight(w)
         if not math.isfinite(weight) or weight < 0:
             raise DataConfigError(f"{flag}: weight {w} of {p} must be >= 0")
         if weight > 0:
@@ -74,6 +116,13 @@ def parse_data_path(values: list[str], flag: str) -> tuple[list[str], list[float
     if not prefixes:
         raise DataConfigError(f"{flag}: all weights are zero")
     return prefixes, weights
+
+
+def _weight(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def parse_split(split: str) -> list[float]:

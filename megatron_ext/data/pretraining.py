@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megatron_ext.data.args import check_data_args, parse_data_path, parse_split
+from megatron_ext.data.args import DataOptions, check_data_options, parse_data_path, parse_split
 from megatron_ext.data.curriculum import SAMPLE_ROOT, load_curriculum
 from megatron_ext.data.errors import DataConfigError
 from megatron_ext.data.indexed import check_indexed_dataset
@@ -211,7 +211,7 @@ class PretrainingData:
         lines = []
         for k, st in enumerate(self.stages):
             blend = ", ".join(f"{s} {w / sum(st.weights):.1%}" for s, w in zip(st.sources, st.weights))
-            lines.append(f"data stage {k} '{st.name}': steps {st.start_step}-{st.end_step - 1}: {blend}")
+            lines.append(f"data stage {k + 1} '{st.name}': steps {st.start_step}-{st.end_step - 1}: {blend}")
         if self.validation:
             lines.append(f"validation sets: {', '.join(self.validation)}")
         return lines
@@ -230,12 +230,12 @@ def _collate(samples: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------- planning
-def _check(prefix: str, where: str, tokenizer) -> int:
-    """Validate a prefix; returns its sequence count (the unit --split divides)."""
-    return check_indexed_dataset(prefix, where, tokenizer.vocab_size).num_sequences
+def _check(prefix: str, where: str, tokenizer):
+    """Validate a prefix; returns its IndexedInfo (sequences: the unit --split divides)."""
+    return check_indexed_dataset(prefix, where, tokenizer.vocab_size)
 
 
-def _sample_corpus(args, tokenizer) -> dict:
+def _sample_corpus(args: DataOptions, tokenizer) -> dict:
     """Prepare the bundled corpus once per node (local rank 0 first, then the others)."""
     from megatron_ext.data.sample import prepare_sample_corpus
 
@@ -250,18 +250,19 @@ def _sample_corpus(args, tokenizer) -> dict:
     return info if first else prepare()
 
 
-def build_pretraining_data(args, tokenizer, *, global_batch_size: int, seq_length: int,
-                           train_iters: int, seed: int) -> PretrainingData:
-    """Validate the data flags and build every stage that training will reach.
+def build_pretraining_data(args: DataOptions, tokenizer, *, global_batch_size: int,
+                           seq_length: int, train_iters: int, seed: int) -> PretrainingData:
+    """Validate the data options and build every stage that training will reach.
 
     Data source, in order: --mock-data, --curriculum FILE, --data-path, else the bundled sample
-    corpus (natural language mix, per-language validation sets). Call on every rank.
+    corpus (natural language mix, per-language validation sets). A --data-path without weights
+    (Megatron-LM's bare prefix list) blends by dataset size in tokens. Call on every rank.
     """
     from megatron_ext.data.sample import default_cache_root
 
     if global_batch_size < 1 or seq_length < 1 or train_iters < 1:
         raise DataConfigError("global batch size, sequence length and train iterations must be >= 1")
-    check_data_args(args)
+    check_data_options(args)
     cache_root = args.data_cache_path or str(default_cache_root())
     common = dict(tokenizer=tokenizer, global_batch_size=global_batch_size, seq_length=seq_length,
                   seed=seed, cache_path=os.path.join(cache_root, "indices"))
@@ -305,9 +306,11 @@ def build_pretraining_data(args, tokenizer, *, global_batch_size: int, seq_lengt
             names = _source_names(prefixes)
             fractions = parse_split(args.split)
             valid_split = args.split
-            validation = {}
+            validation, sizes = {}, []
             for name, p in zip(names, prefixes):
-                docs = _split_docs(_check(p, "--data-path", tokenizer), fractions)
+                info = _check(p, "--data-path", tokenizer)
+                sizes.append(float(info.num_tokens))
+                docs = _split_docs(info.num_sequences, fractions)
                 for i, split_name in enumerate(("train", "valid", "test")):
                     if fractions[i] > 0 and docs[i] == 0:
                         raise DataConfigError(
@@ -315,6 +318,7 @@ def build_pretraining_data(args, tokenizer, *, global_batch_size: int, seq_lengt
                             f"{split_name} split (use --valid-data-path or another --split)")
                 if fractions[1] > 0 and not args.valid_data_path:
                     validation[name] = ValidationPlan(p, args.split)
+            weights = weights or sizes  # bare prefixes: Megatron-LM blends by dataset size
         else:  # the bundled corpus
             info = _sample_corpus(args, tokenizer)
             names = sorted(info["train"])

@@ -43,8 +43,9 @@ def build_tokenizer(tokenizer_type: str = "SentencePieceTokenizer", tokenizer_mo
     return tok
 
 
-def build_tokenizer_from_args(args):
-    return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+def build_tokenizer_from_options(opts):
+    """The tokenizer that `DataOptions` (tokenizer_type, tokenizer_model) names."""
+    return build_tokenizer(opts.tokenizer_type, opts.tokenizer_model)
 
 
 def check_vocab(tokenizer, model_vocab_size: int) -> None:
@@ -55,13 +56,13 @@ def check_vocab(tokenizer, model_vocab_size: int) -> None:
             f"more than the model's vocabulary of {model_vocab_size}")
 
 
-def tokenizer_info(args) -> dict:
+def tokenizer_info(tokenizer_type: str, tokenizer_model=None) -> dict:
     """What a checkpoint records about its tokenizer (type, path, content hash)."""
-    path = Path(args.tokenizer_model) if args.tokenizer_model else DEFAULT_TOKENIZER_MODEL
+    path = Path(tokenizer_model) if tokenizer_model else DEFAULT_TOKENIZER_MODEL
     files = [path] if path.is_file() else sorted(
         f for f in path.glob("*") if f.suffix in (".json", ".model", ".txt") and f.is_file())
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.read_bytes())
-    return {"tokenizer_type": args.tokenizer_type, "tokenizer_model": str(path),
+    return {"tokenizer_type": tokenizer_type, "tokenizer_model": str(path),
             "sha256": digest.hexdigest() if files else None}

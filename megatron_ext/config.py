@@ -1,0 +1,132 @@
+"""The run configuration: what the flags mean once checked, frozen, and passed explicitly.
+
+`arguments.check_args` turns the parsed flags into one `RunConfig`; nothing downstream reads
+an argparse Namespace. Each component takes the part it needs:
+
+  RunConfig
+    model: ModelPreset            presets.py (the architecture, after --num-layers etc.)
+    layout: ParallelLayout        parallel.py (TP / PP / EP / expert-TP / SP)
+    model_options: ModelOptions   model.py (precision, expert backend, MoE router options)
+    batch: BatchOptions           trainer.py (micro/global batch, sequence, iterations)
+    optim: OptimizerOptions       optim.py (Adam, clipping, LR schedule, DDP overlap)
+    checkpoint: CheckpointOptions checkpointing.py / trainer.py (--save, --load, ...)
+    data: DataOptions             data/ (sources, tokenizer, cache)
+    logging: LoggingOptions       metrics.py / trainer.py (log line, TensorBoard, evaluation)
+
+Every default that depends on context (bf16 on GPU, the distributed optimizer on GPU, the token
+dispatcher for EP > 1, expert-TP = TP, the global batch = micro-batch x DP) is resolved in
+`check_args`, so a `RunConfig` holds only final values and can be printed or compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron_ext.data.args import DataOptions
+from megatron_ext.parallel import ParallelLayout
+from megatron_ext.presets import ModelPreset
+
+
+@dataclass(frozen=True)
+class MoEOptions:
+    """Router and dispatcher settings (Megatron-LM flag meanings)."""
+
+    aux_loss_coeff: float = 1e-3
+    z_loss_coeff: float = 1e-3
+    token_dispatcher: str = "allgather"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the preset's architecture is built: precision, kernels, initialisation."""
+
+    params_dtype: torch.dtype = torch.float32
+    expert_backend: str = "sequential"
+    moe: MoEOptions = MoEOptions()
+    fp8_format: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    init_method_std: float = 0.02
+    recompute_granularity: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    micro_batch_size: int = 4
+    global_batch_size: int = 4
+    seq_length: int = 256
+    train_iters: int = 100
+    seed: int = 1234
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int = 100
+    lr_wsd_decay_style: str = "linear"
+    lr_wsd_decay_iters: Optional[int] = None
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    load: Optional[str] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = False  # weights only, iteration 0, fresh optimizer/schedule/RNG
+    optim_fully_reshardable: bool = False
+    exit_interval: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class LoggingOptions:
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+    log_json: Optional[str] = None
+    eval_interval: int = 0
+    eval_iters: int = 2
+    peak_tflops: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelPreset
+    layout: ParallelLayout = ParallelLayout()
+    model_options: ModelOptions = ModelOptions()
+    batch: BatchOptions = BatchOptions()
+    optim: OptimizerOptions = OptimizerOptions()
+    checkpoint: CheckpointOptions = CheckpointOptions()
+    data: DataOptions = field(default_factory=DataOptions)
+    logging: LoggingOptions = LoggingOptions()
+    data_parallel_size: int = 1
+    distributed_timeout_minutes: int = 30
+    describe: bool = False
+
+    @property
+    def num_microbatches(self) -> int:
+        b = self.batch
+        return b.global_batch_size // (b.micro_batch_size * self.data_parallel_size)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,34 @@
+"""One rank-aware logging set-up, made at start by every entry point and tool.
+
+Library modules log through `logging.getLogger(__name__)` (the `megatron_ext.*` tree) and never
+print. `setup_logging` sends that tree to stdout as plain lines: INFO and up on the logging
+rank (rank 0 unless told otherwise), warnings and errors only on the others, so a 64-rank job
+prints each message once. Megatron-Core's own loggers are held at WARNING (their INFO lines
+describe internals: dataset index building, rerun state machine, scheduler overrides).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_HANDLER_TAG = "_marco_handler"
+
+
+def setup_logging(rank: int | None = None, logging_rank: int = 0, verbose: bool = False) -> None:
+    """Idempotent; call again after the rank is known (e.g. once torch.distributed is up)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    ours = logging.getLogger("megatron_ext")
+    level = logging.DEBUG if verbose else logging.INFO
+    ours.setLevel(level if rank == logging_rank else logging.WARNING)
+    if not any(getattr(h, _HANDLER_TAG, False) for h in ours.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        setattr(handler, _HANDLER_TAG, True)
+        ours.addHandler(handler)
+    ours.propagate = False
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    # Printed as a warning at every start although it only says the (default) mode.
+    logging.getLogger("megatron.core.rerun_state_machine").setLevel(logging.ERROR)
