@@ -126,9 +126,10 @@ def checkpoint_step(ckpt_dir: str) -> Optional[int]:
 
 @register_model("marco")
 class MarcoLM(TemplateLM):
-    """lm-eval model over a Megatron checkpoint: `lm_eval --model marco --model_args
-    load=CKPT[,dtype=bf16,batch_size=16,tokenizer_model=PATH,max_length=N]` or, from Python,
-    `MarcoLM(load=...)` / `MarcoLM.from_model(model, tokenizer, max_length)`."""
+    """lm-eval model over a Megatron checkpoint: once this module is imported,
+    `simple_evaluate(model="marco", model_args="load=CKPT[,dtype=bf16,batch_size=16,
+    tokenizer_model=PATH,max_length=N]")`; or `MarcoLM(load=...)`, or
+    `MarcoLM.from_model(model, tokenizer, max_length)` around a model already built."""
 
     def __init__(self, load: Optional[str] = None, dtype: str = "fp32", batch_size: int | str = 8,
                  max_length: Optional[int] = None, tokenizer_type: Optional[str] = None,
