@@ -64,7 +64,7 @@ def write_dense(directory: str, layers: int, seed: int = 0) -> int:
     g = torch.Generator().manual_seed(seed)
     with open(os.path.join(directory, "model.safetensors"), "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, shape in specs:
+        for _, shape in specs:
             t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
             f.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     config = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_hidden_layers=layers,

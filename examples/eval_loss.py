@@ -16,9 +16,10 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from megatron_ext.cli import run_tool  # noqa: E402
 
 
 def windows(prefixes: list[str], seq_length: int, per_dataset: int):
@@ -27,9 +28,12 @@ def windows(prefixes: list[str], seq_length: int, per_dataset: int):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megatron_ext.data import check_indexed_dataset
+
     rows = []
     need = per_dataset * seq_length + 1
     for prefix in prefixes:
+        check_indexed_dataset(prefix, f"--data {prefix}")  # missing, corrupt or empty
         dataset, parts, have = IndexedDataset(prefix), [], 0
         for i in range(len(dataset)):
             parts.append(np.asarray(dataset[i], dtype=np.int64))
@@ -47,9 +51,14 @@ def checkpoint_loss(path: str, tokens, labels, batch: int = 8) -> float:
     import torch
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
+    from megatron_ext import checkpointing
+    from megatron_ext.convert.mcore_reader import check_checkpoint_files, read_errors
     from megatron_ext.model import load_model_from_checkpoint
 
-    model, _ = load_model_from_checkpoint(path)
+    ckpt = checkpointing.resolve_checkpoint_dir(path)
+    check_checkpoint_files(ckpt)
+    with read_errors(ckpt):
+        model, _ = load_model_from_checkpoint(ckpt)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -63,16 +72,17 @@ def checkpoint_loss(path: str, tokens, labels, batch: int = 8) -> float:
     return total / count
 
 
-def main(argv=None) -> int:
-    warnings.filterwarnings("ignore")
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", nargs="+", required=True, help="checkpoints (roots or iter dirs)")
     p.add_argument("--data", nargs="+", required=True, help="indexed dataset prefixes")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--sequences-per-dataset", type=int, default=4)
     p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
+    return p
 
+
+def run(args) -> int:
     from megatron_ext import parallel
 
     tokens, labels = windows(args.data, args.seq_length, args.sequences_per_dataset)
@@ -88,6 +98,10 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from megatron_ext.cli import UsageError, run_tool  # noqa: E402
+
 CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus")
 
 
@@ -23,14 +27,14 @@ def corpus_prompt(lang: str, chars: int = 40) -> str:
     """The first `chars` characters of the language's first held-out document, cut at a space."""
     path = os.path.join(CORPUS, f"{lang}.valid.jsonl.gz")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --langs {lang}: no {path}")
+        raise UsageError(f"--langs {lang}: no {path}")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         text = json.loads(f.readline())["text"]
     cut = text[:chars]
     return cut[:cut.rfind(" ")] if " " in cut[chars // 2:] else cut
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face directory (with tokenizer)")
     p.add_argument("--langs", nargs="+", default=["en", "de", "fr", "es", "ru", "zh", "ja"])
@@ -39,8 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write [{lang, prompt, continuation}] here")
-    args = p.parse_args(argv)
+    return p
 
+
+def run(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
@@ -48,8 +54,8 @@ def main(argv=None) -> int:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise SystemExit(f"error: --model {args.model}: no config.json (export a checkpoint "
-                         "with tools/export_mcore_to_hf.py)")
+        raise UsageError(f"--model {args.model}: no config.json (export a checkpoint with "
+                         "tools/export_mcore_to_hf.py)")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     prompts = ([(None, t) for t in args.prompt] if args.prompt
@@ -72,6 +78,10 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, ensure_ascii=False, indent=1)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,78 @@
-"""What every command-line tool shares: quiet imports, the usage-error type, output checks,
-all-or-nothing output directories and the one-line `error: ...` exit (status 2)."""
+"""What every command-line tool shares, so that each tool is its arguments and its work.
+
+  run_tool            the one way a tool runs: quiet imports, parse, run; a `MarcoError` (any
+                      user error, megatron_ext/errors.py) becomes one `error: ...` line and exit
+                      status 2, an OSError while writing the output one line saying nothing was
+                      written (exit 2). Anything else is a bug and keeps its traceback.
+  atomic_directory    all-or-nothing output directories: written as a temporary sibling and
+                      renamed at the end; temporaries left by killed runs are cleaned first.
+  require_*, torch_dtype, human_bytes
+                      the checks and formats several tools share.
+
+A tool:
+
+    def build_parser(): ...
+    def run(args) -> int: ...           # raises MarcoError subclasses for bad input
+    def main(argv=None) -> int:
+        return run_tool(run, build_parser(), argv, output="save")
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import re
 import shutil
+import socket
 import sys
 import warnings
+from typing import Callable, Optional
 
-from megatron_ext.errors import UsageError  # noqa: F401 - the tools import it from here
+from megatron_ext.errors import MarcoError, UsageError, report
+
+__all__ = ["DTYPES", "UsageError", "atomic_directory", "fail", "human_bytes", "quiet_imports",
+           "remove_stale_temporaries", "require_empty_output", "require_single_process",
+           "run_tool", "torch_dtype"]
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def quiet_imports() -> None:
     """Megatron-Core, TE probes and transformers warn at import about things that do not matter
-    to a conversion tool (missing apex/TE, deprecations); keep the output to the tool's own."""
+    to a tool (missing apex/TE, deprecations); keep the output to the tool's own."""
     for pattern in (".*[Aa]pex.*", ".*Transformer Engine.*", ".*transformer_engine.*",
                     ".*nvidia_resiliency.*", ".*deprecated.*", ".*torch.distributed.*"):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def fail(message: str) -> int:
+    """Print `error: <first line of message>` to stderr; returns the exit status 2."""
+    return report(MarcoError(message))
+
+
+def run_tool(main: Callable[[argparse.Namespace], Optional[int]], parser: argparse.ArgumentParser,
+             argv=None, *, output: Optional[str] = None) -> int:
+    """Parse `argv` with `parser` and run `main(args)`; returns the exit status (None = 0).
+
+    A `MarcoError` is one `error:` line, status 2. `output` names the attribute of the output
+    flag ("save", "out", "output_prefix"): an OSError (disk full, permissions) is then one line
+    naming that flag, status 2; the tools write through `atomic_directory` or temporary names,
+    so nothing is left half-written."""
+    quiet_imports()
+    args = parser.parse_args(argv)
+    try:
+        status = main(args)
+    except MarcoError as e:
+        return report(e)
+    except OSError as e:
+        if output is None:
+            raise
+        flag = "--" + output.replace("_", "-")
+        return fail(f"writing {flag} {getattr(args, output)} failed, nothing written: {e}")
+    return 0 if status is None else status
 
 
 def require_single_process(why: str = "the output loads at any parallel layout") -> None:
@@ -45,18 +96,78 @@ def torch_dtype(choice: str, found):
     return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
 
 
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': the unit that keeps the number readable (no '0.0 GiB')."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ------------------------------------------------------------------------------------------
+# All-or-nothing output directories
+# ------------------------------------------------------------------------------------------
+# `<target>.tmp-<tag>-<host>-<pid>` is being written; `<target>.old-<tag>-<host>-<pid>` is the
+# previous output while the new one is renamed into place. The host keeps a run on another
+# node of a shared file system from being taken for a dead local process. Names without a
+# host (earlier versions) count as this host's.
+_TEMP = re.compile(r"\.(tmp|old)-([A-Za-z0-9_]+)-(?:(.+)-)?(\d+)")
+_HOST = socket.gethostname()
+
+
+def _temp_path(target: str, kind: str, tag: str) -> str:
+    return f"{target}.{kind}-{tag}-{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str) -> list[str]:
+    """Clean what killed runs left next to `target`: the temporary directories of this host's
+    processes that are no longer alive are removed; an old copy is put back as `target` when
+    the run died between its two renames (target missing), else removed. Returns the names."""
+    target = os.path.abspath(target)
+    parent, base = os.path.split(target)
+    if not os.path.isdir(parent):
+        return []
+    cleaned = []
+    for name in sorted(os.listdir(parent)):
+        match = _TEMP.fullmatch(name[len(base):]) if name.startswith(base + ".") else None
+        if not match:
+            continue
+        kind, _, host, pid = match.groups()
+        if (host or _HOST) != _HOST or _alive(int(pid)):
+            continue
+        path = os.path.join(parent, name)
+        if kind == "old" and not os.path.exists(target):
+            os.replace(path, target)
+            what = f"restored {target} from {name}"
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            what = f"removed {path}"
+        print(f"{what} (left by process {pid}, which is no longer running)", file=sys.stderr,
+              flush=True)
+        cleaned.append(name)
+    return cleaned
 
 
 @contextlib.contextmanager
 def atomic_directory(target: str, tag: str):
     """Yields a fresh sibling directory of `target` to write into. When the block succeeds it
     becomes `target` (replacing an old one); when it fails nothing is left behind: not the
-    temporary, not the parent directories it needed, and an old `target` stays in place."""
+    temporary, not the parent directories it needed, and an old `target` stays in place.
+    Temporaries of killed runs are cleaned first (`remove_stale_temporaries`)."""
     target = os.path.abspath(target)
-    tmp, old = f"{target}.tmp-{tag}-{os.getpid()}", f"{target}.old-{tag}-{os.getpid()}"
+    remove_stale_temporaries(target)
+    tmp, old = _temp_path(target, "tmp", tag), _temp_path(target, "old", tag)
     created = None  # the topmost missing parent, removed again on failure
     parent = os.path.dirname(target)
     while not os.path.isdir(parent):

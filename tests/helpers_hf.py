@@ -28,7 +28,7 @@ def load_upcycle_tool():
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:  # RMSNorm weights
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             else:  # embeddings, (out, in) linears, (E, out, in) fused experts, router

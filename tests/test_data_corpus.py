@@ -92,5 +92,5 @@ def test_train_tokenizer_bad_input_is_one_line(tmp_path):
                         str(bad), "--output-prefix", str(tmp_path / "t")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip() == f"error: train_tokenizer: {bad}:2: expected a JSON object with a string 'text'"
+    assert r.stderr.strip() == f"error: {bad}:2: expected a JSON object with a string 'text'"
     assert not list(tmp_path.glob("t.*"))

@@ -1,5 +1,6 @@
-"""The HF <-> Megatron weight mapping: layout helpers, lossless round trips, and a qwen3_moe
-model converted to Megatron computing the same logits as in transformers."""
+"""megatron_ext/convert: the HF <-> Megatron weight mapping (layout helpers, lossless round
+trips), a qwen3_moe model converted to Megatron computing the same logits as in transformers,
+the streaming writer against Megatron's own save, and HF config errors."""
 
 import os
 
@@ -9,6 +10,8 @@ from helpers_hf import hf_logits, make_dense_qwen3, make_moe_qwen3, megatron_log
 from safetensors import safe_open
 
 from megatron_ext.convert import mapping as hm
+from megatron_ext.convert.hf_config import preset_fields_from_hf_config, read_hf_config
+from megatron_ext.errors import ConversionError
 
 LAYOUT = hm.AttentionLayout(num_heads=4, num_query_groups=2, head_dim=3)
 
@@ -63,7 +66,7 @@ def test_qwen3_moe_round_trip_is_bit_identical(tmp_path):
 def test_qwen3_dense_round_trip_and_shapes(tmp_path):
     make_dense_qwen3(str(tmp_path), tie_word_embeddings=False)
     sd = _file_tensors(str(tmp_path))
-    fields = hm.preset_fields_from_hf_config(hm.read_hf_config(str(tmp_path)))
+    fields = preset_fields_from_hf_config(read_hf_config(str(tmp_path)))
     assert fields["rotary_base"] == 1e6 and not fields["tie_embeddings"]
     assert {k: tuple(v.shape) for k, v in sd.items()} == hm.expected_hf_shapes(fields)
     layout = hm.AttentionLayout(4, 2, 16)
@@ -84,12 +87,12 @@ def _global_chunk(tensors):
 def test_qwen3_moe_logits_match_in_megatron(megatron_single_rank, fresh_moe_tracker, tmp_path):
     """HF qwen3_moe -> Megatron keys -> checkpoint -> Megatron model: same logits (fp32)."""
     from megatron_ext import checkpointing
+    from megatron_ext.convert.streaming import save_streaming
     from megatron_ext.model import load_model_from_checkpoint
     from megatron_ext.presets import ModelPreset
-    from megatron_ext.convert.streaming import save_streaming
 
     hf = make_moe_qwen3()
-    fields = hm.preset_fields_from_hf_config(hf.config.to_dict())
+    fields = preset_fields_from_hf_config(hf.config.to_dict())
     preset = ModelPreset(name="moe-test", description="", **fields)
     layout = hm.AttentionLayout.from_preset(preset)
     sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
@@ -103,10 +106,10 @@ def test_qwen3_moe_logits_match_in_megatron(megatron_single_rank, fresh_moe_trac
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(hm.HFCheckpointError, match="no such directory"):
-        hm.read_hf_config(str(tmp_path / "nope"))
-    with pytest.raises(hm.HFCheckpointError, match="not a Qwen3"):
-        hm.preset_fields_from_hf_config({"model_type": "llama"})
+    with pytest.raises(ConversionError, match="no such directory"):
+        read_hf_config(str(tmp_path / "nope"))
+    with pytest.raises(ConversionError, match="not a Qwen3"):
+        preset_fields_from_hf_config({"model_type": "llama"})
 
 
 def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_tracker, tmp_path):
@@ -117,9 +120,9 @@ def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_
     from torch.distributed.checkpoint import FileSystemReader
 
     from megatron_ext import checkpointing
+    from megatron_ext.convert.streaming import save_streaming
     from megatron_ext.model import build_model, load_model_from_checkpoint, marco_config
     from megatron_ext.presets import get_preset, override
-    from megatron_ext.convert.streaming import save_streaming
 
     preset = override(get_preset("tiny"), num_layers=2)
     torch.manual_seed(0)

@@ -192,7 +192,8 @@ def test_marco_scale_gap_is_bounded_and_no_scale_is_worse(megatron_single_rank, 
 def test_checkpoint_holds_the_upcycled_tensors(megatron_single_rank, tmp_path, dense_models):
     """With Drop-Upcycling on, the streamed checkpoint equals `upcycle_layer` on the dense
     weights (so the streaming writer places every chunk where the math puts it)."""
-    from megatron_ext.convert.mapping import HFSafetensors, hf_layer_prefix
+    from megatron_ext.convert.mapping import hf_layer_prefix
+    from megatron_ext.convert.safetensors_io import HFSafetensors
 
     name = "mini-like N=4 top-8"
     _, model, out = upcycle_and_compare(tmp_path, dense_models, name, "--scale", "marco",

@@ -23,21 +23,16 @@ import gzip
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from megatron_ext.errors import UsageError  # noqa: E402
-
-
-class AnalysisError(UsageError):
-    """Bad input; the message names the flag or file."""
+from megatron_ext.cli import UsageError, atomic_directory, run_tool  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="Marco MoE checkpoint (root or iteration dir)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
@@ -51,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-type", help="default: the tokenizer the checkpoint records")
     p.add_argument("--tokenizer-model", help="default: the tokenizer the checkpoint records")
     p.add_argument("--json-key", default="text")
-    return p.parse_args(argv)
+    return p
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -60,10 +55,10 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
     try:
         layers = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
-        raise AnalysisError(f"--layers {spec}: expected comma-separated layer indices") from None
+        raise UsageError(f"--layers {spec}: expected comma-separated layer indices") from None
     bad = [x for x in layers if not 0 <= x < num_layers]
     if bad or not layers:
-        raise AnalysisError(
+        raise UsageError(
             f"--layers {spec}: unknown layer index {bad[0] if bad else spec}; the model has "
             f"MoE layers 0..{num_layers - 1}"
         )
@@ -86,7 +81,7 @@ def _documents_from_jsonl(path: Path, key: str):
             if line.strip():
                 record = json.loads(line)
                 if key not in record:
-                    raise AnalysisError(f"{path}:{number}: no {key!r} field")
+                    raise UsageError(f"{path}:{number}: no {key!r} field")
                 yield record[key]
 
 
@@ -107,7 +102,7 @@ def language_token_streams(args, kind: str, model, tokenizer) -> dict[str, np.nd
         directory = Path(args.corpus[0])
         files = sorted(directory.glob("*.jsonl")) + sorted(directory.glob("*.jsonl.gz"))
         if not files:
-            raise AnalysisError(f"--corpus {directory}: no .jsonl or .jsonl.gz files")
+            raise UsageError(f"--corpus {directory}: no .jsonl or .jsonl.gz files")
         sources = {}
         for f in files:
             lang = f.name.split(".")[0]
@@ -118,7 +113,7 @@ def language_token_streams(args, kind: str, model, tokenizer) -> dict[str, np.nd
         for item in args.corpus:
             lang, sep, prefix = item.partition("=")
             if not sep or not lang or not prefix:
-                raise AnalysisError(f"--corpus {item}: expected LANG=PREFIX or one directory")
+                raise UsageError(f"--corpus {item}: expected LANG=PREFIX or one directory")
             sources[lang] = ("indexed", prefix)
 
     for lang, (kind_of_source, where) in sorted(sources.items()):
@@ -140,10 +135,10 @@ def language_token_streams(args, kind: str, model, tokenizer) -> dict[str, np.nd
                 break
         stream = np.concatenate(pieces)[:budget] if pieces else np.zeros(0, dtype=np.int64)
         if len(stream) == 0:
-            raise AnalysisError(f"--corpus: language {lang!r} has no text in {where}")
+            raise UsageError(f"--corpus: language {lang!r} has no text in {where}")
         streams[lang] = stream
     if len(streams) < 2:
-        raise AnalysisError(f"--corpus: need at least two languages, found {sorted(streams)}")
+        raise UsageError(f"--corpus: need at least two languages, found {sorted(streams)}")
     return streams
 
 
@@ -176,7 +171,6 @@ def record_routing(model, preset, streams, seq_length: int, micro_batch_size: in
 def write_outputs(out: str, result, counts: dict, info: dict) -> None:
     """All files into a temporary sibling of --out, renamed into place when complete."""
     from megatron_ext import routing_analysis
-    from megatron_ext.cli import atomic_directory
 
     with atomic_directory(out, "routing") as tmp:
         layers = result.layers
@@ -213,43 +207,46 @@ def write_outputs(out: str, result, counts: dict, info: dict) -> None:
         figure.savefig(os.path.join(tmp, "correlation_heatmap.png"), dpi=120)
 
 
-def main(argv=None) -> int:
-    warnings.filterwarnings("ignore")
-    args = parse_args(argv)
+def run(args) -> int:
     from megatron_ext import checkpointing, parallel, routing_analysis
-    from megatron_ext.data import DataConfigError
+    from megatron_ext.convert.mcore_reader import check_checkpoint_files, read_errors
     from megatron_ext.model import load_model_from_checkpoint
 
-    try:
-        info = checkpointing.read_model_info(args.load)
-        preset = checkpointing.preset_from_checkpoint(args.load)
-        if not preset.is_moe:
-            raise AnalysisError(f"--load {args.load}: a dense checkpoint has no routers to analyse")
-        layers = parse_layers(args.layers, preset.num_layers)
-        kind, model_path, tokenizer = _tokenizer(args, info)
-        streams = language_token_streams(args, kind, model_path, tokenizer)
-        with parallel.single_process(seed=0):
-            model, preset = load_model_from_checkpoint(args.load)
-            counts, tokens = record_routing(model, preset, streams, args.seq_length,
-                                            args.micro_batch_size)
-        result = routing_analysis.analyse({l: c[layers] for l, c in counts.items()}, tokens, layers)
-        write_outputs(args.out, result, counts, {
-            "checkpoint": os.path.abspath(args.load),
-            "preset": preset.name,
-            "languages": result.languages,
-            "tokens_per_language": dict(zip(result.languages, result.tokens.tolist())),
-            "layers": layers,
-            "leaf_order": result.leaf_order,
-            "mean_entropy_bits": dict(zip(result.languages, result.entropy.mean(axis=1).round(4).tolist())),
-            "max_entropy_bits": float(np.log2(preset.num_experts)),
-            "unused_experts": sum(len(v) for v in result.unused_experts.values()),
-        })
-    except (AnalysisError, checkpointing.CheckpointError, DataConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ckpt = checkpointing.resolve_checkpoint_dir(args.load)
+    info = checkpointing.read_model_info(ckpt)
+    preset = checkpointing.preset_from_checkpoint(ckpt)
+    if not preset.is_moe:
+        raise UsageError(f"--load {args.load}: a dense checkpoint has no routers to analyse")
+    # A damaged checkpoint is one line naming the file, before any corpus work, whatever part
+    # of Megatron's load would have tripped over it.
+    check_checkpoint_files(ckpt)
+    layers = parse_layers(args.layers, preset.num_layers)
+    kind, model_path, tokenizer = _tokenizer(args, info)
+    streams = language_token_streams(args, kind, model_path, tokenizer)
+    with parallel.single_process(seed=0):
+        with read_errors(ckpt):
+            model, preset = load_model_from_checkpoint(ckpt)
+        counts, tokens = record_routing(model, preset, streams, args.seq_length,
+                                        args.micro_batch_size)
+    result = routing_analysis.analyse({l: c[layers] for l, c in counts.items()}, tokens, layers)
+    write_outputs(args.out, result, counts, {
+        "checkpoint": os.path.abspath(args.load),
+        "preset": preset.name,
+        "languages": result.languages,
+        "tokens_per_language": dict(zip(result.languages, result.tokens.tolist())),
+        "layers": layers,
+        "leaf_order": result.leaf_order,
+        "mean_entropy_bits": dict(zip(result.languages, result.entropy.mean(axis=1).round(4).tolist())),
+        "max_entropy_bits": float(np.log2(preset.num_experts)),
+        "unused_experts": sum(len(v) for v in result.unused_experts.values()),
+    })
     print(f"wrote routing analysis of {len(result.languages)} languages x {len(layers)} layers to {args.out}")
     print(f"dendrogram order: {' '.join(result.leaf_order)}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(run, build_parser(), argv, output="out")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 
 The checkpoint may have been saved at any TP/PP/EP/DP layout. Writes config.json,
 generation_config.json, safetensors shards (+ index) and the tokenizer (the one the checkpoint
-records, or --tokenizer-dir). Streams: one layer in memory at a time. See docs/export.md.
+records, or --tokenizer-dir). Streams: one layer in memory at a time. A checkpoint whose files
+are damaged, or whose weights hold NaN/inf (a diverged run), is refused with one line naming
+the file or tensor (--allow-non-finite exports non-finite weights anyway). See docs/export.md.
 """
 
 from __future__ import annotations
@@ -17,17 +19,15 @@ import os
 import re
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from megatron_ext.cli import (  # noqa: E402
     DTYPES,
     UsageError,
     atomic_directory,
-    fail,
-    quiet_imports,
+    human_bytes,
     require_single_process,
+    run_tool,
     torch_dtype,
 )
 
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tokenizer", action="store_true", help="ship no tokenizer files")
     p.add_argument("--router-aux-loss-coef", type=float, default=1e-3,
                    help="written to config.json (MoE): the trainer's --moe-aux-loss-coeff")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="export weights that hold NaN/inf values (refused by default: a diverged "
+                   "run's checkpoint is not a usable model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 
@@ -100,18 +103,24 @@ def write_export(tmp: str, reader, preset, dtype, tokenizer, args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from megatron_ext.convert import mapping as hm
-    from megatron_ext.convert.mcore_reader import SafetensorsWriter, export_tensors
-    from megatron_ext.convert.tokenizer_export import copy_hf_tokenizer, sentencepiece_to_hf, special_token_ids
+    from megatron_ext.convert.hf_config import hf_config_dict
+    from megatron_ext.convert.mapping import expected_hf_shapes
+    from megatron_ext.convert.mcore_reader import export_tensors
+    from megatron_ext.convert.safetensors_io import SafetensorsWriter
+    from megatron_ext.convert.tokenizer_export import (
+        copy_tokenizer_files,
+        sentencepiece_to_hf,
+        special_token_ids,
+    )
 
     files, ids = [], {}
     if tokenizer is not None:
         kind, path = tokenizer
-        files = (copy_hf_tokenizer(path, tmp) if kind == "hf"
+        files = (copy_tokenizer_files(path, tmp) if kind == "hf"
                  else sentencepiece_to_hf(path, tmp, preset.max_position_embeddings))
         ids = special_token_ids(tmp)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    config = hm.hf_config_dict(preset, dtype_name, args.router_aux_loss_coef, ids)
+    config = hf_config_dict(preset, dtype_name, args.router_aux_loss_coef, ids)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
@@ -119,7 +128,7 @@ def write_export(tmp: str, reader, preset, dtype, tokenizer, args) -> dict:
 
     GenerationConfig(**ids).save_pretrained(tmp)
 
-    plan = list(hm.expected_hf_shapes(dataclasses.asdict(preset), moe=preset.is_moe).items())
+    plan = list(expected_hf_shapes(dataclasses.asdict(preset), moe=preset.is_moe).items())
     writer = SafetensorsWriter(tmp, plan, dtype, parse_size(args.max_shard_size))
     bar = tqdm(total=preset.num_layers, desc="exporting", unit="layer", file=sys.stderr)
     try:
@@ -132,44 +141,33 @@ def write_export(tmp: str, reader, preset, dtype, tokenizer, args) -> dict:
             "bytes": writer.total_bytes, "tokenizer": files}
 
 
-def main(argv=None) -> int:
-    quiet_imports()
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     out = os.path.abspath(args.out)
-    try:
-        parse_size(args.max_shard_size)
-        require_single_process("it reads any checkpoint layout by itself")
-        if os.path.exists(out) and not args.overwrite:
-            raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise UsageError(f"--out {args.out} exists and is not a directory")
-        from megatron_ext import checkpointing
-        from megatron_ext.convert.mcore_reader import ConversionError, McoreCheckpointReader
-        from megatron_ext.convert.tokenizer_export import TokenizerError
+    parse_size(args.max_shard_size)
+    require_single_process("it reads any checkpoint layout by itself")
+    if os.path.exists(out) and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+    from megatron_ext import checkpointing
+    from megatron_ext.convert.mcore_reader import McoreCheckpointReader
 
-        try:
-            ckpt = checkpointing.resolve_checkpoint_dir(args.load)
-            info = checkpointing.read_model_info(ckpt)
-            preset = checkpointing.preset_from_checkpoint(ckpt)
-            tokenizer = resolve_tokenizer(args, info)
-            reader = McoreCheckpointReader(ckpt, preset)
-        except (checkpointing.CheckpointError, ConversionError, TokenizerError) as e:
-            raise UsageError(str(e)) from None
-        dtype = torch_dtype(args.dtype, reader.dtype)
-        try:
-            with atomic_directory(out, "export") as tmp:
-                summary = write_export(tmp, reader, preset, dtype, tokenizer, args)
-        except (ConversionError, TokenizerError) as e:
-            raise UsageError(str(e)) from None
-        tok = ", tokenizer " + " ".join(summary["tokenizer"]) if summary["tokenizer"] else ", no tokenizer"
-        print(f"wrote {out}: {summary['config']} ({preset.name}), {summary['shards']} shard(s), "
-              f"{summary['bytes'] / 2**20:.1f} MiB {str(dtype).replace('torch.', '')}{tok}",
-              flush=True)
-        return 0
-    except UsageError as e:
-        return fail(str(e))
-    except OSError as e:
-        return fail(f"writing --out {args.out} failed, nothing written: {e}")
+    ckpt = checkpointing.resolve_checkpoint_dir(args.load)
+    info = checkpointing.read_model_info(ckpt)
+    preset = checkpointing.preset_from_checkpoint(ckpt)
+    tokenizer = resolve_tokenizer(args, info)
+    reader = McoreCheckpointReader(ckpt, preset, allow_non_finite=args.allow_non_finite)
+    dtype = torch_dtype(args.dtype, reader.dtype)
+    with atomic_directory(out, "export") as tmp:
+        summary = write_export(tmp, reader, preset, dtype, tokenizer, args)
+    tok = ", tokenizer " + " ".join(summary["tokenizer"]) if summary["tokenizer"] else ", no tokenizer"
+    print(f"wrote {out}: {summary['config']} ({preset.name}), {summary['shards']} shard(s), "
+          f"{human_bytes(summary['bytes'])} {str(dtype).replace('torch.', '')}{tok}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(run, build_parser(), argv, output="out")
 
 
 if __name__ == "__main__":

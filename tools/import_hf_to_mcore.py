@@ -6,8 +6,8 @@
 
 For released or exported models (no upcycling: tools/upcycle_hf_to_mcore.py makes a MoE from
 a dense model). The output (iteration 0, weights only) loads at any TP/PP/EP layout. Streams:
-one HF layer in memory at a time. The mapping is megatron_ext/hf_mapping.py, the same one the
-export uses in the other direction; see docs/export.md.
+one HF layer in memory at a time. The mapping is megatron_ext/convert/mapping.py, the same one
+the export uses in the other direction; see docs/export.md.
 """
 
 from __future__ import annotations
@@ -17,18 +17,15 @@ import dataclasses
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from megatron_ext.cli import (  # noqa: E402
     DTYPES,
     UsageError,
     atomic_directory,
-    fail,
-    quiet_imports,
     require_empty_output,
     require_single_process,
+    run_tool,
     torch_dtype,
 )
 
@@ -47,16 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _arch(preset) -> dict:
-    d = dataclasses.asdict(preset)
-    for k in ("name", "description", "seq_length", "max_position_embeddings"):
-        d.pop(k)
-    return d
-
-
 def resolve_preset(args, fields: dict, moe: bool):
     """The HF architecture as a preset: --preset or a registered one with the same shapes
     (keeping the HF context length, so a round trip rewrites the same config), else custom."""
+    from megatron_ext.convert.hf_config import architecture
     from megatron_ext.presets import PRESETS, ModelPreset, get_preset
 
     kind = "qwen3_moe" if moe else "qwen3"
@@ -64,14 +55,15 @@ def resolve_preset(args, fields: dict, moe: bool):
                        seq_length=min(4096, fields["max_position_embeddings"]), **fields)
     if args.preset:
         preset = get_preset(args.preset)
-        mismatch = {k: (v, _arch(base)[k]) for k, v in _arch(preset).items() if _arch(base)[k] != v}
+        hf = architecture(base)
+        mismatch = {k: (v, hf[k]) for k, v in architecture(preset).items() if hf[k] != v}
         if mismatch:
             name, (mine, theirs) = next(iter(mismatch.items()))
             raise UsageError(f"--preset {args.preset} has {name} = {mine} but the HF config at "
                              f"--hf-dir {args.hf_dir} has {theirs}")
         same = [preset]
     else:
-        same = [p for p in PRESETS.values() if _arch(p) == _arch(base)]
+        same = [p for p in PRESETS.values() if architecture(p) == architecture(base)]
     if not same:
         return base
     return dataclasses.replace(same[0], max_position_embeddings=fields["max_position_embeddings"])
@@ -82,8 +74,7 @@ def write(args, preset, reader, dtype, info) -> None:
     from tqdm import tqdm
 
     from megatron_ext import parallel
-    from megatron_ext.convert.mcore_reader import HFCheckpointSource
-    from megatron_ext.convert.streaming import save_streaming
+    from megatron_ext.convert.streaming import HFCheckpointSource, save_streaming
 
     with tqdm(total=preset.num_layers, desc="importing", unit="layer", file=sys.stderr) as bar, \
             atomic_directory(args.save, "import") as tmp, parallel.single_process(seed=0):
@@ -92,46 +83,45 @@ def write(args, preset, reader, dtype, info) -> None:
         bar.update(preset.num_layers - bar.n)
 
 
+def run(args) -> int:
+    from megatron_ext.convert import mapping as hm
+    from megatron_ext.convert.hf_config import (
+        hf_tokenizer_info,
+        preset_fields_from_hf_config,
+        read_hf_config,
+    )
+    from megatron_ext.convert.safetensors_io import HFSafetensors
+
+    require_single_process()
+    save = os.path.abspath(args.save)
+    require_empty_output(save, "--save", args.overwrite)
+    cfg = read_hf_config(args.hf_dir)
+    fields = preset_fields_from_hf_config(cfg, args.hf_dir)
+    moe = cfg.get("model_type") == "qwen3_moe"
+    preset = resolve_preset(args, fields, moe)
+    reader = HFSafetensors(args.hf_dir)
+    fused = hm.hf_layer_prefix(0) + hm.HF_FUSED_GATE_UP in reader
+    reader.require(hm.expected_hf_shapes(fields, moe=moe, fused_experts=fused))
+    dtype = torch_dtype(args.dtype, reader.dtype())
+    from megatron_ext import data
+    from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
+
+    info = model_info(preset, imported={"source": os.path.abspath(args.hf_dir),
+                                        "model_type": cfg["model_type"],
+                                        "dtype": str(dtype).replace("torch.", "")})
+    if hf_tokenizer_info(args.hf_dir):  # recorded as the trainer records its tokenizer
+        info["tokenizer"] = data.tokenizer_info("HuggingFaceTokenizer", os.path.abspath(args.hf_dir))
+    print(f"{cfg['model_type']} -> preset {preset.name!r}: {preset.num_layers} layers, hidden "
+          f"{preset.hidden_size}" + (f", {preset.num_experts} experts x "
+                                     f"{preset.moe_ffn_hidden_size}, top-{preset.moe_router_topk}"
+                                     if moe else f", FFN {preset.ffn_hidden_size}"), flush=True)
+    write(args, preset, reader, dtype, info)
+    print(f"wrote {save} (iteration 0, weights only, {info['imported']['dtype']})")
+    return 0
+
+
 def main(argv=None) -> int:
-    quiet_imports()
-    args = build_parser().parse_args(argv)
-    try:
-        from megatron_ext.convert import mapping as hm
-
-        require_single_process()
-        save = os.path.abspath(args.save)
-        require_empty_output(save, "--save", args.overwrite)
-        cfg = hm.read_hf_config(args.hf_dir)
-        fields = hm.preset_fields_from_hf_config(cfg, args.hf_dir)
-        moe = cfg.get("model_type") == "qwen3_moe"
-        preset = resolve_preset(args, fields, moe)
-        reader = hm.HFSafetensors(args.hf_dir)
-        fused = hm.hf_layer_prefix(0) + hm.HF_FUSED_GATE_UP in reader
-        reader.require(hm.expected_hf_shapes(fields, moe=moe, fused_experts=fused))
-        dtype = torch_dtype(args.dtype, reader.dtype())
-        from megatron_ext import data
-        from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
-
-        info = model_info(preset, imported={"source": os.path.abspath(args.hf_dir),
-                                            "model_type": cfg["model_type"],
-                                            "dtype": str(dtype).replace("torch.", "")})
-        if hm.hf_tokenizer_info(args.hf_dir):  # recorded as the trainer records its tokenizer
-            info["tokenizer"] = data.tokenizer_info("HuggingFaceTokenizer", os.path.abspath(args.hf_dir))
-        print(f"{cfg['model_type']} -> preset {preset.name!r}: {preset.num_layers} layers, hidden "
-              f"{preset.hidden_size}" + (f", {preset.num_experts} experts x "
-                                         f"{preset.moe_ffn_hidden_size}, top-{preset.moe_router_topk}"
-                                         if moe else f", FFN {preset.ffn_hidden_size}"), flush=True)
-        write(args, preset, reader, dtype, info)
-        print(f"wrote {save} (iteration 0, weights only, {info['imported']['dtype']})")
-        return 0
-    except (UsageError, hm.HFCheckpointError) as e:
-        return fail(str(e))
-    except OSError as e:
-        return fail(f"writing --save {args.save} failed, nothing written: {e}")
-    except ValueError as e:  # get_preset: unknown preset
-        if str(e).startswith("--preset"):
-            return fail(str(e))
-        raise
+    return run_tool(run, build_parser(), argv, output="save")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from megatron_ext.cli import run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,21 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    from megatron_ext.data import DataConfigError
+def run(args) -> int:
     from megatron_ext.data.preprocess import preprocess
 
-    try:
-        stats = preprocess(
-            args.input, args.output_prefix, tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model, json_keys=args.json_keys,
-            lang_key=args.lang_key, append_eod=args.append_eod, workers=args.workers,
-            on_bad_line=args.on_bad_line, progress=not args.no_progress)
-    except DataConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = preprocess(
+        args.input, args.output_prefix, tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model, json_keys=args.json_keys,
+        lang_key=args.lang_key, append_eod=args.append_eod, workers=args.workers,
+        on_bad_line=args.on_bad_line, progress=not args.no_progress)
     for where in stats.skipped[:20]:
         print(f"skipped {where}", file=sys.stderr)
     if len(stats.skipped) > 20:
@@ -70,6 +64,10 @@ def main(argv=None) -> int:
         print(f"wrote {prefix}.bin/.idx ({stats.tokens_by_output[name]} tokens)")
     print(stats.summary())
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(run, build_parser(), argv, output="output_prefix")
 
 
 if __name__ == "__main__":

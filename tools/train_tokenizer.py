@@ -22,18 +22,26 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere
+
+from megatron_ext.cli import UsageError, run_tool  # noqa: E402
+from megatron_ext.errors import DataConfigError  # noqa: E402
+
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 
 
-def fail(msg: str) -> None:
-    print(f"error: train_tokenizer: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def write_all(files: dict[Path, bytes]) -> None:
+    """Every file to a temporary name first, then all renamed: a failed write (disk full)
+    leaves none of them, and no old file is replaced."""
+    tmps = {path: path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in files}
+    try:
+        for path, data in files.items():
+            tmps[path].write_bytes(data)
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def iter_texts(paths: list[str], key: str):
@@ -42,7 +50,7 @@ def iter_texts(paths: list[str], key: str):
         try:
             fh = opener(path, "rt", encoding="utf-8")
         except OSError as e:
-            fail(f"--input {path}: cannot open ({e.strerror or e})")
+            raise DataConfigError(f"--input {path}: cannot open ({e.strerror or e})") from None
         with fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
@@ -50,7 +58,8 @@ def iter_texts(paths: list[str], key: str):
                 try:
                     text = json.loads(line)[key]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    fail(f"{path}:{n}: expected a JSON object with a string '{key}'")
+                    raise DataConfigError(f"{path}:{n}: expected a JSON object with a string "
+                                          f"'{key}'") from None
                 yield text
 
 
@@ -62,7 +71,7 @@ def sentences(paths: list[str], key: str, max_bytes: int):
                 yield para
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", default=None,
                    help="JSON-lines files (.jsonl or .jsonl.gz); default data/corpus/*.train.jsonl.gz")
@@ -71,22 +80,27 @@ def main(argv=None) -> None:
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--output-prefix", default=str(ROOT / "data" / "tokenizer" / "marco_tiny_spm"),
                    help="writes PREFIX.model and PREFIX.vocab")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args) -> int:
     try:
         import sentencepiece as spm
     except ImportError:
-        fail("the 'sentencepiece' package is not installed (pip install -r requirements/cpu.txt)")
+        raise UsageError("the 'sentencepiece' package is not installed "
+                         "(pip install -r requirements/cpu.txt)") from None
 
     inputs = args.input or sorted(str(f) for f in (ROOT / "data" / "corpus").glob("*.train.jsonl.gz"))
     if not inputs:
-        fail("no --input files (and no data/corpus/*.train.jsonl.gz)")
+        raise UsageError("no --input files (and no data/corpus/*.train.jsonl.gz)")
     if args.vocab_size < 300:
-        fail(f"--vocab-size {args.vocab_size}: need >= 300 (256 byte pieces + specials + merges)")
+        raise UsageError(f"--vocab-size {args.vocab_size}: need >= 300 (256 byte pieces + "
+                         "specials + merges)")
     max_bytes = 16384
     corpus = list(tqdm(sentences(inputs, args.json_keys, max_bytes), desc="reading", unit=" para",
                        disable=None))  # None: no bar when stderr is not a terminal
     if not corpus:
-        fail("no text found in --input")
+        raise DataConfigError("--input: no text found")
 
     out = Path(args.output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,19 +117,24 @@ def main(argv=None) -> None:
             num_threads=1, minloglevel=2,
             unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>", **SPECIAL_IDS)
     except RuntimeError as e:
-        fail(f"sentencepiece: {str(e).strip().splitlines()[-1]}")
+        raise UsageError(f"sentencepiece: {str(e).strip().splitlines()[-1]}") from None
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     pieces = (sp.id_to_piece(i).replace("\n", "\\n") for i in range(sp.get_piece_size()))
     vocab = "".join(f"{piece}\t{sp.get_score(i):g}\n" for i, piece in enumerate(pieces))
-    atomic_write(Path(f"{out}.model"), model.getvalue())
-    atomic_write(Path(f"{out}.vocab"), vocab.encode())
-    # Lets Megatron's own MegatronTokenizer.from_pretrained(<dir>) find the library too.
-    atomic_write(out.parent / "tokenizer_metadata.json", json.dumps(
-        {"library": "sentencepiece", "model_type": "gpt", "class_name": None, "class_path": None,
-         "chat_template": None}).encode() + b"\n")
+    # tokenizer_metadata.json lets Megatron's own MegatronTokenizer.from_pretrained(<dir>) find
+    # the library too.
+    metadata = {"library": "sentencepiece", "model_type": "gpt", "class_name": None,
+                "class_path": None, "chat_template": None}
+    write_all({Path(f"{out}.model"): model.getvalue(), Path(f"{out}.vocab"): vocab.encode(),
+               out.parent / "tokenizer_metadata.json": json.dumps(metadata).encode() + b"\n"})
     print(f"wrote {out}.model: {sp.get_piece_size()} pieces, unk={sp.unk_id()} bos={sp.bos_id()} "
           f"eos/eod={sp.eos_id()} pad={sp.pad_id()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(run, build_parser(), argv, output="output_prefix")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

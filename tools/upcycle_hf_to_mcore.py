@@ -7,7 +7,7 @@
 
 The output (iteration 0, weights only) is what `pretrain_marco.py --load OUT` starts from, at
 any TP/PP/EP layout. Streams: one dense layer and one expert matrix in memory at a time.
-The math is in megatron_ext/upcycling.py; see docs/upcycling.md.
+The math is in megatron_ext/convert/upcycling.py; see docs/upcycling.md.
 """
 
 from __future__ import annotations
@@ -17,18 +17,16 @@ import os
 import shutil
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from megatron_ext.cli import (  # noqa: E402
     DTYPES,
     UsageError,
     atomic_directory,
-    fail,
-    quiet_imports,
+    human_bytes,
     require_empty_output,
     require_single_process,
+    run_tool,
 )
 
 
@@ -60,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_preset(args, fields: dict):
     """The MoE architecture: HF shapes plus expert settings (from --preset and/or flags)."""
+    from megatron_ext.convert.hf_config import architecture
     from megatron_ext.presets import PRESETS, ModelPreset, get_preset, override
 
     experts = dict(num_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
@@ -81,25 +80,16 @@ def resolve_preset(args, fields: dict):
                          f"--moe-router-topk (missing {', '.join(missing)})")
     base = ModelPreset(name="upcycled", description="upcycled from a dense HF Qwen3",
                        seq_length=min(4096, fields["max_position_embeddings"]), **fields, **experts)
-    same = [p for p in PRESETS.values() if p.is_moe and _arch(p) == _arch(base)]
+    same = [p for p in PRESETS.values() if p.is_moe and architecture(p) == architecture(base)]
     # A registered preset with this architecture: record it as is (what `--preset` builds).
     return same[0] if same else base
-
-
-def _arch(preset) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(preset)
-    for k in ("name", "description", "seq_length", "max_position_embeddings"):
-        d.pop(k)
-    return d
 
 
 def plan_lines(preset, spec, dense_dtype, out_dtype) -> list[str]:
     from dataclasses import replace
 
-    from megatron_ext.flops import analytic_model_size
     from megatron_ext.convert.upcycling import num_dropped, scale_factors
+    from megatron_ext.flops import analytic_model_size
 
     s = scale_factors(spec.scale, spec.n)
     size = analytic_model_size(preset)
@@ -122,7 +112,7 @@ def plan_lines(preset, spec, dense_dtype, out_dtype) -> list[str]:
         f"{2 * spec.expert_ffn}, {h}), fc2 ({spec.num_experts}, {h}, {spec.expert_ffn})",
         f"MoE preset {preset.name!r}: {size.total_params / 1e9:.3f}B total, "
         f"{size.active_params / 1e9:.3f}B active params; checkpoint {out_dtype}, about "
-        f"{checkpoint_bytes(preset, out_dtype) / 2**30:.2f} GiB",
+        f"{human_bytes(checkpoint_bytes(preset, out_dtype))}",
     ]
 
 
@@ -132,18 +122,16 @@ def checkpoint_bytes(preset, out_dtype: str) -> int:
     return analytic_model_size(preset).total_params * (4 if out_dtype == "fp32" else 2)
 
 
-def _check_space(path: str, needed: int) -> None:
-    parent = path
-    while not os.path.isdir(parent):
-        parent = os.path.dirname(parent)
-    free = shutil.disk_usage(parent).free
+def _check_space(save: str, tmp: str, needed: int) -> None:
+    free = shutil.disk_usage(tmp).free
     if free < needed * 1.02:
-        raise UsageError(f"--save {path}: the checkpoint needs about {needed / 2**30:.1f} GiB, "
-                         f"{free / 2**30:.1f} GiB free there")
+        raise UsageError(f"--save {save}: the checkpoint needs about {human_bytes(needed)}, "
+                         f"{human_bytes(free)} free there")
 
 
 def write(args, preset, spec, reader, out_dtype, info) -> None:
-    """Write into a temporary sibling of --save, then move it into place."""
+    """Write into a temporary sibling of --save (after the free-space check, which counts the
+    space that temporaries of killed runs held), then move it into place."""
     import torch
     from tqdm import tqdm
 
@@ -157,77 +145,71 @@ def write(args, preset, spec, reader, out_dtype, info) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with tqdm(total=preset.num_layers, desc="upcycling", unit="layer", file=sys.stderr) as bar, \
-                atomic_directory(args.save, "upcycle") as tmp, parallel.single_process(args.seed):
-            source = UpcycledCheckpoint(reader, spec, preset, on_layer=lambda i: bar.update(i - bar.n))
-            save_streaming(tmp, preset, source.chunk, getattr(torch, DTYPES[out_dtype]), info)
-            bar.update(preset.num_layers - bar.n)
+        with atomic_directory(args.save, "upcycle") as tmp:
+            _check_space(args.save, tmp, checkpoint_bytes(preset, out_dtype))
+            with tqdm(total=preset.num_layers, desc="upcycling", unit="layer", file=sys.stderr) as bar, \
+                    parallel.single_process(args.seed):
+                source = UpcycledCheckpoint(reader, spec, preset,
+                                            on_layer=lambda i: bar.update(i - bar.n))
+                save_streaming(tmp, preset, source.chunk, getattr(torch, DTYPES[out_dtype]), info)
+                bar.update(preset.num_layers - bar.n)
     finally:
         torch.set_num_threads(threads)
 
 
-def main(argv=None) -> int:
-    quiet_imports()
-    args = build_parser().parse_args(argv)
-    try:
-        from megatron_ext.convert.mapping import (
-            HFCheckpointError,
-            HFSafetensors,
-            expected_hf_shapes,
-            hf_tokenizer_info,
-            preset_fields_from_hf_config,
-            read_hf_config,
-        )
-        from megatron_ext.convert.upcycling import UpcycleSpec, UpcyclingError
+def run(args) -> int:
+    from megatron_ext.convert.hf_config import (
+        hf_tokenizer_info,
+        preset_fields_from_hf_config,
+        read_hf_config,
+    )
+    from megatron_ext.convert.mapping import expected_hf_shapes
+    from megatron_ext.convert.safetensors_io import HFSafetensors
+    from megatron_ext.convert.upcycling import UpcycleSpec
 
-        require_single_process()
-        if not (0.0 <= args.drop_ratio < 1.0):
-            raise UsageError(f"--drop-ratio {args.drop_ratio} must be in [0, 1)")
-        if not args.dry_run:
-            require_empty_output(os.path.abspath(args.save), "--save", args.overwrite)
-        cfg = read_hf_config(args.hf_dir)
-        if cfg.get("model_type") == "qwen3_moe":
-            raise UsageError(f"--hf-dir {args.hf_dir}: already a MoE (qwen3_moe); upcycling "
-                             "takes a dense qwen3")
-        fields = preset_fields_from_hf_config(cfg, args.hf_dir)
-        preset = resolve_preset(args, fields)
-        spec = UpcycleSpec(
-            dense_ffn=fields["ffn_hidden_size"], expert_ffn=preset.moe_ffn_hidden_size,
-            num_experts=preset.num_experts, topk=preset.moe_router_topk, scale=args.scale,
-            router_init=args.router_init, drop_ratio=args.drop_ratio, seed=args.seed,
-        ).validate()
-        reader = HFSafetensors(args.hf_dir)
-        reader.require(expected_hf_shapes(fields))
-        dense_dtype = {"torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(
-            str(reader.dtype()), "fp32")
-        out_dtype = dense_dtype if args.dtype == "auto" else args.dtype
-        for line in plan_lines(preset, spec, dense_dtype, out_dtype):
-            print(line, flush=True)
-        if args.dry_run:
-            print("dry run: nothing written")
-            return 0
-        _check_space(os.path.abspath(args.save), checkpoint_bytes(preset, out_dtype))
-        from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
-
-        info = model_info(preset, upcycling={
-            "source": os.path.abspath(args.hf_dir), "n": spec.n, "m": spec.m,
-            "scale": spec.scale, "router_init": spec.router_init,
-            "drop_ratio": spec.drop_ratio, "seed": spec.seed, "dtype": out_dtype,
-        })
-        tokenizer = hf_tokenizer_info(args.hf_dir)
-        if tokenizer:
-            info["tokenizer"] = tokenizer
-        write(args, preset, spec, reader, out_dtype, info)
-        print(f"wrote {os.path.abspath(args.save)} (iteration 0, weights only)")
+    require_single_process()
+    if not (0.0 <= args.drop_ratio < 1.0):
+        raise UsageError(f"--drop-ratio {args.drop_ratio} must be in [0, 1)")
+    if not args.dry_run:
+        require_empty_output(os.path.abspath(args.save), "--save", args.overwrite)
+    cfg = read_hf_config(args.hf_dir)
+    if cfg.get("model_type") == "qwen3_moe":
+        raise UsageError(f"--hf-dir {args.hf_dir}: already a MoE (qwen3_moe); upcycling "
+                         "takes a dense qwen3")
+    fields = preset_fields_from_hf_config(cfg, args.hf_dir)
+    preset = resolve_preset(args, fields)
+    spec = UpcycleSpec(
+        dense_ffn=fields["ffn_hidden_size"], expert_ffn=preset.moe_ffn_hidden_size,
+        num_experts=preset.num_experts, topk=preset.moe_router_topk, scale=args.scale,
+        router_init=args.router_init, drop_ratio=args.drop_ratio, seed=args.seed,
+    ).validate()
+    reader = HFSafetensors(args.hf_dir)
+    reader.require(expected_hf_shapes(fields))
+    dense_dtype = {"torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(
+        str(reader.dtype()), "fp32")
+    out_dtype = dense_dtype if args.dtype == "auto" else args.dtype
+    for line in plan_lines(preset, spec, dense_dtype, out_dtype):
+        print(line, flush=True)
+    if args.dry_run:
+        print("dry run: nothing written")
         return 0
-    except (UsageError, HFCheckpointError, UpcyclingError) as e:
-        return fail(str(e))
-    except OSError as e:  # disk full, permissions: write() has removed its partial output
-        return fail(f"writing --save {args.save} failed, nothing written: {e}")
-    except ValueError as e:  # get_preset: unknown preset
-        if str(e).startswith("--preset"):
-            return fail(str(e))
-        raise
+    from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
+
+    info = model_info(preset, upcycling={
+        "source": os.path.abspath(args.hf_dir), "n": spec.n, "m": spec.m,
+        "scale": spec.scale, "router_init": spec.router_init,
+        "drop_ratio": spec.drop_ratio, "seed": spec.seed, "dtype": out_dtype,
+    })
+    tokenizer = hf_tokenizer_info(args.hf_dir)
+    if tokenizer:
+        info["tokenizer"] = tokenizer
+    write(args, preset, spec, reader, out_dtype, info)
+    print(f"wrote {os.path.abspath(args.save)} (iteration 0, weights only)")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(run, build_parser(), argv, output="save")
 
 
 if __name__ == "__main__":

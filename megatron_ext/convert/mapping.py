@@ -13,18 +13,19 @@ Two layout changes besides renaming:
 Experts: transformers 5 holds `mlp.experts.gate_up_proj` (E, 2F, H) = [gate; up] and
 `mlp.experts.down_proj` (E, H, F) in memory, and `save_pretrained` writes per-expert
 `mlp.experts.{j}.{gate,up,down}_proj.weight`; both are read, either is written.
+
+Also here: the checkpoint names and shapes an architecture implies on either side
+(`mcore_layer_shapes`, `mcore_global_shapes`, `expected_hf_shapes`), which the readers check
+before reading and the writers lay out up front, and `chunk_of`, the piece of a tensor a
+streaming writer asks for.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
-
-from megatron_ext.errors import ConversionError
 
 MCORE_LAYERS = "decoder.layers."
 
@@ -54,10 +55,6 @@ GLOBAL_RENAMES = {
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
 }
-
-
-class HFCheckpointError(ConversionError):
-    """An HF directory that cannot be read as the expected model; the message names it."""
 
 
 def hf_layer_prefix(layer: int) -> str:
@@ -187,107 +184,8 @@ def mcore_to_hf(mc: Mapping[str, torch.Tensor], layout: AttentionLayout,
 
 
 # ------------------------------------------------------------------------------------------
-# Reading an HF directory lazily: config and safetensors (one file, or shards with an index).
+# Checkpoint shapes of an architecture, on both sides
 # ------------------------------------------------------------------------------------------
-def read_hf_config(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isdir(directory):
-        raise HFCheckpointError(f"--hf-dir {directory}: no such directory")
-    if not os.path.isfile(path):
-        raise HFCheckpointError(f"--hf-dir {directory}: no config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise HFCheckpointError(f"--hf-dir {directory}: config.json is unreadable ({e})") from None
-
-
-def preset_fields_from_hf_config(cfg: dict, directory: str = "") -> dict:
-    """ModelPreset fields (architecture only) of a `qwen3` / `qwen3_moe` config dict.
-
-    Values missing from the file take the transformers defaults, as `from_pretrained` would.
-    """
-    from transformers import Qwen3Config, Qwen3MoeConfig
-
-    where = f"--hf-dir {directory}" if directory else "HF config"
-    kind = cfg.get("model_type")
-    if kind not in ("qwen3", "qwen3_moe"):
-        raise HFCheckpointError(f"{where}: model_type {kind!r} is not a Qwen3 model ('qwen3')")
-    conf = (Qwen3Config if kind == "qwen3" else Qwen3MoeConfig).from_dict(dict(cfg))
-    rope = dict(getattr(conf, "rope_parameters", None) or {})
-    theta = rope.get("rope_theta", getattr(conf, "rope_theta", None))
-    if rope.get("rope_type", "default") != "default":
-        raise HFCheckpointError(f"{where}: rope_type {rope['rope_type']!r} is not supported "
-                                "(plain RoPE only)")
-    if conf.hidden_act != "silu" or getattr(conf, "attention_bias", False):
-        raise HFCheckpointError(f"{where}: hidden_act {conf.hidden_act!r} / attention_bias "
-                                f"{conf.attention_bias} differ from Qwen3's (silu, no bias)")
-    if getattr(conf, "use_sliding_window", False):
-        raise HFCheckpointError(f"{where}: sliding-window attention is not supported")
-    fields = dict(
-        num_layers=conf.num_hidden_layers,
-        hidden_size=conf.hidden_size,
-        num_attention_heads=conf.num_attention_heads,
-        num_query_groups=conf.num_key_value_heads,
-        kv_channels=conf.head_dim,
-        ffn_hidden_size=conf.intermediate_size,
-        vocab_size=conf.vocab_size,
-        max_position_embeddings=conf.max_position_embeddings,
-        rotary_base=float(theta),
-        norm_epsilon=float(conf.rms_norm_eps),
-        tie_embeddings=bool(conf.tie_word_embeddings),
-    )
-    if kind == "qwen3_moe":
-        # Marco's spec: every layer sparse, top-k renormalised (Megatron's softmax over the
-        # top-k logits), no dense layers in between.
-        sparse_every = getattr(conf, "decoder_sparse_step", 1)
-        if sparse_every != 1 or list(getattr(conf, "mlp_only_layers", []) or []):
-            raise HFCheckpointError(f"{where}: decoder_sparse_step {sparse_every} / "
-                                    f"mlp_only_layers {conf.mlp_only_layers}: only models with "
-                                    "every layer sparse are supported")
-        if not conf.norm_topk_prob:
-            raise HFCheckpointError(f"{where}: norm_topk_prob is false; Marco's router "
-                                    "renormalises the top-k probabilities (true)")
-        fields.update(num_experts=conf.num_experts, moe_ffn_hidden_size=conf.moe_intermediate_size,
-                      moe_router_topk=conf.num_experts_per_tok)
-    return fields
-
-
-def hf_config_dict(preset, dtype: str = "float32", router_aux_loss_coef: float = 1e-3,
-                   token_ids: Optional[dict] = None) -> dict:
-    """config.json of a preset: `qwen3` (dense) or `qwen3_moe` (every layer sparse,
-    norm_topk_prob). Built by transformers' own config class, plus the keys released Qwen3
-    configs carry that transformers 5 renames (`num_experts`, `rope_theta`, `torch_dtype`),
-    so older readers (transformers 4, serving engines) read the same model."""
-    from transformers import Qwen3Config, Qwen3MoeConfig
-
-    rope = {"rope_type": "default", "rope_theta": float(preset.rotary_base)}
-    kw = dict(
-        vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
-        intermediate_size=preset.ffn_hidden_size, num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_attention_heads,
-        num_key_value_heads=preset.num_query_groups, head_dim=preset.kv_channels,
-        hidden_act="silu", max_position_embeddings=preset.max_position_embeddings,
-        rms_norm_eps=preset.norm_epsilon, tie_word_embeddings=preset.tie_embeddings,
-        attention_bias=False, attention_dropout=0.0, use_cache=True, rope_parameters=rope,
-        dtype=dtype, **(token_ids or {}))
-    if preset.is_moe:
-        kw.update(num_experts=preset.num_experts, num_experts_per_tok=preset.moe_router_topk,
-                  moe_intermediate_size=preset.moe_ffn_hidden_size, norm_topk_prob=True,
-                  decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False,
-                  router_aux_loss_coef=router_aux_loss_coef)
-        conf, arch = Qwen3MoeConfig(**kw), "Qwen3MoeForCausalLM"
-    else:
-        conf, arch = Qwen3Config(**kw, use_sliding_window=False,
-                                 max_window_layers=preset.num_layers), "Qwen3ForCausalLM"
-    conf.architectures = [arch]
-    out = conf.to_diff_dict()  # what save_pretrained writes
-    out.pop("num_local_experts", None)
-    out.update(kw)  # every architecture key explicit, whatever the class defaults
-    out.update(rope_theta=rope["rope_theta"], torch_dtype=dtype)
-    return dict(sorted(out.items()))
-
-
 def mcore_layer_shapes(preset) -> dict:
     """Megatron per-layer checkpoint names of a preset and their shapes (layer axis removed)."""
     h, d = preset.hidden_size, preset.kv_channels
@@ -313,88 +211,6 @@ def mcore_global_shapes(preset) -> dict:
     if not preset.tie_embeddings:
         shapes["output_layer.weight"] = (preset.vocab_size, h)
     return shapes
-
-
-class HFSafetensors:
-    """Lazy access to the tensors of an HF directory: headers are read up front (which also
-    catches truncated files), tensor data only on `get`, each file opened only for that read
-    so no mapping of the whole checkpoint stays resident."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        index = os.path.join(directory, "model.safetensors.index.json")
-        single = os.path.join(directory, "model.safetensors")
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise HFCheckpointError(f"--hf-dir {directory}: unreadable "
-                                        f"model.safetensors.index.json ({e})") from None
-            files = sorted(set(weight_map.values()))
-        elif os.path.isfile(single):
-            files = ["model.safetensors"]
-        else:
-            raise HFCheckpointError(f"--hf-dir {directory}: no model.safetensors or "
-                                    "model.safetensors.index.json")
-        self.file_of: dict[str, str] = {}
-        self.shapes: dict[str, tuple] = {}
-        self.dtypes: dict[str, str] = {}
-        for name in files:
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                raise HFCheckpointError(f"--hf-dir {directory}: shard {name} listed in the "
-                                        "index is missing")
-            for key, shape, dtype in _read_header(path, directory):
-                self.file_of[key], self.shapes[key], self.dtypes[key] = path, shape, dtype
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.file_of
-
-    def dtype(self) -> torch.dtype:
-        """The floating-point dtype the weights are stored in (the most common one)."""
-        names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-        counts: dict[str, int] = {}
-        for d in self.dtypes.values():
-            counts[d] = counts.get(d, 0) + 1
-        return names.get(max(counts, key=counts.get), torch.float32)
-
-    def require(self, expected: Mapping[str, tuple]) -> None:
-        """Every name present with the given shape, or one error naming the first problem."""
-        for name, shape in expected.items():
-            if name not in self.file_of:
-                raise HFCheckpointError(f"--hf-dir {self.directory}: tensor {name} is missing")
-            if tuple(self.shapes[name]) != tuple(shape):
-                raise HFCheckpointError(
-                    f"--hf-dir {self.directory}: tensor {name} has shape "
-                    f"{tuple(self.shapes[name])}, config.json implies {tuple(shape)}")
-
-    def get_many(self, names) -> dict:
-        from safetensors import safe_open
-
-        by_file: dict[str, list] = {}
-        for n in names:
-            by_file.setdefault(self.file_of[n], []).append(n)
-        out = {}
-        for path, keys in by_file.items():
-            with safe_open(path, "pt") as f:
-                out.update({k: f.get_tensor(k) for k in keys})
-        return out
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.get_many([name])[name]
-
-
-def _read_header(path: str, directory: str):
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            return [(k, tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                    for k in f.keys()]
-    except (SafetensorError, OSError) as e:
-        raise HFCheckpointError(f"--hf-dir {directory}: {os.path.basename(path)} is unreadable "
-                                f"(truncated or corrupt: {e})") from None
 
 
 def expected_hf_shapes(fields: dict, moe: bool = False, fused_experts: bool = False) -> dict:
@@ -429,9 +245,12 @@ def expected_hf_shapes(fields: dict, moe: bool = False, fused_experts: bool = Fa
     return shapes
 
 
-def hf_tokenizer_info(directory: str) -> Optional[dict]:
-    """What marco_model.json records about the tokenizer shipped in an HF directory, if any."""
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if any(os.path.isfile(os.path.join(directory, n)) for n in names):
-        return {"type": "HuggingFaceTokenizer", "model": os.path.abspath(directory)}
-    return None
+def chunk_of(full: torch.Tensor, offsets: tuple, sizes: tuple) -> torch.Tensor:
+    """The chunk of a checkpoint tensor at global `offsets` of size `sizes`, as the streaming
+    writer asks for it. Leading axes that `full` lacks (Megatron's prepended layer / expert
+    axes, of size 1 in the chunk) are taken as already selected."""
+    lead = len(sizes) - full.dim()
+    if lead < 0:
+        raise RuntimeError(f"chunk {sizes} at {offsets} does not fit a tensor {tuple(full.shape)}")
+    index = tuple(slice(o, o + s) for o, s in zip(offsets[lead:], sizes[lead:]))
+    return full[index].reshape(sizes)

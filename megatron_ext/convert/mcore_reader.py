@@ -1,38 +1,88 @@
-"""Streaming conversion between Megatron-Core checkpoints and Hugging Face directories.
+"""Reading a Megatron-Core torch_dist checkpoint a chunk at a time (the export's input).
 
-The weight mapping itself is `hf_mapping`; this module moves the tensors, one layer at a time:
-
-  McoreCheckpointReader   reads one layer (or the embedding / final norm) of a torch_dist
-                          checkpoint saved at any TP/PP/EP/DP layout: a DCP load of just that
-                          chunk of each global tensor (DCP reshards from the saved chunks).
-  SafetensorsWriter       writes HF shards whose headers are laid out up front (names and shapes
-                          are known from the architecture), so each tensor is written as soon as
-                          it is produced and no shard is ever held in memory.
-  HFCheckpointSource      the reverse: a chunk producer for `streaming_checkpoint.save_streaming`
-                          that converts one HF layer at a time.
+  check_checkpoint_files  the files of an iteration directory before anything is read:
+                          `.metadata` present and readable, every `.distcp` data file it points
+                          into present and long enough, `common.pt` present. A damaged
+                          checkpoint is one line naming the checkpoint and the file, not a
+                          traceback from deep in DCP.
+  read_errors             what goes wrong while reading tensor data anyway (a corrupt file of
+                          the right length) as one line: torch's `CheckpointException` derives
+                          from BaseException, so `except Exception` never sees it.
+  McoreCheckpointReader   one layer (or the embedding / final norm) of a checkpoint saved at
+                          any TP/PP/EP/DP layout: a DCP load of just that chunk of each global
+                          tensor (DCP reshards from the saved chunks). Checks every tensor's
+                          name and global shape against the architecture up front, and refuses
+                          non-finite values (NaN/inf) unless told otherwise.
+  export_tensors          the checkpoint as HF tensors (mapping.py), layer by layer.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import struct
 from typing import Iterable, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ext.convert import mapping as hm
-from megatron_ext.errors import ConversionError
+from megatron_ext.errors import CheckpointError, ConversionError
+
+METADATA_FILE, COMMON_FILE = ".metadata", "common.pt"  # DCP's and dist_checkpointing's
 
 
-# ------------------------------------------------------------------------------------------
-# Megatron checkpoint -> tensors, a chunk at a time
-# ------------------------------------------------------------------------------------------
+def check_checkpoint_files(ckpt: str, where: str = "--load") -> Metadata:
+    """The DCP metadata of iteration directory `ckpt`, after checking that the files it needs
+    are all there and long enough; else one CheckpointError naming the file."""
+    def broken(what: str) -> CheckpointError:
+        return CheckpointError(f"{where} {ckpt}: {what}; the checkpoint is incomplete or corrupt")
+
+    if not os.path.isfile(os.path.join(ckpt, METADATA_FILE)):
+        raise broken(f"{METADATA_FILE} is missing")
+    try:
+        metadata = dcp.FileSystemReader(ckpt).read_metadata()
+    except Exception as e:  # noqa: BLE001 - pickle raises many kinds for a damaged file
+        raise broken(f"{METADATA_FILE} is unreadable ({type(e).__name__}: {e})") from None
+    needed: dict[str, int] = {}  # data file -> bytes the metadata points into
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(ckpt, name)
+        if not os.path.isfile(path):
+            raise broken(f"{name} is missing")
+        if os.path.getsize(path) < size:
+            raise broken(f"{name} is truncated ({os.path.getsize(path)} bytes, {METADATA_FILE} "
+                         f"points up to byte {size})")
+    if not os.path.isfile(os.path.join(ckpt, COMMON_FILE)):
+        raise broken(f"{COMMON_FILE} is missing")
+    return metadata
+
+
+@contextlib.contextmanager
+def read_errors(ckpt: str, where: str = "--load"):
+    """A failed DCP read inside the block -> one CheckpointError naming the checkpoint and its
+    data files. (DCP wraps each rank's error in a CheckpointException, a BaseException.)"""
+    try:
+        yield
+    except CheckpointException as e:
+        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        cause = failures[0] if failures else e
+        text = (str(cause).strip().splitlines() or [""])[0].split(". ")[0]  # no advice of torch's
+        files = sorted(n for n in os.listdir(ckpt) if n.endswith(".distcp")) if os.path.isdir(ckpt) else []
+        raise CheckpointError(f"{where} {ckpt}: reading {', '.join(files) or 'the tensor data'} "
+                              f"failed ({type(cause).__name__}: {text}); the checkpoint is "
+                              "corrupt") from None
+
+
 class _ChunkLoadPlanner(DefaultLoadPlanner):
     """Reads the requested chunk of each requested global tensor into a given buffer."""
 
@@ -53,19 +103,18 @@ class _ChunkLoadPlanner(DefaultLoadPlanner):
         return self.transform_tensor(read_item, self.requests[read_item.dest_index.fqn][1])
 
 
+
 class McoreCheckpointReader:
     """The model tensors of one Megatron checkpoint directory (`iter_N`), read lazily.
 
-    Checks up front that every tensor the architecture needs is there with its global shape
-    (`where` names the flag in error messages)."""
+    Checks up front that the checkpoint's files are intact and that every tensor the
+    architecture needs is there with its global shape (`where` names the flag in error
+    messages). Tensors with NaN/inf values are refused when read, unless `allow_non_finite`."""
 
-    def __init__(self, ckpt_dir: str, preset, where: str = "--load"):
-        self.ckpt_dir, self.preset = ckpt_dir, preset
-        try:
-            md = dcp.FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
-        except Exception as e:  # noqa: BLE001 - missing or corrupt .metadata
-            raise ConversionError(f"{where} {ckpt_dir}: unreadable checkpoint metadata "
-                                  f"({type(e).__name__}: {e})") from None
+    def __init__(self, ckpt_dir: str, preset, where: str = "--load", allow_non_finite: bool = False):
+        self.ckpt_dir, self.preset, self.where = ckpt_dir, preset, where
+        self.allow_non_finite = allow_non_finite
+        md = check_checkpoint_files(ckpt_dir, where).state_dict_metadata
         L = preset.num_layers
         self.layer_shapes = hm.mcore_layer_shapes(preset)
         self.global_shapes = hm.mcore_global_shapes(preset)
@@ -93,20 +142,36 @@ class McoreCheckpointReader:
         """key -> (offsets, shape) => key -> tensor (in the stored dtype)."""
         bufs = {k: (off, torch.empty(shape, dtype=self.dtypes[k])) for k, (off, shape) in requests.items()}
         # A single process reads (no process group): DCP plans and reads locally.
-        dcp.load({}, storage_reader=dcp.FileSystemReader(self.ckpt_dir),
-                 planner=_ChunkLoadPlanner(bufs), no_dist=True)
+        with read_errors(self.ckpt_dir, self.where):
+            dcp.load({}, storage_reader=dcp.FileSystemReader(self.ckpt_dir),
+                     planner=_ChunkLoadPlanner(bufs), no_dist=True)
         return {k: buf for k, (_, buf) in bufs.items()}
+
+    def _check_finite(self, tensors: dict, layer: int | None = None) -> None:
+        if self.allow_non_finite:
+            return
+        for key, t in tensors.items():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                at = f" (layer {layer})" if layer is not None else ""
+                raise ConversionError(
+                    f"{self.where} {self.ckpt_dir}: tensor {key}{at} holds {bad} non-finite "
+                    f"value(s) (NaN/inf) of {t.numel()}; not a usable model "
+                    "(--allow-non-finite exports it anyway)")
 
     def layer(self, i: int) -> dict:
         """Layer i's tensors by Megatron per-layer name (layer axis removed)."""
         requests = {hm.MCORE_LAYERS + n: ((i,) + (0,) * len(s), (1, *s))
                     for n, s in self.layer_shapes.items()}
         out = self._read(requests)
+        self._check_finite(out, layer=i)
         return {k[len(hm.MCORE_LAYERS):]: v[0] for k, v in out.items()}
 
     def globals(self) -> dict:
         """Embedding, final norm (and untied output layer) by Megatron name."""
-        return self._read({k: ((0,) * len(s), s) for k, s in self.global_shapes.items()})
+        out = self._read({k: ((0,) * len(s), s) for k, s in self.global_shapes.items()})
+        self._check_finite(out)
+        return out
 
 
 def export_tensors(reader: McoreCheckpointReader, on_layer=None) -> Iterable[dict]:
@@ -120,120 +185,3 @@ def export_tensors(reader: McoreCheckpointReader, on_layer=None) -> Iterable[dic
         if on_layer is not None:
             on_layer(i)
     yield glob
-
-
-# ------------------------------------------------------------------------------------------
-# Safetensors shards, written as tensors arrive
-# ------------------------------------------------------------------------------------------
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-class SafetensorsWriter:
-    """HF safetensors shards (+ `model.safetensors.index.json` when more than one).
-
-    `plan` lists (name, shape) in the order tensors will be given to `add`; shards are cut
-    greedily at `max_shard_bytes` (a tensor larger than that gets a shard of its own), the same
-    naming as `save_pretrained` (`model.safetensors`, or `model-0000k-of-0000n.safetensors`).
-    """
-
-    def __init__(self, directory: str, plan: list, dtype: torch.dtype, max_shard_bytes: int):
-        self.directory, self.dtype = directory, dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        shards, size = [[]], 0
-        for name, shape in plan:
-            nbytes = itemsize * int(torch.Size(shape).numel())
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, tuple(shape), nbytes))
-            size += nbytes
-        n = len(shards)
-        self.files = (["model.safetensors"] if n == 1 else
-                      [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
-        self.shards = shards
-        self.order = [name for shard in shards for name, _, _ in shard]
-        self.shard_of = {name: k for k, shard in enumerate(shards) for name, _, _ in shard}
-        self.shapes = {name: shape for shard in shards for name, shape, _ in shard}
-        self.total_bytes = sum(b for shard in shards for _, _, b in shard)
-        self._next, self._shard, self._file, self._pending = 0, -1, None, {}
-
-    def _open(self, k: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        header, offset = {}, 0
-        for name, shape, nbytes in self.shards[k]:
-            header[name] = {"dtype": _ST_DTYPES[self.dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        header["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self._file = open(os.path.join(self.directory, self.files[k]), "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._shard = k
-
-    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Write every tensor whose turn has come; others wait (callers give whole layers)."""
-        self._pending.update(tensors)
-        while self._next < len(self.order) and self.order[self._next] in self._pending:
-            name = self.order[self._next]
-            if self.shard_of[name] != self._shard:
-                self._open(self.shard_of[name])
-            t = self._pending.pop(name).to(self.dtype).contiguous()
-            if tuple(t.shape) != self.shapes[name]:
-                raise RuntimeError(f"{name}: shape {tuple(t.shape)}, planned {self.shapes[name]}")
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy())  # no extra copy
-            self._next += 1
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._next != len(self.order) or self._pending:
-            missing = self.order[self._next] if self._next < len(self.order) else None
-            raise RuntimeError(f"safetensors export incomplete: next {missing}, "
-                               f"unexpected {sorted(self._pending)[:3]}")
-        if len(self.files) > 1:
-            weight_map = {name: self.files[k] for name, k in self.shard_of.items()}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-                f.write("\n")
-
-
-# ------------------------------------------------------------------------------------------
-# HF directory -> Megatron chunks (for streaming_checkpoint.save_streaming)
-# ------------------------------------------------------------------------------------------
-class HFCheckpointSource:
-    """Chunks of the Megatron checkpoint of a `qwen3` / `qwen3_moe` HF directory; one HF layer
-    is read and converted at a time (the writer goes layer by layer)."""
-
-    def __init__(self, reader: hm.HFSafetensors, preset, on_layer=None):
-        self.reader, self.preset, self.on_layer = reader, preset, on_layer
-        self.layout = hm.AttentionLayout.from_preset(preset)
-        self._index, self._layer = None, {}
-
-    def _load_layer(self, i: int) -> None:
-        p = hm.hf_layer_prefix(i)
-        names = [n for n in self.reader.file_of if n.startswith(p)]
-        hf = {k[len(p):]: v for k, v in self.reader.get_many(names).items()}
-        self._layer = hm.hf_to_mcore_layer(hf, self.layout, moe=self.preset.is_moe)
-        self._index = i
-        if self.on_layer is not None:
-            self.on_layer(i)
-
-    def chunk(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
-        if not key.startswith(hm.MCORE_LAYERS):
-            return _narrow(self.reader.get(hm.GLOBAL_RENAMES[key]), offsets, sizes)
-        if offsets[0] != self._index:
-            self._load_layer(offsets[0])
-        name = key[len(hm.MCORE_LAYERS):]
-        return _narrow(self._layer[name], offsets[1:], sizes[1:]).reshape(sizes)
-
-
-def _narrow(full: torch.Tensor, offsets: tuple, sizes: tuple) -> torch.Tensor:
-    """The chunk of `full` at `offsets` of size `sizes` (per-layer tensors keep their expert
-    axis, so chunk and tensor have the same number of dimensions)."""
-    if len(offsets) != full.dim():
-        raise RuntimeError(f"chunk {sizes} at {offsets} does not fit a tensor {tuple(full.shape)}")
-    return full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]

@@ -12,6 +12,9 @@ expert-minor, so producers can cache one layer and about one chunk is alive at a
 Megatron's own torch_dist writer resolves every item up front (for async saves), which would
 materialise the model; this one keeps its file format, so `dist_checkpointing.load` reads the
 result at any TP/PP/EP layout like any other checkpoint.
+
+Producers: `HFCheckpointSource` below (a `qwen3` / `qwen3_moe` HF directory, for the import)
+and `upcycling.UpcycledCheckpoint` (a dense HF model made into a MoE).
 """
 
 from __future__ import annotations
@@ -42,17 +45,18 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from megatron_ext import checkpointing
+from megatron_ext.convert import mapping as hm
+from megatron_ext.convert.safetensors_io import HFSafetensors
 from megatron_ext.presets import ModelPreset
 
 Producer = Callable[[str, tuple, tuple], torch.Tensor]
-LAYERS = "decoder.layers."
 
 
 def write_order(fqn: str, offsets: tuple) -> tuple:
     """Embedding first, then layer by layer (expert by expert inside a layer), then the rest."""
     if not offsets:  # serialized objects (extra state): no tensor data to produce
         return (-1, 0, 0)
-    if fqn.startswith(LAYERS):
+    if fqn.startswith(hm.MCORE_LAYERS):
         return (1, offsets[0], offsets[1] if ".experts." in fqn else -1)
     return (0 if fqn.startswith("embedding.") else 2, 0, 0)
 
@@ -180,3 +184,30 @@ def save_streaming(root: str, preset: ModelPreset, produce: Producer, dtype: tor
     with open(os.path.join(root, checkpointing.LATEST_FILE), "w") as f:
         f.write("0")
     return ckpt
+
+
+class HFCheckpointSource:
+    """Chunks of the Megatron checkpoint of a `qwen3` / `qwen3_moe` HF directory; one HF layer
+    is read and converted at a time (the writer goes layer by layer)."""
+
+    def __init__(self, reader: HFSafetensors, preset, on_layer=None):
+        self.reader, self.preset, self.on_layer = reader, preset, on_layer
+        self.layout = hm.AttentionLayout.from_preset(preset)
+        self._index, self._layer = None, {}
+
+    def _load_layer(self, i: int) -> None:
+        p = hm.hf_layer_prefix(i)
+        names = [n for n in self.reader.file_of if n.startswith(p)]
+        hf = {k[len(p):]: v for k, v in self.reader.get_many(names).items()}
+        self._layer = hm.hf_to_mcore_layer(hf, self.layout, moe=self.preset.is_moe)
+        self._index = i
+        if self.on_layer is not None:
+            self.on_layer(i)
+
+    def chunk(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
+        if not key.startswith(hm.MCORE_LAYERS):
+            return hm.chunk_of(self.reader.get(hm.GLOBAL_RENAMES[key]), offsets, sizes)
+        if offsets[0] != self._index:
+            self._load_layer(offsets[0])
+        name = key[len(hm.MCORE_LAYERS):]
+        return hm.chunk_of(self._layer[name], offsets, sizes)

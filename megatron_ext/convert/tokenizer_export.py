@@ -15,6 +15,7 @@ import shutil
 from typing import Optional
 
 from megatron_ext.errors import ConversionError
+from megatron_ext.posttrain.chat import CHAT_TEMPLATE, IM_END, IM_START
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -22,26 +23,22 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 SPM_TYPES = {"normal": 1, "unknown": 2, "control": 3, "user_defined": 4, "byte": 6}
 
 
-class TokenizerError(ConversionError):
-    """A tokenizer that cannot be exported; the message names it."""
-
-
 def find_tokenizer(path: str, where: str) -> tuple[str, str]:
     """('hf', directory) or ('spm', model file) for a --tokenizer-dir or a recorded path."""
     if os.path.isfile(path) and path.endswith(".model"):
         return "spm", path
     if not os.path.isdir(path):
-        raise TokenizerError(f"{where} {path}: no such tokenizer directory")
+        raise ConversionError(f"{where} {path}: no such tokenizer directory")
     if any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
         return "hf", path
     models = sorted(n for n in os.listdir(path) if n.endswith(".model"))
     if len(models) == 1:
         return "spm", os.path.join(path, models[0])
-    raise TokenizerError(f"{where} {path}: neither a Hugging Face tokenizer (tokenizer.json / "
-                         f"tokenizer_config.json) nor one SentencePiece .model file")
+    raise ConversionError(f"{where} {path}: neither a Hugging Face tokenizer (tokenizer.json / "
+                          f"tokenizer_config.json) nor one SentencePiece .model file")
 
 
-def copy_hf_tokenizer(src: str, out_dir: str) -> list[str]:
+def copy_tokenizer_files(src: str, out_dir: str) -> list[str]:
     copied = []
     for name in HF_TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
@@ -76,11 +73,11 @@ def sentencepiece_to_hf(model_file: str, out_dir: str, max_length: Optional[int]
         with open(model_file, "rb") as f:
             proto.ParseFromString(f.read())
     except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends
-        raise TokenizerError(f"{model_file}: not a SentencePiece model ({e})") from None
+        raise ConversionError(f"{model_file}: not a SentencePiece model ({e})") from None
     norm = proto.normalizer_spec
     if proto.trainer_spec.model_type != 2 or norm.add_dummy_prefix or norm.remove_extra_whitespaces \
             or (norm.name and norm.name != "identity") or norm.precompiled_charsmap:
-        raise TokenizerError(
+        raise ConversionError(
             f"{model_file}: only SentencePiece BPE models with identity normalisation and no "
             "dummy prefix (tools/train_tokenizer.py) are converted; pass --tokenizer-dir with a "
             "Hugging Face tokenizer instead")
@@ -91,11 +88,14 @@ def sentencepiece_to_hf(model_file: str, out_dir: str, max_length: Optional[int]
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse()])
-    # Control and unknown pieces are special; user-defined ones ("\n") are split off as is.
+    # Control and unknown pieces are special; user-defined ones ("\n") are split off as is,
+    # except the ChatML markers (tools/add_chat_tokens.py), special as in Qwen3's tokenizer.
+    chat = [p for p in pieces if p.type == SPM_TYPES["user_defined"] and p.piece in (IM_START, IM_END)]
     tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in pieces
-                            if p.type in (SPM_TYPES["unknown"], SPM_TYPES["control"])])
+                            if p.type in (SPM_TYPES["unknown"], SPM_TYPES["control"])] +
+                           [AddedToken(p.piece, special=True, normalized=False) for p in chat])
     tok.add_tokens([AddedToken(p.piece, special=False, normalized=False) for p in pieces
-                    if p.type == SPM_TYPES["user_defined"]])
+                    if p.type == SPM_TYPES["user_defined"] and p not in chat])
     spec = proto.trainer_spec
 
     def piece(i):
@@ -111,6 +111,8 @@ def sentencepiece_to_hf(model_file: str, out_dir: str, max_length: Optional[int]
     with open(path) as f:
         config = json.load(f)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if len(chat) == 2:  # apply_chat_template renders what SFT trained on
+        config["chat_template"] = CHAT_TEMPLATE
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")

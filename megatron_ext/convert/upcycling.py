@@ -33,16 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_ext.convert import mapping as hm
 from megatron_ext.errors import ConversionError
 
 SCALES = ("marco", "exact", "none")
 ROUTER_INITS = ("virtual-group", "random")
 MATRICES = ("gate", "up", "down")
 _TAG = {"indices": 0, "gate": 1, "up": 2, "down": 3, "router": 4}
-
-
-class UpcyclingError(ConversionError):
-    """Expert settings that cannot upcycle the given dense model; the message names the flag."""
 
 
 @dataclass(frozen=True)
@@ -67,26 +64,26 @@ class UpcycleSpec:
 
     def validate(self) -> "UpcycleSpec":
         if self.scale not in SCALES:
-            raise UpcyclingError(f"--scale {self.scale}: expected one of {', '.join(SCALES)}")
+            raise ConversionError(f"--scale {self.scale}: expected one of {', '.join(SCALES)}")
         if self.router_init not in ROUTER_INITS:
-            raise UpcyclingError(f"--router-init {self.router_init}: expected one of "
-                                 f"{', '.join(ROUTER_INITS)}")
+            raise ConversionError(f"--router-init {self.router_init}: expected one of "
+                                  f"{', '.join(ROUTER_INITS)}")
         if self.expert_ffn <= 0 or self.dense_ffn % self.expert_ffn:
-            raise UpcyclingError(f"--moe-ffn-hidden-size {self.expert_ffn} does not divide the "
-                                 f"dense FFN size {self.dense_ffn} (intermediate_size)")
+            raise ConversionError(f"--moe-ffn-hidden-size {self.expert_ffn} does not divide the "
+                                  f"dense FFN size {self.dense_ffn} (intermediate_size)")
         n = self.n
         if self.num_experts <= 0 or self.num_experts % n:
-            raise UpcyclingError(f"--num-experts {self.num_experts} is not a multiple of N = {n} "
-                                 f"(dense FFN {self.dense_ffn} / expert FFN {self.expert_ffn})")
+            raise ConversionError(f"--num-experts {self.num_experts} is not a multiple of N = {n} "
+                                  f"(dense FFN {self.dense_ffn} / expert FFN {self.expert_ffn})")
         if not 0 < self.topk <= self.num_experts:
-            raise UpcyclingError(f"--moe-router-topk {self.topk} must be in 1..{self.num_experts}")
+            raise ConversionError(f"--moe-router-topk {self.topk} must be in 1..{self.num_experts}")
         if self.router_init == "virtual-group" and self.topk % n:
-            raise UpcyclingError(
+            raise ConversionError(
                 f"--moe-router-topk {self.topk} is not a multiple of N = {n}, which "
                 f"--router-init virtual-group needs (top-k must pick whole groups of {n}); "
                 "use a multiple of N or --router-init random")
         if not (0.0 <= self.drop_ratio < 1.0):  # also rejects NaN
-            raise UpcyclingError(f"--drop-ratio {self.drop_ratio} must be in [0, 1)")
+            raise ConversionError(f"--drop-ratio {self.drop_ratio} must be in [0, 1)")
         return self
 
 
@@ -106,7 +103,7 @@ def scale_factors(scale: str, n: int) -> dict:
         return {"gate": 1.0, "up": root, "down": root}
     if scale == "none":
         return {"gate": 1.0, "up": 1.0, "down": 1.0}
-    raise UpcyclingError(f"--scale {scale}: expected one of {', '.join(SCALES)}")
+    raise ConversionError(f"--scale {scale}: expected one of {', '.join(SCALES)}")
 
 
 def expert_slice(expert: int, n: int) -> int:
@@ -170,20 +167,18 @@ def upcycle_layer(spec: UpcycleSpec, layer: int, gate: torch.Tensor, up: torch.T
 
     fc1 (E, 2F_e, H) = [gate; up] per expert, fc2 (E, H, F_e), router (E, H).
     """
-    from megatron_ext.convert.mapping import EXPERT_FC1, EXPERT_FC2, ROUTER, concat_gate_up
-
     dense = {"gate": gate, "up": up, "down": down}
     mats = {w: [expert_matrix(spec, w, dense[w], layer, e) for e in range(spec.num_experts)]
             for w in MATRICES}
     return {
-        EXPERT_FC1: concat_gate_up(torch.stack(mats["gate"]), torch.stack(mats["up"])),
-        EXPERT_FC2: torch.stack(mats["down"]),
-        ROUTER: router_weight(spec, layer, gate.shape[1]),
+        hm.EXPERT_FC1: hm.concat_gate_up(torch.stack(mats["gate"]), torch.stack(mats["up"])),
+        hm.EXPERT_FC2: torch.stack(mats["down"]),
+        hm.ROUTER: router_weight(spec, layer, gate.shape[1]),
     }
 
 
 class UpcycledCheckpoint:
-    """The upcycled MoE checkpoint as a producer of chunks (see `streaming_checkpoint`).
+    """The upcycled MoE checkpoint as a producer of chunks (see `streaming.save_streaming`).
 
     `chunk(key, global_offsets, sizes)` returns that chunk of a Megatron checkpoint tensor,
     read lazily from the dense HF model: one dense layer is cached at a time (the writer goes
@@ -191,16 +186,12 @@ class UpcycledCheckpoint:
     """
 
     def __init__(self, reader, spec: UpcycleSpec, preset, on_layer=None):
-        from megatron_ext.convert.mapping import AttentionLayout
-
         self.reader, self.spec, self.preset = reader, spec, preset
-        self.layout = AttentionLayout.from_preset(preset)
+        self.layout = hm.AttentionLayout.from_preset(preset)
         self.on_layer = on_layer
         self._index, self._layer, self._dense = None, {}, {}
 
     def _load_layer(self, i: int) -> None:
-        from megatron_ext.convert import mapping as hm
-
         p = hm.hf_layer_prefix(i)
         names = [*hm.HF_QKV, *hm.ATTENTION_RENAMES.values(), hm.HF_POST_ATTN_NORM, *hm.HF_DENSE]
         hf = {k[len(p):]: v for k, v in self.reader.get_many([p + n for n in names]).items()}
@@ -219,27 +210,16 @@ class UpcycledCheckpoint:
         return full[start - base:start - base + length]
 
     def chunk(self, key: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
-        from megatron_ext.convert import mapping as hm
-
         if not key.startswith(hm.MCORE_LAYERS):
-            full = self.reader.get(hm.GLOBAL_RENAMES[key])
-            return _narrow(full, offsets, sizes)
+            return hm.chunk_of(self.reader.get(hm.GLOBAL_RENAMES[key]), offsets, sizes)
         i, name = offsets[0], key[len(hm.MCORE_LAYERS):]
         if i != self._index:
             self._load_layer(i)
         if name == hm.EXPERT_FC1:
             e, start, length = offsets[1], offsets[2], sizes[2]
             full = self._expert_fc1_rows(i, e, start, length)
-            return _narrow(full, (0, *offsets[3:]), (length, *sizes[3:])).reshape(sizes)
+            return hm.chunk_of(full, (0, *offsets[3:]), (length, *sizes[3:])).reshape(sizes)
         if name == hm.EXPERT_FC2:
             full = expert_matrix(self.spec, "down", self._dense["down"], i, offsets[1])
-            return _narrow(full, offsets[2:], sizes[2:]).reshape(sizes)
-        return _narrow(self._layer[name], offsets[1:], sizes[1:]).reshape(sizes)
-
-
-def _narrow(full: torch.Tensor, offsets: tuple, sizes: tuple) -> torch.Tensor:
-    """The chunk at `offsets` of size `sizes`; leading size-1 axes the tensor lacks (Megatron's
-    prepended layer / expert axes) are taken as already selected."""
-    lead = len(sizes) - full.dim()
-    index = tuple(slice(o, o + s) for o, s in zip(offsets[lead:], sizes[lead:]))
-    return full[index].reshape(sizes)
+            return hm.chunk_of(full, offsets, sizes)
+        return hm.chunk_of(self._layer[name], offsets, sizes)
