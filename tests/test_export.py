@@ -3,7 +3,8 @@
 Exports load in `transformers.AutoModelForCausalLM` with the Megatron model's logits (fp32,
 within 1e-4), including trainer checkpoints saved with DP=2 and with EP=2; a qwen3_moe made by
 transformers survives HF -> Megatron -> HF bit for bit; the SentencePiece tokenizer exports to
-the same ids; bad input is one `error:` line and leaves nothing behind.
+the same ids; bad input, damaged checkpoints (also given to the routing analysis) and non-finite
+weights are one `error:` line and leave nothing behind.
 """
 
 import gzip
@@ -238,3 +239,106 @@ def test_trainer_checkpoint_exports_with_megatron_logits(megatron_single_rank, f
     out = load_hf(str(hf_dir)).generate(**enc, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0], skip_special_tokens=True)
     assert text.startswith("NAME\nls - list") and len(out[0]) > enc["input_ids"].shape[1]
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged and diverged checkpoints: one line naming the checkpoint and the file or tensor,
+# from the export and from the routing analysis (which loads through Megatron), nothing written.
+ROUTING = _tool("analyze_routing")
+
+
+def _damage(ckpt, case):
+    """A copy of checkpoint root `ckpt` with one kind of damage; returns (root, file named)."""
+    import shutil
+
+    root = ckpt.parent / case
+    shutil.copytree(ckpt, root)
+    it = root / "iter_0000000"
+    data = it / "__0_0.distcp"
+    if case == "truncated_distcp":
+        os.truncate(data, os.path.getsize(data) // 2)
+        return root, "__0_0.distcp is truncated"
+    if case == "garbled_distcp":  # the right length, garbage inside: only a read can tell
+        with open(data, "r+b") as f:
+            f.write(b"\0" * os.path.getsize(data))
+        return root, "reading __0_0.distcp failed"
+    if case == "missing_metadata":
+        os.remove(it / ".metadata")
+        return root, ".metadata is missing"
+    if case == "truncated_metadata":
+        os.truncate(it / ".metadata", os.path.getsize(it / ".metadata") // 2)
+        return root, ".metadata is unreadable"
+    os.remove(it / "common.pt")
+    return root, "common.pt is missing"
+
+
+DAMAGE = ["truncated_distcp", "garbled_distcp", "missing_metadata", "truncated_metadata",
+          "missing_common"]
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    """A tiny qwen3_moe imported as a Megatron checkpoint, and two 2-language corpora for it."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    root = tmp_path_factory.mktemp("moe_ckpt")
+    make_moe_qwen3(str(root / "hf"), seed=3)
+    assert IMPORT.main(["--hf-dir", str(root / "hf"), "--save", str(root / "ckpt")]) == 0
+    corpus = []
+    for lang in ("aa", "bb"):
+        builder = IndexedDatasetBuilder(str(root / f"{lang}.bin"), dtype=np.uint16)
+        builder.add_item(torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(1)))
+        builder.end_document()
+        builder.finalize(str(root / f"{lang}.idx"))
+        corpus.append(f"{lang}={root / lang}")
+    return root / "ckpt", corpus
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_checkpoint_is_one_line(megatron_single_rank, fresh_moe_tracker, moe_checkpoint,
+                                        capsys, tmp_path, case):
+    ckpt, corpus = moe_checkpoint
+    root, named = _damage(ckpt, case)
+    where = f"--load {root / 'iter_0000000'}: "
+    out = tmp_path / "out"
+    for tool, argv in ((EXPORT, ["--load", str(root), "--out", str(out)]),
+                       (ROUTING, ["--load", str(root), "--out", str(out), "--corpus", *corpus,
+                                  "--max-tokens-per-language", "64", "--seq-length", "32"])):
+        capsys.readouterr()
+        assert tool.main(argv) == 2
+        line = _one_error_line(capsys)
+        assert line.startswith("error: " + where) and named in line, line
+        assert "corrupt" in line and not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_non_finite_weights_are_refused_unless_allowed(megatron_single_rank, fresh_moe_tracker,
+                                                       capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    src, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    make_dense_qwen3(str(src), seed=4)
+    weights = hf_tensors(src)  # a diverged run: NaN and inf in one of layer 1's projections
+    weights["model.layers.1.self_attn.k_proj.weight"][3, :2] = torch.tensor([float("nan"), float("inf")])
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert IMPORT.main(["--hf-dir", str(src), "--save", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert EXPORT.main(["--load", str(ckpt), "--out", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: --load {ckpt / 'iter_0000000'}: tensor "
+                           "decoder.layers.self_attention.linear_qkv.weight (layer 1) holds 2 "
+                           "non-finite value(s)"), line
+    assert "--allow-non-finite" in line
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # nothing written, no temporary
+
+    assert EXPORT.main(["--load", str(ckpt), "--out", str(out), "--allow-non-finite"]) == 0
+    back = hf_tensors(out)["model.layers.1.self_attn.k_proj.weight"]
+    assert back[3, 0].isnan() and back[3, 1] == float("inf")
+    assert torch.equal(back[4:], weights["model.layers.1.self_attn.k_proj.weight"][4:])

@@ -1,6 +1,6 @@
 """tools/upcycle_hf_to_mcore.py as a command: bad input (one line, exit 2, nothing left
-behind), --dry-run, --overwrite, cleanup after a failure mid-write, and the trainer starting
-from the output."""
+behind), too little disk space, --dry-run, --overwrite, cleanup after a failure mid-write and
+of the temporaries of killed runs, and the trainer starting from the output."""
 
 import json
 import os
@@ -46,7 +46,7 @@ def _copy(src, dst, skip=()):
     return dst
 
 
-def test_bad_input(capsys, tmp_path, dense_dir):
+def test_bad_input(capsys, tmp_path, dense_dir, monkeypatch):
     out = str(tmp_path / "out")
     args = ["--save", out, *EXPERTS]
     assert_fails(capsys, ["--hf-dir", str(tmp_path / "missing"), *args], "no such directory", out)
@@ -87,6 +87,21 @@ def test_bad_input(capsys, tmp_path, dense_dir):
     assert_fails(capsys, base + ["--preset", "huge"], "unknown preset", out)
     assert_fails(capsys, base + ["--num-experts", "8"], "missing --moe-ffn-hidden-size", out)
 
+    # Too little free space, in units that fit a small model (it used to say "0.0 GiB").
+    from megatron_ext.cli import human_bytes
+    from megatron_ext.convert.hf_config import preset_fields_from_hf_config, read_hf_config
+    from megatron_ext.presets import ModelPreset
+
+    fields = preset_fields_from_hf_config(read_hf_config(dense_dir))
+    needed = TOOL.checkpoint_bytes(ModelPreset(name="x", description="", num_experts=8,
+                                               moe_ffn_hidden_size=64, moe_router_topk=4, **fields),
+                                   "fp32")
+    assert 2**19 < needed < 2**20  # under a MiB: "0.0 GiB" before
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=100 * 1024))
+    assert_fails(capsys, base + EXPERTS, f"needs about {human_bytes(needed)}, 100.0 KiB free", out)
+    monkeypatch.undo()
+
     os.makedirs(out)
     open(os.path.join(out, "keep.txt"), "w").write("user data")
     assert_fails(capsys, base + EXPERTS, "not empty; pass --overwrite", out)
@@ -113,6 +128,11 @@ def test_overwrite_and_tokenizer_record(megatron_single_rank, tmp_path, dense_di
     out = str(tmp_path / "out")
     os.makedirs(out)
     open(os.path.join(out, "stale.txt"), "w").write("old")
+    # A run killed mid-write (its process is gone) left its temporary: this run removes it.
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    os.makedirs(f"{out}.tmp-upcycle-{killed.pid}")
+    open(f"{out}.tmp-upcycle-{killed.pid}/shard.distcp", "wb").write(b"x" * 4096)
     assert TOOL.main(["--hf-dir", dense_dir, "--save", out, *EXPERTS, "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
     info = json.load(open(os.path.join(out, "iter_0000000", "marco_model.json")))
@@ -156,4 +176,6 @@ def test_trainer_starts_from_the_upcycled_checkpoint(tmp_path):
     run = run_pretrain("--preset", "tiny", "--load", out, "--mock-data", "--train-iters", "2",
                        "--micro-batch-size", "2", "--seq-length", "64", "--log-interval", "1")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"loaded model weights from {out} (iteration 0)" in run.stdout + run.stderr
+    loaded = [line for line in (run.stdout + run.stderr).splitlines()
+              if line.startswith(f"loaded model weights from {out}")]  # the root or iter_0000000
+    assert len(loaded) == 1 and "(iteration 0" in loaded[0], run.stdout[-2000:]
