@@ -22,6 +22,7 @@ Generation itself is megatron_ext/posttrain/generation.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import UsageError, entry_point  # noqa: E402
+from megatron_ext.cli import UsageError, run_tool  # noqa: E402
 
 EXPERT_BACKENDS = ("auto", "sequential", "torch-grouped", "te")
 
@@ -61,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="default: 1")
     g.add_argument("--moe-expert-backend", default="auto", choices=EXPERT_BACKENDS,
-                   help="auto: TransformerEngine's grouped GEMM where usable, else "
-                   "torch._grouped_mm (the fastest on CPU; same checkpoint for all)")
+                   help="auto: the trainer's choice (TransformerEngine's grouped GEMM where usable, "
+                   "else torch._grouped_mm, SequentialMLP for fp32 on a GPU); same checkpoint for all")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on GPU, fp32 on CPU")
     return p
@@ -167,12 +168,10 @@ def layout_from_args(args, preset):
     return layout
 
 
-def expert_backend(choice: str) -> str:
-    from megatron_ext.layer_spec import te_usable
+def expert_backend(choice: str, dtype) -> str:
+    from megatron_ext.layer_spec import default_expert_backend
 
-    if choice == "auto":
-        return "te" if te_usable() else "torch-grouped"
-    return choice
+    return default_expert_backend(dtype) if choice == "auto" else choice
 
 
 def params_dtype(choice: str):
@@ -199,8 +198,7 @@ def write_jsonl(path: str, rows) -> None:
             os.remove(tmp)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     from megatron_ext.posttrain.generation import SamplingParams
 
     if os.path.exists(args.out) and not args.overwrite:
@@ -232,12 +230,13 @@ def main(argv=None) -> int:
         prompts.append(ids)
     params = SamplingParams(**{**params.__dict__, "stop_ids": codec.stop_ids})
 
-    parallel.init_distributed(layout, args.seed)
-    from megatron_ext.model import load_model_from_checkpoint
+    with process_groups(layout, args.seed):
+        from megatron_ext.model import load_model_from_checkpoint
 
-    model, _ = load_model_from_checkpoint(args.load, expert_backend=expert_backend(args.moe_expert_backend),
-                                          params_dtype=params_dtype(args.dtype))
-    results = run_generation(model, prompts, params, args, codec.vocab_size)
+        dtype = params_dtype(args.dtype)
+        model, _ = load_model_from_checkpoint(
+            args.load, expert_backend=expert_backend(args.moe_expert_backend, dtype), params_dtype=dtype)
+        results = run_generation(model, prompts, params, args, codec.vocab_size)
     if parallel.is_rank_zero():
         rows = [output_row(obj, g, codec) for (_, obj), g in zip(requests, results)]
         write_jsonl(args.out, rows)
@@ -246,6 +245,23 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}: {len(results)} generations, {tokens} tokens, "
               f"{stops} stopped / {len(results) - stops} at --max-new-tokens", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def process_groups(layout, seed: int):
+    """One process: Megatron's single-rank state (a caller's is kept, e.g. a test's); under
+    torchrun: the layout's groups, torn down at the end."""
+    from megatron_ext import parallel
+
+    if parallel.world_size_from_env() == 1:
+        with parallel.single_process(seed):
+            yield
+        return
+    parallel.init_distributed(layout, seed)
+    try:
+        yield
+    finally:
+        parallel.shutdown()
 
 
 def run_generation(model, prompts, params, args, vocab_size):
@@ -270,5 +286,9 @@ def output_row(obj: dict, g, codec: TextCodec) -> dict:
             "finish_reason": g.finish_reason}
 
 
+def main(argv=None) -> int:
+    return run_tool(run, build_parser(), argv, output="out")
+
+
 if __name__ == "__main__":
-    sys.exit(entry_point(main))
+    sys.exit(main())
