@@ -132,6 +132,7 @@ def test_tool_scores_equal_hf_with_every_setting(checkpoints, offline, fresh_moe
     assert (task["version"], task["num_fewshot"], task["doc_to_text"], task["normalisation"]) == (
         2.0, 0, "{{context}}", ["acc", "acc_norm"])
     assert settings["tasks"]["marco_manqa_de"]["generation_kwargs"]["until"] == ["\n"]
+    assert settings["apply_chat_template"] is False and settings["chat_template"] is None
     summary = open(tmp_path / "ours" / "summary.md", encoding="utf-8").read()
     assert "### bundled" in summary and "### zh" in summary and "marco_manqa_de | de | chrf" in summary
     with open(tmp_path / "ours" / "bundled.png", "rb") as f:

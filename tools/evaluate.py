@@ -116,7 +116,8 @@ def evaluate(args, plan: Plan, lm, tm) -> dict:
         res = simple_evaluate(
             model=lm, tasks=names, num_fewshot=shots, batch_size=args.batch_size, limit=args.limit,
             task_manager=tm, log_samples=False, apply_chat_template=args.apply_chat_template,
-            system_instruction=args.system_instruction, bootstrap_iters=args.bootstrap_iters,
+            system_instruction=args.system_instruction, fewshot_as_multiturn=True,
+            bootstrap_iters=args.bootstrap_iters,
             random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
             fewshot_random_seed=args.seed)
         if not merged:
@@ -141,9 +142,9 @@ def settings_record(args, plan: Plan, lm, results: dict) -> dict:
         "tokenizer": info.get("tokenizer"),
         "dtype": args.dtype, "batch_size": args.batch_size, "max_length": lm.max_length,
         "apply_chat_template": bool(args.apply_chat_template),
-        "chat_template": results.get("chat_template"),
+        "chat_template": lm.chat_template(True) if args.apply_chat_template else None,
         "system_instruction": args.system_instruction,
-        "fewshot_as_multiturn": results.get("fewshot_as_multiturn"),
+        "fewshot_as_multiturn": True if args.apply_chat_template else None,
         "num_fewshot_override": args.num_fewshot, "limit": args.limit, "seed": args.seed,
         "bootstrap_iters": args.bootstrap_iters,
         "suite": plan.suite, "include_paths": plan.include_paths, "offline": plan.local,
