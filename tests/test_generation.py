@@ -245,7 +245,7 @@ def test_draws_follow_the_filtered_distribution():
     from megatron_ext.posttrain.generation import SamplingParams, _Chooser, filter_logits
 
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
-    params = SamplingParams(temperature=0.7, top_k=6, top_p=0.95)
+    params = SamplingParams(max_new_tokens=1, temperature=0.7, top_k=6, top_p=0.95)
     n = 10_000
     chooser = _Chooser(params, seed=3, indices=range(n), vocab=8)
     ids, lps = chooser.choose(logits.expand(n, -1).clone(), list(range(n)))
@@ -360,6 +360,23 @@ def test_cli_errors_are_one_line_naming_the_input(checkpoints, tmp_path, capsys)
         code = tool.main(["--load", ckpt, "--prompts", prompts, "--out", str(tmp_path / "o.jsonl"), *flags])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and pattern in err[0], err
+
+
+# ------------------------------------------------------------------------------ benchmark
+@pytest.mark.slow
+def test_generation_bench_prints_its_table(megatron_single_rank, capsys):
+    """bench/bench_generate.py still runs (toy sizes; its figures live in bench/RESULTS.md)."""
+    from bench.bench_generate import main
+
+    assert main(["--cases", "tiny", "--batch", "2", "--prompt-len", "6", "--new-tokens", "3",
+                 "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^date: .*\nmachine: .*\npackages: torch ", out, re.M), out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    assert [r[0].strip().split(":")[0].split(" ")[0] for r in rows[1:]] == ["ours", "ours", "HF"]
+    for row in rows[1:]:
+        assert float(row[2].replace(",", "")) > 0 and row[4].strip() == "2/2 rows", row
+    assert re.search(r"ours \(faster backend\) vs HF: \d+\.\d\dx", out)
 
 
 # ------------------------------------------------------------------------------ parallel layouts

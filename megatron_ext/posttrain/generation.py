@@ -392,7 +392,7 @@ def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vo
     active = list(range(b))  # batch rows still decoding, in cache order
     logits = steps.prefill(tokens)
     for step in range(params.max_new_tokens):
-        ids, lps = chooser.choose(logits[:, :vocab], active)
+        ids, lps = chooser.choose(logits[:, :vocab], active, step)
         still = []
         for k, (r, i, lp) in enumerate(zip(active, ids.tolist(), lps.tolist())):
             outputs[r].append(i)
@@ -437,26 +437,31 @@ def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 class _Chooser:
-    """Chooses each row's next token on global rank 0 and broadcasts it (ids, log-probs)."""
+    """Chooses each row's next token on global rank 0 and broadcasts it (ids, log-probs).
+    Row r's t-th token uses the t-th uniform of the generator seeded by (seed, indices[r]),
+    all drawn up front (one call per row, not per row and step)."""
 
     def __init__(self, params: SamplingParams, seed: int, indices, vocab: int):
         self.params = params
         self.rank, self.world = _world()
-        self.generators = {}
+        self.uniforms = None
         if not params.greedy and self.rank == 0:
-            self.generators = {r: torch.Generator().manual_seed(_row_seed(seed, i))
-                               for r, i in enumerate(indices)}
+            self.uniforms = torch.stack([
+                torch.rand(params.max_new_tokens, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(_row_seed(seed, i)))
+                for i in indices])
 
-    def choose(self, logits: torch.Tensor, rows: list[int]):
+    def choose(self, logits: torch.Tensor, rows: list[int], step: int = 0):
+        """The next token of each of `rows` (batch rows, in `logits` order) at `step`."""
         if self.rank == 0:
-            ids, lps = self._choose(logits, rows)
+            ids, lps = self._choose(logits, rows, step)
         else:
             ids = lps = None
         if self.world > 1:
             ids, lps = self._broadcast(ids, lps, len(rows))
         return ids, lps
 
-    def _choose(self, logits: torch.Tensor, rows: list[int]):
+    def _choose(self, logits: torch.Tensor, rows: list[int], step: int):
         p = self.params
         if p.greedy:
             ids = logits.argmax(dim=-1)
@@ -465,8 +470,7 @@ class _Chooser:
             scaled = logits / p.temperature
             lps = torch.log_softmax(scaled, dim=-1)
             probs = filter_logits(scaled, p.top_k, p.top_p).softmax(dim=-1, dtype=torch.float64)
-            u = torch.stack([torch.rand((), generator=self.generators[r], dtype=torch.float64)
-                             for r in rows]).to(probs.device)
+            u = self.uniforms[torch.tensor(rows), step].to(probs.device)
             cdf = probs.cumsum(dim=-1)
             ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
             # u * total rounds to total only for u within 2^-53 of 1: the last kept token.
