@@ -11,6 +11,7 @@ TFLOP/s per GPU and MFU use the trainer's FLOP formula (megatron_ext/flops.py); 
 torch's max allocated. Each configuration runs in a fresh subprocess so memory and Megatron's
 global state never leak between rows. Without a GPU it prints one line and exits 0.
 With --profile, one torch-grouped step is profiled and the top CUDA kernels printed.
+A row whose child run exceeds --timeout seconds is killed and reported as failed.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--rows", nargs="+", help="subset of: sequential torch-grouped te te+fp8 hf")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds one row's child run may take before it is killed and reported")
     p.add_argument("--child", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.child:
@@ -149,10 +152,15 @@ def main(argv=None) -> int:
     tokens = opts.micro_batch_size * opts.seq_length
     results = {}
     for row in rows:
-        cmd = [sys.executable, __file__, "--child", row, *(a for a in (argv or sys.argv[1:]) if a != "--profile"),
+        passed = [a for a in (argv or sys.argv[1:]) if a != "--profile"]
+        cmd = [sys.executable, __file__, "--child", row, *passed,
                *(["--profile"] if opts.profile and row == "torch-grouped" else [])]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "WORLD_SIZE": "1"})
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "WORLD_SIZE": "1"}, timeout=opts.timeout)
+        except subprocess.TimeoutExpired:
+            results[row] = {"error": f"timed out after {opts.timeout:g} s (--timeout)"}
+            continue
         sys.stderr.write("".join(l + "\n" for l in proc.stderr.splitlines() if l.startswith("#")))
         found = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not found:

@@ -2,21 +2,25 @@
 
 Megatron-Core (0.16) assumes CUDA in a handful of places. On a machine without a GPU,
 `enable()` installs the shims below; each comment names the Megatron-Core line it covers.
-On a GPU none of this runs: `enable()` returns at once when CUDA is available, so the GPU
-path is Megatron-Core untouched.
+On a GPU none of this runs: `mcore_fixes.install()` (the one entry, called by
+`parallel.init_distributed`) calls `enable()` only when CUDA is absent, so the GPU path is
+Megatron-Core untouched by this module.
+
+Fixes of Megatron-Core bugs that a GPU without TransformerEngine/apex meets too are not here:
+they live in `mcore_fixes.py`, each installed on its own condition whatever the device
+(formerly shims 5 and 11 of this module: the missing `te_general_gemm` name, and the
+distributed optimizer's torch-Adam 'step' handling on load).
 
 The shims, in short:
   1. a TorchFunctionMode that sends `device="cuda"` / `.cuda()` to the CPU,
   2. `torch.cuda.current_device()` and friends answer for the CPU,
   3. no-op CUDA streams and events,
   4. a CPU model-parallel RNG tracker,
-  5. `moe_utils.te_general_gemm` defined when TransformerEngine is absent,
   6. gloo-friendly all-to-all split sizes (gloo rejects tensor split sizes),
   7. grad clipping without its `torch.cuda.FloatTensor` type assertion,
-  8. an accurate grad-norm kernel (the local fallback's fp32 `torch.norm` is not),
+  8. an accurate grad-norm kernel (the local fallback's fp32 `torch.norm` is not, on CPU),
   9. all-gather of unequal pieces over gloo (needed for expert tensor parallelism),
- 10. the optimizers' parameter type checks accept CPU tensors (distributed, bf16),
- 11. distributed-optimizer checkpoints load (Megatron's no-apex/TE path mishandles 'step').
+ 10. the optimizers' parameter type checks accept CPU tensors (distributed, bf16).
 """
 
 from __future__ import annotations
@@ -196,17 +200,6 @@ def _install_cpu_rng_tracker() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 5. transformer/moe/moe_utils.py refers to `te_general_gemm` even when TransformerEngine is
-# absent (the name is only bound inside its `try: import transformer_engine`).
-# --------------------------------------------------------------------------------------------
-def _define_missing_te_names() -> None:
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
-# --------------------------------------------------------------------------------------------
 # 6. transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher passes input/output split
 # sizes to tensor_parallel.all_to_all as tensors; gloo's all_to_all_single accepts only lists.
 # --------------------------------------------------------------------------------------------
@@ -348,99 +341,18 @@ def _optimizer_type_checks_on_cpu() -> None:
         cls.__init__ = make(original)
 
 
-# --------------------------------------------------------------------------------------------
-# 11. Loading a distributed-optimizer checkpoint: Megatron-Core's path without apex/TE
-# (`HAVE_APEX_OR_TE` False in optimizer/distrib_optimizer.py) keeps torch Adam's per-parameter
-# 'step' and mishandles it in three places (a, b, d); with fp32 params (c) lacks no_grad.
-# --------------------------------------------------------------------------------------------
-def _distributed_optimizer_checkpoint_loading() -> None:
-    from megatron.core.optimizer import distrib_optimizer
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    if getattr(DistributedOptimizer.load_state_dict, "_marco_cpu_shim", False):
-        return
-
-    # (a) DistributedOptimizer.state_dict asserts exactly one 'step' value across torch Adam's
-    # per-parameter state; sharded_state_dict(is_loading=True) calls it before any step, while
-    # that state is still empty (AssertionError). Give a fresh optimizer the state torch's Adam
-    # would create on its first step (step 0, zero moments); loading overwrites it.
-    original_sharded = DistributedOptimizer.sharded_state_dict
-
-    @functools.wraps(original_sharded)
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, *args, **kwargs):
-        inner = self.optimizer
-        if is_loading and not distrib_optimizer.HAVE_APEX_OR_TE and not inner.state:
-            for group in inner.param_groups:
-                for param in group["params"]:
-                    inner.state[param] = {
-                        "step": torch.tensor(0.0),
-                        "exp_avg": torch.zeros_like(param),
-                        "exp_avg_sq": torch.zeros_like(param),
-                    }
-        return original_sharded(self, model_sharded_state_dict, is_loading, *args, **kwargs)
-
-    # (b) load_parameter_state_from_fully_reshardable leaves 'step' out of the loaded tensors
-    # ("Handle torch Adam 'step' state separately"), but _set_main_param_and_optimizer_states
-    # fills every key of torch's per-parameter state from them: KeyError 'step'. Keep the
-    # current value for that key; (d) sets it.
-    original_set = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    @functools.wraps(original_set)
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if not distrib_optimizer.HAVE_APEX_OR_TE and "step" not in tensors:
-            current = self._get_main_param_and_optimizer_states(model_param)
-            if "step" in current:
-                tensors = {**tensors, "step": current["step"]}
-        original_set(self, model_param, tensors)
-
-    # (c) load_parameter_state_from_dp_reshardable copies into the main params without
-    # torch.no_grad() (its fs_model_space sibling has it). With fp32 params (CPU training) a
-    # main param is a view of the model param, a leaf that requires grad: RuntimeError "a view
-    # of a leaf Variable that requires grad is being used in an in-place operation".
-    original_dp_load = DistributedOptimizer.load_parameter_state_from_dp_reshardable
-
-    # (d) load_state_dict sets `s["step"] = step` for every parameter with ONE shared tensor,
-    # which torch's Adam then increments once per parameter per iteration; and the
-    # dp_reshardable load afterwards copies each 'step' from the template of (a), not from the
-    # checkpoint. Either way Adam's bias correction after a resume was wrong (the loss of the
-    # second step after a resume was 4e-3 off). Each parameter gets its own tensor holding the
-    # checkpoint's step.
-    original_load_state_dict = DistributedOptimizer.load_state_dict
-
-    @functools.wraps(original_load_state_dict)
-    def load_state_dict(self, state_dict):
-        original_load_state_dict(self, state_dict)
-        if distrib_optimizer.HAVE_APEX_OR_TE:
-            return
-        steps = {g["step"] for g in state_dict["optimizer"]["param_groups"] if "step" in g}
-        if len(steps) == 1:
-            step = float(steps.pop())
-            for state in self.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = torch.tensor(step)
-
-    load_state_dict._marco_cpu_shim = True
-    DistributedOptimizer.sharded_state_dict = sharded_state_dict
-    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-    DistributedOptimizer.load_parameter_state_from_dp_reshardable = functools.wraps(
-        original_dp_load
-    )(torch.no_grad()(original_dp_load))
-    DistributedOptimizer.load_state_dict = load_state_dict
-
-
 def enable() -> None:
-    """Install the shims (idempotent). Does nothing when CUDA is available."""
+    """Install the CPU shims (idempotent). Does nothing when CUDA is available; called by
+    `mcore_fixes.install()`, which installs the Megatron-Core fixes first."""
     global _enabled
     if _enabled or cuda_available():
         return
     _patch_torch_cuda()
     _install_cpu_rng_tracker()
-    _define_missing_te_names()
     _gloo_all_to_all_split_sizes()
     _gloo_uneven_all_gather()
     _cpu_grad_clipping()
     _accurate_grad_norm()
     _optimizer_type_checks_on_cpu()
-    _distributed_optimizer_checkpoint_loading()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _enabled = True

@@ -10,7 +10,13 @@ is the expert backend:
 
 Two backend providers build the rest of the layer: TransformerEngine's modules where TE is
 installed and a GPU is present, otherwise Megatron-Core's local modules with our RMSNorm.
-Checkpoint keys are the same for both (see `sharded_state_dict_keys_map`).
+Checkpoints of the two specs are interchangeable in both directions. Their weight keys are the
+same (`sharded_state_dict_keys_map` names the local spec's separate input/pre-MLP norms as
+TE's fused norm+linear layers do). Their `_extra_state` entries are not: TE's modules carry FP8
+metadata, including its standalone norms (q/k norms, the MoE pre-MLP norm, the final norm) and
+its core attention, which the local RMSNorm and SDPA attention have no counterpart for. Loads
+treat `_extra_state` entries as optional in both directions (`checkpointing.load_checkpoint`):
+an entry the checkpoint lacks keeps the module's fresh state, one the model lacks is skipped.
 """
 
 from __future__ import annotations
@@ -207,7 +213,8 @@ def marco_layer_spec(
             ),
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
-            # Checkpoint keys as TE's fused layers name them, so CPU and GPU checkpoints match.
+            # Weight keys as TE's fused layers name them, so CPU and GPU checkpoints match
+            # (their `_extra_state` entries differ and load as optional: see the docstring).
             sharded_state_dict_keys_map=(
                 {}
                 if fused_norm

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, rerun_state_machine, tensor_parallel
 
-from megatron_ext import cpu_compat
+from megatron_ext import mcore_fixes
 from megatron_ext.errors import LayoutError
 from megatron_ext.presets import ModelPreset
 
@@ -126,7 +126,7 @@ def init_distributed(layout: ParallelLayout, seed: int, timeout_minutes: int = 3
 
     Works under torchrun/srun (env:// rendezvous) and as a plain single process.
     """
-    cpu_compat.enable()
+    mcore_fixes.install()  # Megatron-Core fixes on their conditions; CPU adaptations w/o CUDA
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

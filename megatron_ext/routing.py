@@ -4,6 +4,10 @@
 (the trainer uses "train" while training and the language name while evaluating; the routing
 analysis tool uses the language). From the counts come the per-layer expert load imbalance
 (max / mean tokens per expert, 1.0 = balanced) and the language-expert signatures.
+
+The hooks never synchronise the device: counts accumulate where the router runs (int64 on the
+GPU during GPU training), and `totals` reduces them over ranks and copies them to the host once,
+when the trainer asks for a step's imbalance (once per step) or an evaluation's counts.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class RoutingRecorder:
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.label = label
-        self.counts: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, torch.Tensor] = {}  # label -> [layers, experts] int64, on device
         self._handles = []
         self.local_layers: list[int] = []
         for chunk in model_chunks:
@@ -42,14 +46,19 @@ class RoutingRecorder:
     def _hook(self, layer: int):
         def record(module, inputs, outputs):
             _, routing_map = outputs  # [tokens, experts], True where a token goes
-            counts = self.counts.get(self.label)
-            if counts is None:
-                counts = self.counts[self.label] = torch.zeros(
-                    self.num_layers, self.num_experts, dtype=torch.float64
+            counts = self._counts.get(self.label)
+            if counts is None:  # on the router's device: no host copy, no sync per layer
+                counts = self._counts[self.label] = torch.zeros(
+                    self.num_layers, self.num_experts, dtype=torch.int64, device=routing_map.device
                 )
-            counts[layer] += routing_map.sum(dim=0).to("cpu", torch.float64)
+            counts[layer] += routing_map.sum(dim=0)
 
         return record
+
+    @property
+    def counts(self) -> dict[str, torch.Tensor]:
+        """This rank's counts per label, as float64 on the host (copies: for offline tools)."""
+        return {label: c.to("cpu", torch.float64) for label, c in self._counts.items()}
 
     @contextlib.contextmanager
     def recording(self, label: str):
@@ -65,13 +74,17 @@ class RoutingRecorder:
         Tokens are distinct across data-parallel ranks, sequence-parallel slices and pipeline
         stages (each stage fills only its own layers), so a plain sum is the global count.
         """
-        counts = self.counts.get(label)
-        counts = counts.clone() if counts is not None else torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        counts = self._counts.get(label)
+        nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+        if counts is None:
+            counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64,
+                                 device="cuda" if nccl else "cpu")
+        counts = counts.clone()
+        if nccl and counts.device.type != "cuda":
+            counts = counts.cuda()
         if dist.is_initialized():
-            on_device = counts.cuda() if dist.get_backend() == "nccl" else counts
-            dist.all_reduce(on_device, group=group)
-            counts = on_device.cpu()
-        return counts
+            dist.all_reduce(counts, group=group)
+        return counts.to("cpu", torch.float64)  # the one device-to-host copy
 
     def imbalance(self, label: str = "train") -> list[float]:
         """Max / mean tokens per expert for each layer (collective)."""
@@ -84,9 +97,9 @@ class RoutingRecorder:
 
     def reset(self, label: str | None = None) -> None:
         if label is None:
-            self.counts.clear()
+            self._counts.clear()
         else:
-            self.counts.pop(label, None)
+            self._counts.pop(label, None)
 
     def remove(self) -> None:
         for handle in self._handles:

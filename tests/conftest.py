@@ -16,6 +16,31 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+# ----------------------------------------------------------------------------- CPU pin
+# The suite is a CPU suite: on a GPU host a visible device would switch the defaults to
+# bf16/NCCL and make every 2-process test ask for device 1. Unless the run selects GPU tests
+# (`pytest -m gpu`), every test process and its subprocesses see no GPU. GPU tests
+# (tests/test_gpu.py, marker `gpu`) are skipped, never run, in a CPU run, and skip themselves
+# where CUDA is absent.
+def _gpu_run(config) -> bool:
+    expr = config.getoption("markexpr", "") or ""
+    return "gpu" in expr.replace("not gpu", "")
+
+
+def pytest_configure(config):
+    if not _gpu_run(config):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_run(config):
+        return
+    skip = pytest.mark.skip(reason="GPU test: run with `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def subprocess_env(**extra: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))

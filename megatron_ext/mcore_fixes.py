@@ -1,0 +1,212 @@
+"""Fixes for Megatron-Core bugs on the path without TransformerEngine/apex, on any device.
+
+Two kinds of adaptation keep Megatron-Core running here, and they are installed on different
+conditions:
+
+  cpu_compat.py    the machine has no CUDA: device "cuda" -> CPU, no-op streams, a CPU RNG
+                   tracker, gloo's collectives. Never installed on a GPU.
+  this module      Megatron-Core itself is wrong on the code path it takes without
+                   TransformerEngine or apex, or with fp32 parameters. A GPU without TE (the
+                   `torch-grouped` expert backend exists for exactly that GPU) takes that path
+                   too, so each fix is installed on its own condition (TE/apex absent, the
+                   Megatron-Core releases known to carry the bug), whatever the device.
+
+`install()` is the one entry (called by `parallel.init_distributed`): it installs the fixes
+that `plan()` selects for this process and, without CUDA, the CPU adaptations. `plan(env)` is a
+pure function of (CUDA?, TE?, apex?, Megatron-Core version), so the selection is tested on any
+machine for every case (tests/test_compat.py).
+
+The fixes (Megatron-Core lines as of 0.16.1; "read in" = the same code was read in that
+release's source):
+  te_general_gemm_name          moe_utils.py binds `te_general_gemm` only inside its
+                                `try: import transformer_engine`, yet `router_gating_linear`
+                                tests `te_general_gemm is not None`: without TE every MoE
+                                forward raises NameError. Fixed in 0.17.0 (binds None).
+  dist_optimizer_torch_adam_step  the distributed optimizer without apex/TE keeps torch Adam's
+                                per-parameter 'step' and mishandles it on checkpoint load
+                                (assertion on an empty state, KeyError 'step', one shared step
+                                tensor). Read unchanged in 0.17.0, 0.18.0, 0.19.0.
+  dist_optimizer_fp32_load      `load_parameter_state_from_dp_reshardable` copies into the main
+                                params without torch.no_grad(); with fp32 params the main param
+                                is a view of the model param (RuntimeError). Any TE/apex state.
+                                Read unchanged in 0.17.0, 0.18.0, 0.19.0.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from packaging.version import Version
+
+_installed: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What decides which fixes apply."""
+
+    cuda: bool
+    have_te: bool
+    have_apex: bool
+    mcore_version: str
+
+
+def current_environment() -> Environment:
+    from megatron.core import package_info
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.transformer.moe import moe_utils
+
+    # Megatron-Core's own verdicts: TE for its MoE helpers; apex or TE's FusedAdam for the
+    # distributed optimizer (`HAVE_APEX_OR_TE`, False when neither optimizer imports).
+    return Environment(
+        cuda=torch.cuda.is_available(),
+        have_te=bool(moe_utils.HAVE_TE),
+        have_apex=bool(distrib_optimizer.USING_APEX_OPTIMIZER),
+        mcore_version=package_info.__version__,
+    )
+
+
+def _in(version: str, low: str, high: str) -> bool:
+    v = Version(version)
+    return Version(low) <= Version(v.base_version) < Version(high)
+
+
+# name -> (condition on the environment, what it fixes)
+_CONDITIONS: dict[str, Callable[[Environment], bool]] = {
+    "te_general_gemm_name": lambda e: not e.have_te and _in(e.mcore_version, "0.16", "0.17"),
+    "dist_optimizer_torch_adam_step": lambda e: (not (e.have_te or e.have_apex)
+                                                 and _in(e.mcore_version, "0.16", "0.20")),
+    "dist_optimizer_fp32_load": lambda e: _in(e.mcore_version, "0.16", "0.20"),
+}
+CPU_ADAPTATIONS = "cpu_compat"
+
+
+def plan(env: Environment) -> list[str]:
+    """The fixes to install in `env`, in order; "cpu_compat" (the CPU adaptations) last."""
+    names = [name for name, applies in _CONDITIONS.items() if applies(env)]
+    return names + ([] if env.cuda else [CPU_ADAPTATIONS])
+
+
+def install() -> list[str]:
+    """Install what `plan` selects for this process (idempotent); returns the names."""
+    from megatron_ext import cpu_compat
+
+    names = plan(current_environment())
+    for name in names:
+        if name in _installed:
+            continue
+        if name == CPU_ADAPTATIONS:
+            cpu_compat.enable()
+        else:
+            _INSTALLERS[name]()
+        _installed.add(name)
+    return names
+
+
+def installed() -> list[str]:
+    return sorted(_installed)
+
+
+# --------------------------------------------------------------------------------------------
+# te_general_gemm_name: transformer/moe/moe_utils.py (0.16) imports te_general_gemm inside
+# `try: import transformer_engine ... except ImportError: HAVE_TE = False` and later, in
+# router_gating_linear, evaluates `te_general_gemm is not None`.
+# --------------------------------------------------------------------------------------------
+def _te_general_gemm_name() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+# --------------------------------------------------------------------------------------------
+# dist_optimizer_torch_adam_step: optimizer/distrib_optimizer.py without apex/TE
+# (`HAVE_APEX_OR_TE` False, torch.optim.Adam inside) keeps torch Adam's per-parameter 'step'
+# and mishandles it in three places (a, b, d).
+# --------------------------------------------------------------------------------------------
+def _dist_optimizer_torch_adam_step() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    # (a) DistributedOptimizer.state_dict asserts exactly one 'step' value across torch Adam's
+    # per-parameter state; sharded_state_dict(is_loading=True) calls it before any step, while
+    # that state is still empty (AssertionError). Give a fresh optimizer the state torch's Adam
+    # would create on its first step (step 0, zero moments); loading overwrites it.
+    original_sharded = DistributedOptimizer.sharded_state_dict
+
+    @functools.wraps(original_sharded)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, *args, **kwargs):
+        inner = self.optimizer
+        if is_loading and not distrib_optimizer.HAVE_APEX_OR_TE and not inner.state:
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
+        return original_sharded(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    # (b) load_parameter_state_from_fully_reshardable leaves 'step' out of the loaded tensors
+    # ("Handle torch Adam 'step' state separately"), but _set_main_param_and_optimizer_states
+    # fills every key of torch's per-parameter state from them: KeyError 'step'. Keep the
+    # current value for that key; (d) sets it.
+    original_set = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original_set)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if not distrib_optimizer.HAVE_APEX_OR_TE and "step" not in tensors:
+            current = self._get_main_param_and_optimizer_states(model_param)
+            if "step" in current:
+                tensors = {**tensors, "step": current["step"]}
+        original_set(self, model_param, tensors)
+
+    # (d) load_state_dict sets `s["step"] = step` for every parameter with ONE shared tensor,
+    # which torch's Adam then increments once per parameter per iteration; and the
+    # dp_reshardable load afterwards copies each 'step' from the template of (a), not from the
+    # checkpoint. Either way Adam's bias correction after a resume was wrong (the loss of the
+    # second step after a resume was 4e-3 off). Each parameter gets its own tensor holding the
+    # checkpoint's step, on the device of its moments.
+    original_load_state_dict = DistributedOptimizer.load_state_dict
+
+    @functools.wraps(original_load_state_dict)
+    def load_state_dict(self, state_dict):
+        original_load_state_dict(self, state_dict)
+        if distrib_optimizer.HAVE_APEX_OR_TE:
+            return
+        steps = {g["step"] for g in state_dict["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step, device=state["step"].device)
+
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
+# --------------------------------------------------------------------------------------------
+# dist_optimizer_fp32_load: optimizer/distrib_optimizer.py load_parameter_state_from_dp_reshardable
+# copies into the main params without torch.no_grad() (its fs_model_space sibling has it). With
+# fp32 params a main param is a view of the model param, a leaf that requires grad:
+# RuntimeError "a view of a leaf Variable that requires grad is being used in an in-place
+# operation".
+# --------------------------------------------------------------------------------------------
+def _dist_optimizer_fp32_load() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.load_parameter_state_from_dp_reshardable
+    DistributedOptimizer.load_parameter_state_from_dp_reshardable = functools.wraps(original)(
+        torch.no_grad()(original)
+    )
+
+
+_INSTALLERS: dict[str, Callable[[], None]] = {
+    "te_general_gemm_name": _te_general_gemm_name,
+    "dist_optimizer_torch_adam_step": _dist_optimizer_torch_adam_step,
+    "dist_optimizer_fp32_load": _dist_optimizer_fp32_load,
+}
