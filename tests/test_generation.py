@@ -380,13 +380,14 @@ def test_generation_bench_prints_its_table(megatron_single_rank, capsys):
 
 
 # ------------------------------------------------------------------------------ parallel layouts
-# name: (model, ParallelLayout fields, expert backend); the CLI run adds EP=2 with the CLI's
-# default expert backend (torch._grouped_mm on CPU).
+# name: (model, ParallelLayout fields, expert backend, token dispatcher); the CLI run adds EP=2
+# with the CLI's default expert backend (torch._grouped_mm on CPU).
 LAYOUTS = {
-    "moe-ep2": ("moe", dict(expert=2), "sequential"),
-    "moe-tp2": ("moe", dict(tensor=2, sequence_parallel=True), "sequential"),
-    "moe-tp2-ep2": ("moe", dict(tensor=2, expert=2, sequence_parallel=True), "sequential"),
-    "dense-tp2": ("dense", dict(tensor=2, sequence_parallel=True), "sequential"),
+    "moe-ep2": ("moe", dict(expert=2), "sequential", "allgather"),
+    "moe-ep2-alltoall": ("moe", dict(expert=2), "torch-grouped", "alltoall"),  # the trainer's EP>1
+    "moe-tp2": ("moe", dict(tensor=2, sequence_parallel=True), "sequential", "allgather"),
+    "moe-tp2-ep2": ("moe", dict(tensor=2, expert=2, sequence_parallel=True), "sequential", "alltoall"),
+    "dense-tp2": ("dense", dict(tensor=2, sequence_parallel=True), "sequential", "allgather"),
 }
 RUNS = {"greedy": (GREEDY, 0), "sampled": (SAMPLED, 7)}
 
@@ -413,7 +414,7 @@ def test_parallel_layouts_generate_what_one_process_generates(checkpoints, model
     assert ranks[0] == ranks[1]  # every rank gets the same result
     result = ranks[0]
     prompts = make_prompts()
-    for name, (kind, _, _) in LAYOUTS.items():
+    for name, (kind, *_) in LAYOUTS.items():
         assert result[name]["state_restored"], name
         for run_name, (params, seed) in RUNS.items():
             reference = generate(models[kind], prompts, SamplingParams(**params), seed=seed)
@@ -448,9 +449,10 @@ def _worker(spec_path: str) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from megatron_ext import parallel
+    from megatron_ext import checkpointing, parallel
+    from megatron_ext.config import ModelOptions, MoEOptions
     from megatron_ext.errors import UsageError
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.model import build_stage
     from megatron_ext.parallel import ParallelLayout
     from megatron_ext.posttrain.generation import SamplingParams, generate
 
@@ -458,9 +460,12 @@ def _worker(spec_path: str) -> None:
     rank = int(os.environ["RANK"])
     prompts, result = make_prompts(), {}
     model = None
-    for name, (kind, layout, backend) in LAYOUTS.items():
+    for name, (kind, layout, backend, dispatcher) in LAYOUTS.items():
         parallel.init_distributed(ParallelLayout(**layout), seed=0)
-        model, _ = load_model_from_checkpoint(spec["checkpoints"][kind], expert_backend=backend)
+        ckpt = spec["checkpoints"][kind]
+        options = ModelOptions(expert_backend=backend, moe=MoEOptions(token_dispatcher=dispatcher))
+        model, _ = build_stage(checkpointing.preset_from_checkpoint(ckpt), options)
+        checkpointing.load_checkpoint(ckpt, [model], load_rng=False)
         before = (model.training, model.config.sequence_parallel)
         result[name] = {run: [dataclasses.asdict(g) for g in
                               generate(model, prompts, SamplingParams(**params), seed=seed)]
