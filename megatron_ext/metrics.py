@@ -90,7 +90,8 @@ class MetricsWriter:
 def format_log_line(step: int, s: dict[str, float]) -> str:
     parts = [
         f"[{time.strftime('%H:%M:%S')}] step {step:6d}",
-        f"lm loss {s['lm_loss']:.4f}",
+        # The run's loss: lm loss, or the first loss a post-training task reports.
+        f"{_loss_name(s).replace('_', ' ')} {s[_loss_name(s)]:.4f}",
     ]
     if s.get("load_balancing_loss") is not None:
         parts.append(f"lb loss {s['load_balancing_loss']:.4f}")
@@ -107,8 +108,12 @@ def format_log_line(step: int, s: dict[str, float]) -> str:
         f"mem {s['peak_memory_gib']:.2f} GiB",
     ]
     if s.get("curriculum_stage") is not None:
-        parts.append(f"stage {int(s['curriculum_stage'])}")
+        parts.append(f"stage {int(s['curriculum_stage']) + 1}")  # 1-based, as slurm/ and the docs count
     return " | ".join(parts)
+
+
+def _loss_name(s: dict) -> str:
+    return "lm_loss" if "lm_loss" in s else next(iter(s))
 
 
 def format_validation_line(step: int, scalars: dict[str, float]) -> str:
