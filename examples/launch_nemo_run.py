@@ -30,12 +30,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from megatron_ext.cli import run_tool  # noqa: E402  (after the path set-up above)
+from megatron_ext.errors import UsageError  # noqa: E402
+
 STAGES = {"nano": [1, 2, 3, 4], "mini": [1, 2, 3, 4], "mini_global": [5]}
 # launch.sh's rendezvous variables: NeMo-Run's torchrun launcher sets up its own.
 _LAUNCHER_ONLY = {"MARCO_PYTHON", "MARCO_REPO", "MARCO_NNODES", "MARCO_NPROC_PER_NODE",
@@ -46,14 +53,15 @@ def launch_plan(model: str, stage: int, nodes: int | None, nproc: int | None) ->
     """Settings, environment and stage command of `bash slurm/launch.sh MODEL STAGE`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["MARCO_DRY_RUN"] = "nul"
-    if nodes:
+    if nodes is not None:
         env["MARCO_NNODES"] = str(nodes)
-    if nproc:
+    if nproc is not None:
         env["MARCO_NPROC_PER_NODE"] = str(nproc)
     out = subprocess.run(["bash", str(REPO / "slurm" / "launch.sh"), model, str(stage)],
                          env=env, capture_output=True, text=True)
     if out.returncode:
-        sys.exit(out.stderr.strip() or f"slurm/launch.sh failed ({out.returncode})")
+        message = out.stderr.strip().splitlines()
+        raise UsageError(message[-1] if message else f"slurm/launch.sh failed ({out.returncode})")
     plan = parse_dry_run(out.stdout)
     plan["env"] = {k: v for k, v in plan["env"].items() if k not in _LAUNCHER_ONLY}
     return plan
@@ -75,6 +83,50 @@ def parse_dry_run(text: str) -> dict:
     return plan
 
 
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds; 0, INFINITE or UNLIMITED for no limit.
+_TIME = re.compile(r"(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                   r"|(?P<h>\d+):(?P<hm>\d+):(?P<hs>\d+)|(?P<m>\d+)(?::(?P<ms>\d+))?)")
+
+
+def time_limit_seconds(text: str) -> float:
+    """Seconds of an sbatch --time value (inf for no limit); UsageError if Slurm would refuse it."""
+    if text.upper() in ("INFINITE", "UNLIMITED"):
+        return float("inf")
+    match = _TIME.fullmatch(text)
+    if match is None:
+        raise UsageError(f"--time {text}: not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                         "D-HH:MM:SS, or INFINITE)")
+    f = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if any(f.get(k, 0) > 59 for k in ("dm", "ds", "hm", "hs", "ms")) or f.get("dh", 0) > 23:
+        raise UsageError(f"--time {text}: hours go up to 23 after days, minutes and seconds up to 59")
+    seconds = (f.get("d", 0) * 86400 + (f.get("dh", 0) + f.get("h", 0)) * 3600
+               + (f.get("dm", 0) + f.get("hm", 0) + f.get("m", 0)) * 60
+               + f.get("ds", 0) + f.get("hs", 0) + f.get("ms", 0))
+    return seconds or float("inf")  # Slurm: a limit of 0 means none
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """What Slurm, slurm/launch.sh or torchrun would refuse later, refused before anything is
+    built or submitted (one line naming the flag)."""
+    if a.stage not in STAGES[a.model]:
+        raise UsageError(f"--stage {a.stage}: {a.model} has stages "
+                         f"{', '.join(map(str, STAGES[a.model]))}")
+    for flag, value in (("--nodes", a.nodes), ("--gpus-per-node", a.gpus_per_node)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1")
+    if a.max_retries < 0:
+        raise UsageError(f"--max-retries {a.max_retries}: must be 0 or more")
+    if not 0 <= a.signal_grace <= 65535:
+        raise UsageError(f"--signal-grace {a.signal_grace}: must be 0-65535 seconds (sbatch --signal)")
+    limit = time_limit_seconds(a.time)
+    if a.signal_grace >= limit:
+        raise UsageError(f"--signal-grace {a.signal_grace}: the signal must come before the end of "
+                         f"--time {a.time} ({limit:.0f} s)")
+    if a.executor == "slurm" and not a.account and not a.dryrun:
+        raise UsageError("--account: required to submit to Slurm (or --dryrun)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("slurm")
     g.add_argument("--account")
     g.add_argument("--partition")
-    g.add_argument("--time", default="24:00:00")
+    g.add_argument("--time", default="24:00:00", help="sbatch --time (e.g. 24:00:00, 2-00:00:00)")
     g.add_argument("--signal-grace", type=int, default=300,
                    help="seconds: --signal=USR1@GRACE; torchrun waits up to GRACE - 60 for the save")
     g.add_argument("--max-retries", type=int, default=50,
@@ -141,12 +193,8 @@ def slurm_executor(a, plan: dict):
     ), remote_repo
 
 
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    if a.stage not in STAGES[a.model]:
-        sys.exit(f"--stage {a.stage}: {a.model} has stages {STAGES[a.model]}")
-    if a.executor == "slurm" and not a.account and not a.dryrun:
-        sys.exit("--account is required to submit to Slurm")
+def launch(a: argparse.Namespace) -> int:
+    check_args(a)
     nodes = 1 if a.executor == "local" else a.nodes
     plan = launch_plan(a.model, a.stage, nodes, a.gpus_per_node)
 
@@ -178,6 +226,10 @@ def main(argv=None) -> int:
         print(f"{name}: {states}")
         return 0 if all(s.upper().startswith("SUCCEEDED") for s in states.values()) else 1
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(launch, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ dry_run=${MARCO_DRY_RUN:-}
 
 # ---------------------------------------------------------------- settings and overrides
 if [[ ${MARCO_CPU:-0} == 1 ]]; then
-    # CPU profile: same scripts and chain, a model that trains in seconds on a few cores.
+    # CPU profile: same scripts and chain, a model that trains in seconds on a few cores, on
+    # one node: submit with `sbatch --nodes=1 --gpus-per-node=0` (the scripts ask for 8 GPU
+    # nodes) or `MARCO_CPU=1 bash slurm/submit_chain.sh`, which adds both.
     PRESET=tiny TP=1 PP=1 EP=1 MICRO_BATCH=2 GLOBAL_BATCH=8 SEQ_LENGTH=256
     GPUS_PER_NODE=2 LR=3e-3 MIN_LR=3e-4 WARMUP_ITERS=2 SAVE_INTERVAL=0 EVAL_INTERVAL=0
     LOG_INTERVAL=1 NODES=1
@@ -52,6 +54,7 @@ tp=${MARCO_TP:-$TP}
 pp=${MARCO_PP:-$PP}
 ep=${MARCO_EP:-$EP}
 nproc=${MARCO_NPROC_PER_NODE:-$GPUS_PER_NODE}
+[[ $nproc =~ ^[1-9][0-9]*$ ]] || die "MARCO_NPROC_PER_NODE=$nproc: expected a positive integer"
 micro_batch=${MARCO_MICRO_BATCH:-$MICRO_BATCH}
 global_batch=${MARCO_GLOBAL_BATCH:-$GLOBAL_BATCH}
 seq_length=${MARCO_SEQ_LENGTH:-$SEQ_LENGTH}
@@ -83,6 +86,7 @@ if [[ -n ${SLURM_JOB_ID:-} ]]; then
     master_port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 elif [[ -n $dry_run ]]; then
     nnodes=${MARCO_NNODES:-$NODES}
+    [[ $nnodes =~ ^[1-9][0-9]*$ ]] || die "MARCO_NNODES=$nnodes: expected a positive integer"
     master_addr='<first host>'
     master_port=${MASTER_PORT:-29500}
 else
@@ -91,9 +95,11 @@ fi
 world=$((nnodes * nproc))
 (( world % (tp * pp) == 0 )) || die "world size $world is not divisible by TP $tp x PP $pp"
 dp=$((world / (tp * pp)))
+cpu_hint=""
+[[ ${MARCO_CPU:-0} == 1 ]] && cpu_hint=" (MARCO_CPU=1 is sized for one node: sbatch --nodes=1)"
 (( global_batch % (micro_batch * dp) == 0 )) ||
     die "global batch $global_batch is not divisible by micro batch $micro_batch x DP $dp" \
-        "($nnodes nodes x $nproc): set MARCO_GLOBAL_BATCH or change --nodes"
+        "($nnodes nodes x $nproc): set MARCO_GLOBAL_BATCH or change --nodes$cpu_hint"
 
 # ---------------------------------------------------------------- the training command
 pretrain=(
