@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -31,14 +31,20 @@ from megatron_ext.parallel import ParallelLayout
 from megatron_ext.presets import PRESETS, ModelPreset, get_preset, override
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pretrain_marco.py",
-        description="Pre-train Marco MoE (and dense parent) models on Megatron-Core.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def build_parser(
+    prog: str = "pretrain_marco.py",
+    description: str = "Pre-train Marco MoE (and dense parent) models on Megatron-Core.",
+    add_data_args: Callable[[argparse.ArgumentParser], argparse.ArgumentParser] = data.add_data_args,
+    parser: Optional[argparse.ArgumentParser] = None,
+) -> argparse.ArgumentParser:
+    """The training flags shared by every entry point, plus the data flags of `add_data_args`
+    (pre-training data by default; post-training passes its own)."""
+    p = parser or argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
+    g.add_argument("--preset", default=None,
+                   help=f"one of: {', '.join(PRESETS)} (default: the --load checkpoint's "
+                        "architecture, else tiny)")
     g.add_argument("--describe", action="store_true",
                    help="print parameter counts and FLOPs per token as one JSON line and exit")
     g.add_argument("--num-layers", type=int, help="override the preset's layer count")
@@ -114,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", help="write TensorBoard event files here")
     g.add_argument("--log-json", help="append one JSON object per step to this file")
     g.add_argument("--eval-interval", type=int, default=0, help="0: no periodic evaluation")
-    g.add_argument("--eval-iters", type=int, default=2)
+    g.add_argument("--eval-iters", type=int, default=None,
+                   help="global batches per validation set (default: 2; SFT: the whole "
+                        "held-out set)")
+    g.add_argument("--skip-train", action="store_true",
+                   help="evaluate the (loaded) model once and exit, no training step "
+                        "(as Megatron-LM)")
     g.add_argument("--peak-tflops", type=float,
                    help="per-device peak for MFU (default: 989 on H100 bf16, measured on CPU)")
 
@@ -132,9 +143,62 @@ def build_parser() -> argparse.ArgumentParser:
                         "TP/PP/EP layout (slower saves); default: reshardable over DP only")
     g.add_argument("--exit-interval", type=int,
                    help="stop (after saving) once the iteration is a multiple of this")
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="let --save hold checkpoints this run does not resume (another run's, "
+                        "or later ones than --load's): they are deleted once this run's first "
+                        "checkpoint is complete (docs/reliability.md)")
 
-    data.add_data_args(p)
+    _add_lever_args(p)
+    add_data_args(p)
     return p
+
+
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe")
+
+
+def _add_lever_args(p: argparse.ArgumentParser) -> None:
+    """The H100 levers for fine-grained MoE: Megatron-LM's flag names, meanings and defaults
+    (docs/defaults.md lists where they differ, docs/cluster.md "Levers" how to use them)."""
+    g = p.add_argument_group("MoE router and dispatch")
+    g.add_argument("--moe-router-score-function", default="softmax", choices=["softmax", "sigmoid"],
+                   help="softmax is Marco's (qwen3_moe); sigmoid is what expert-bias balancing needs")
+    g.add_argument("--moe-router-dtype", default="fp32", choices=["fp32", "fp64"],
+                   help="routing and the probability-weighted expert sum in this precision "
+                        "(Megatron-LM's default: the model's dtype; docs/defaults.md)")
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
+                   help="aux_loss: per micro-batch (GShard); seq_aux_loss: per sequence "
+                        "(DeepSeek-V2/V3); global_aux_loss: over the global batch; none")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free balancing: a per-expert routing bias updated from each "
+                        "global batch's load (needs --moe-router-score-function sigmoid)")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="token dropping: each expert takes at most factor x its even share of "
+                        "tokens (default: dropless)")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                   help="pad every expert's input to its capacity (static shapes)")
+    g.add_argument("--moe-token-drop-policy", default="probs", choices=["probs", "position"])
+    g.add_argument("--moe-permute-fusion", action="store_true",
+                   help="TransformerEngine's fused token permutation (TE >= 2.1)")
+    g.add_argument("--overlap-moe-expert-parallel-comm", action="store_true",
+                   help="overlap the expert-parallel all-to-all with another micro-batch's "
+                        "compute (combined 1F1B; EP > 1, alltoall, bf16)")
+    g = p.add_argument_group("memory and kernels")
+    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
+                   help="with --recompute-granularity selective (default: core_attn)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="fused vocabulary-parallel cross-entropy")
+    g.add_argument("--cross-entropy-fusion-impl", default="native", choices=["native", "te"])
+    g.add_argument("--tp-comm-overlap", action="store_true",
+                   help="overlap tensor-parallel communication with GEMMs (TransformerEngine)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split each sequence over this many ranks (TransformerEngine attention)")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size",
+                   dest="num_virtual_stages_per_pipeline_rank", type=int, default=None,
+                   help="interleaved pipeline: model chunks per pipeline rank")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline, given as layers per model chunk")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
@@ -144,7 +208,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
 # Flags that must be finite numbers (NaN/inf would train to NaN weights and save them).
 _FINITE = ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
            "init_method_std", "moe_aux_loss_coeff", "moe_z_loss_coeff", "peak_tflops")
-_POSITIVE_INTS = ("micro_batch_size", "train_iters", "log_interval", "eval_iters")
+_POSITIVE_INTS = ("micro_batch_size", "train_iters", "log_interval")
 
 
 def _flag(name: str) -> str:
@@ -159,7 +223,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in _POSITIVE_INTS:
         if getattr(args, name) < 1:
             raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
-    for name in ("global_batch_size", "save_interval", "exit_interval", "seq_length"):
+    for name in ("global_batch_size", "save_interval", "exit_interval", "seq_length", "eval_iters"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"{_flag(name)} must be >= 1, got {value}")
@@ -175,7 +239,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _model(args: argparse.Namespace) -> ModelPreset:
-    preset = get_preset(args.preset)
+    if args.preset is None and args.load:
+        # The checkpoint's architecture (imported/upcycled ones may match no registered preset).
+        from megatron_ext import checkpointing
+
+        preset = checkpointing.preset_from_checkpoint(args.load)
+    else:
+        preset = get_preset(args.preset or "tiny")
     if not preset.is_moe and any(
         v is not None for v in (args.num_experts, args.moe_ffn_hidden_size, args.moe_router_topk)
     ):
@@ -235,12 +305,130 @@ def _model_options(args: argparse.Namespace, m: ModelPreset, layout: ParallelLay
             aux_loss_coeff=args.moe_aux_loss_coeff,
             z_loss_coeff=args.moe_z_loss_coeff,
             token_dispatcher=dispatcher,
+            **_moe_levers(args, layout, params_dtype, dispatcher),
         ),
         fp8_format=args.fp8_format,
         fp8_recipe=args.fp8_recipe,
         init_method_std=args.init_method_std,
         recompute_granularity=args.recompute_granularity,
+        **_model_levers(args, m, layout, backend),
     )
+
+
+def _moe_levers(args: argparse.Namespace, layout: ParallelLayout, params_dtype: torch.dtype,
+                dispatcher: str) -> dict:
+    """MoEOptions fields of the router/dispatch levers, checked (Megatron-Core's rules, as one
+    line naming the flag instead of an assertion at model build)."""
+    if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
+        raise ConfigError("--moe-router-enable-expert-bias needs --moe-router-score-function "
+                          "sigmoid (Megatron-Core's aux-loss-free routing)")
+    if not math.isfinite(args.moe_router_bias_update_rate) or args.moe_router_bias_update_rate < 0:
+        raise ConfigError(f"--moe-router-bias-update-rate {args.moe_router_bias_update_rate}: "
+                          "must be a finite number >= 0")
+    capacity = args.moe_expert_capacity_factor
+    if capacity is not None and not (math.isfinite(capacity) and capacity > 0):
+        raise ConfigError(f"--moe-expert-capacity-factor {capacity}: must be > 0 (omit it for "
+                          "dropless routing)")
+    if args.moe_pad_expert_input_to_capacity and capacity is None:
+        raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+    if args.moe_permute_fusion and not te_usable():
+        raise ConfigError("--moe-permute-fusion needs TransformerEngine >= 2.1 on a GPU (its fused "
+                          "permutation kernels), which is not available here")
+    if args.overlap_moe_expert_parallel_comm:
+        _check_ep_overlap(args, layout, params_dtype, dispatcher)
+    return dict(
+        router_score_function=args.moe_router_score_function,
+        router_dtype=args.moe_router_dtype,
+        load_balancing_type=args.moe_router_load_balancing_type,
+        enable_expert_bias=args.moe_router_enable_expert_bias,
+        bias_update_rate=args.moe_router_bias_update_rate,
+        expert_capacity_factor=capacity,
+        pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+        token_drop_policy=args.moe_token_drop_policy,
+        permute_fusion=args.moe_permute_fusion,
+        overlap_ep_comm=args.overlap_moe_expert_parallel_comm,
+    )
+
+
+def _check_ep_overlap(args, layout: ParallelLayout, params_dtype: torch.dtype, dispatcher: str):
+    """Megatron-Core 0.16's requirements of --overlap-moe-expert-parallel-comm."""
+    flag = "--overlap-moe-expert-parallel-comm"
+    if layout.expert < 2:
+        raise ConfigError(f"{flag} needs --expert-model-parallel-size > 1")
+    if dispatcher != "alltoall":
+        raise ConfigError(f"{flag} needs --moe-token-dispatcher-type alltoall, got {dispatcher}")
+    if params_dtype != torch.bfloat16:
+        raise ConfigError(f"{flag} needs bf16 training (--bf16)")
+    if args.recompute_granularity == "full":
+        raise ConfigError(f"{flag} does not work with --recompute-granularity full")
+    if layout.pipeline > 1 and layout.virtual_pipeline is None:
+        raise ConfigError(f"{flag} with --pipeline-model-parallel-size > 1 needs "
+                          "--num-virtual-stages-per-pipeline-rank")
+
+
+def _model_levers(args: argparse.Namespace, m: ModelPreset, layout: ParallelLayout,
+                  backend: str) -> dict:
+    """ModelOptions fields of the recompute/kernel levers, checked."""
+    modules = args.recompute_modules
+    if modules and args.recompute_granularity != "selective":
+        raise ConfigError("--recompute-modules needs --recompute-granularity selective")
+    if modules and "moe_act" in modules and m.is_moe and backend == "sequential":
+        raise ConfigError("--recompute-modules moe_act needs a grouped expert backend "
+                          "(--moe-expert-backend torch-grouped or te), not sequential")
+    if (modules and args.fp8_format and args.fp8_recipe == "delayed"
+            and {"moe_act", "layernorm"} & set(modules)):
+        raise ConfigError("--recompute-modules moe_act/layernorm do not work with "
+                          "--fp8-recipe delayed (Megatron-Core); use tensorwise or blockwise")
+    if args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te" and not te_usable():
+        raise ConfigError("--cross-entropy-fusion-impl te needs TransformerEngine on a GPU; "
+                          "use native")
+    if args.tp_comm_overlap:
+        if not te_usable():
+            raise ConfigError("--tp-comm-overlap needs TransformerEngine on a GPU (its userbuffers "
+                              "GEMM overlap), which is not available here")
+        if layout.tensor < 2 or not layout.sequence_parallel:
+            raise ConfigError("--tp-comm-overlap needs --tensor-model-parallel-size > 1 with "
+                              "--sequence-parallel")
+    return dict(
+        recompute_modules=tuple(modules) if modules else None,
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
+        tp_comm_overlap=args.tp_comm_overlap,
+    )
+
+
+def _virtual_stages(args: argparse.Namespace, m: ModelPreset) -> Optional[int]:
+    """Megatron-LM's two ways of asking for an interleaved pipeline -> chunks per rank."""
+    stages, per_stage = args.num_virtual_stages_per_pipeline_rank, args.num_layers_per_virtual_pipeline_stage
+    if stages is not None and per_stage is not None:
+        raise ConfigError("--num-virtual-stages-per-pipeline-rank and "
+                          "--num-layers-per-virtual-pipeline-stage are exclusive")
+    if per_stage is not None:
+        pp = args.pipeline_model_parallel_size
+        if per_stage < 1 or m.num_layers % (per_stage * pp):
+            raise LayoutError(f"--num-layers-per-virtual-pipeline-stage {per_stage} x "
+                              f"--pipeline-model-parallel-size {pp} must divide the "
+                              f"{m.num_layers} layers")
+        stages = m.num_layers // (per_stage * pp)
+    return None if stages == 1 else stages  # one chunk: the plain 1F1B schedule
+
+
+def _check_cp(args: argparse.Namespace) -> None:
+    if args.context_parallel_size > 1 and not te_usable():
+        raise ConfigError(f"--context-parallel-size {args.context_parallel_size} needs "
+                          "TransformerEngine's attention on a GPU; the non-TE spec's attention "
+                          "has no context parallelism")
+
+
+def _check_schedule(cfg: RunConfig) -> None:
+    """The interleaved 1F1B schedule runs micro-batches in groups of PP (Megatron-Core 0.16's
+    microbatch_group_size_per_vp_stage): their number must be a multiple of PP."""
+    pp = cfg.layout.pipeline
+    if cfg.layout.virtual_pipeline and cfg.num_microbatches % pp:
+        raise LayoutError(
+            f"--num-virtual-stages-per-pipeline-rank: the interleaved schedule needs the "
+            f"micro-batches per step ({cfg.num_microbatches} = --global-batch-size / "
+            f"(--micro-batch-size x DP)) to be a multiple of --pipeline-model-parallel-size {pp}")
 
 
 def _layout(args: argparse.Namespace, m: ModelPreset) -> ParallelLayout:
@@ -252,6 +440,8 @@ def _layout(args: argparse.Namespace, m: ModelPreset) -> ParallelLayout:
         expert_tensor=tp if args.expert_tensor_parallel_size is None else args.expert_tensor_parallel_size,
         # Megatron-Core requires sequence parallelism for MoE with TP > 1.
         sequence_parallel=args.sequence_parallel or (m.is_moe and tp > 1),
+        context=args.context_parallel_size,
+        virtual_pipeline=_virtual_stages(args, m),
     )
 
 
@@ -278,6 +468,10 @@ def _optim(args: argparse.Namespace, on_gpu: bool) -> OptimizerOptions:
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and "
                           "--use-checkpoint-opt-param-scheduler are exclusive")
+    distributed = on_gpu if args.use_distributed_optimizer is None else args.use_distributed_optimizer
+    if args.overlap_param_gather and not (distributed and args.overlap_grad_reduce):
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer and "
+                          "--overlap-grad-reduce (as in Megatron-LM)")
     return OptimizerOptions(
         lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
         lr_warmup_iters=warmup, lr_decay_iters=decay_iters,
@@ -300,24 +494,26 @@ def _checkpoint(args: argparse.Namespace) -> CheckpointOptions:
         save=args.save, save_interval=args.save_interval, load=args.load,
         no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, finetune=args.finetune,
         optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
-        exit_interval=args.exit_interval,
+        exit_interval=args.exit_interval, overwrite_save=args.overwrite_save,
     )
 
 
-def check_args(args: argparse.Namespace) -> RunConfig:
-    """The flags -> the frozen RunConfig, or a ConfigError/LayoutError naming the flag."""
+def check_args(args: argparse.Namespace, data_options: Callable = data.DataOptions.from_args) -> RunConfig:
+    """The flags -> the frozen RunConfig, or a ConfigError/LayoutError naming the flag.
+    `data_options(args)` makes the data part (pre-training DataOptions by default)."""
     _check_numbers(args)
     m = _model(args)
+    _check_cp(args)
     layout = _layout(args, m)
     dp = parallel.validate_layout(layout, m, parallel.world_size_from_env())
-    return RunConfig(
+    cfg = RunConfig(
         model=m,
         layout=layout,
         model_options=_model_options(args, m, layout),
         batch=_batch(args, m, dp),
         optim=_optim(args, torch.cuda.is_available()),
         checkpoint=_checkpoint(args),
-        data=data.DataOptions.from_args(args),
+        data=data_options(args),
         logging=LoggingOptions(
             log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
             log_json=args.log_json, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
@@ -326,4 +522,7 @@ def check_args(args: argparse.Namespace) -> RunConfig:
         data_parallel_size=dp,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
         describe=args.describe,
+        skip_train=args.skip_train,
     )
+    _check_schedule(cfg)
+    return cfg

@@ -33,11 +33,21 @@ from megatron_ext.presets import ModelPreset
 
 @dataclass(frozen=True)
 class MoEOptions:
-    """Router and dispatcher settings (Megatron-LM flag meanings)."""
+    """Router and dispatcher settings (Megatron-LM flag meanings; docs/defaults.md)."""
 
     aux_loss_coeff: float = 1e-3
     z_loss_coeff: float = 1e-3
     token_dispatcher: str = "allgather"
+    router_score_function: str = "softmax"          # --moe-router-score-function
+    router_dtype: Optional[str] = "fp32"            # --moe-router-dtype
+    load_balancing_type: str = "aux_loss"           # --moe-router-load-balancing-type
+    enable_expert_bias: bool = False                # --moe-router-enable-expert-bias
+    bias_update_rate: float = 1e-3                  # --moe-router-bias-update-rate
+    expert_capacity_factor: Optional[float] = None  # --moe-expert-capacity-factor (None: dropless)
+    pad_expert_input_to_capacity: bool = False      # --moe-pad-expert-input-to-capacity
+    token_drop_policy: str = "probs"                # --moe-token-drop-policy
+    permute_fusion: bool = False                    # --moe-permute-fusion (TE)
+    overlap_ep_comm: bool = False                   # --overlap-moe-expert-parallel-comm
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,10 @@ class ModelOptions:
     fp8_recipe: str = "delayed"
     init_method_std: float = 0.02
     recompute_granularity: Optional[str] = None
+    recompute_modules: Optional[tuple] = None  # --recompute-modules (selective; None: core_attn)
+    cross_entropy_loss_fusion: bool = False    # --cross-entropy-loss-fusion
+    cross_entropy_fusion_impl: str = "native"  # --cross-entropy-fusion-impl
+    tp_comm_overlap: bool = False              # --tp-comm-overlap (TE)
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,7 @@ class CheckpointOptions:
     finetune: bool = False  # weights only, iteration 0, fresh optimizer/schedule/RNG
     optim_fully_reshardable: bool = False
     exit_interval: Optional[int] = None
+    overwrite_save: bool = False  # --save may hold another run's checkpoints: replace them
 
 
 @dataclass(frozen=True)
@@ -105,7 +120,7 @@ class LoggingOptions:
     tensorboard_dir: Optional[str] = None
     log_json: Optional[str] = None
     eval_interval: int = 0
-    eval_iters: int = 2
+    eval_iters: Optional[int] = None  # None: the data's whole validation set if it knows it, else 2
     peak_tflops: Optional[float] = None
 
 
@@ -122,6 +137,7 @@ class RunConfig:
     data_parallel_size: int = 1
     distributed_timeout_minutes: int = 30
     describe: bool = False
+    skip_train: bool = False
 
     @property
     def num_microbatches(self) -> int:

@@ -48,18 +48,24 @@ def marco_config(
             moe_ffn_hidden_size=preset.moe_ffn_hidden_size,
             moe_router_topk=preset.moe_router_topk,
             # softmax over the top-k logits == softmax over all experts renormalised on the
-            # top-k (qwen3_moe's norm_topk_prob=True); the router runs in fp32.
+            # top-k (qwen3_moe's norm_topk_prob=True); the router runs in fp32 by default.
             moe_router_pre_softmax=False,
-            moe_router_score_function="softmax",
-            moe_router_dtype="fp32",
-            moe_router_load_balancing_type="aux_loss",
+            moe_router_score_function=moe.router_score_function,
+            moe_router_dtype=moe.router_dtype,
+            moe_router_load_balancing_type=moe.load_balancing_type,
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_z_loss_coeff=moe.z_loss_coeff or None,
+            moe_router_enable_expert_bias=moe.enable_expert_bias,
+            moe_router_bias_update_rate=moe.bias_update_rate,
+            moe_expert_capacity_factor=moe.expert_capacity_factor,
+            moe_pad_expert_input_to_capacity=moe.pad_expert_input_to_capacity,
+            moe_token_drop_policy=moe.token_drop_policy,
             moe_token_dispatcher_type=moe.token_dispatcher,
             moe_grouped_gemm=expert_backend != "sequential",
             moe_per_layer_logging=True,
-            moe_permute_fusion=False,
+            moe_permute_fusion=moe.permute_fusion,
             moe_router_fusion=False,
+            overlap_moe_expert_parallel_comm=moe.overlap_ep_comm,
         )
     return TransformerConfig(
         num_layers=preset.num_layers,
@@ -79,12 +85,21 @@ def marco_config(
         attention_dropout=0.0,
         hidden_dropout=0.0,
         init_method_std=options.init_method_std,
+        # The loss is a token mean over the whole global batch (not a mean of micro-batch
+        # means): the same under any micro-batching or data-parallel size even when micro-
+        # batches hold different numbers of target tokens (SFT assistant tokens, OPD
+        # responses). Megatron scales the gradients by 1 / all target tokens in
+        # finalize_model_grads and rescales the router's aux/z losses to match.
+        calculate_per_token_loss=True,
         # Parallelism.
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor,
         sequence_parallel=layout.sequence_parallel,
+        context_parallel_size=layout.context,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        tp_comm_overlap=options.tp_comm_overlap,
         # Precision: bf16 on GPU, fp32 on CPU; FP8 handled by TransformerEngine.
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -97,11 +112,13 @@ def marco_config(
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=on_gpu,
+        cross_entropy_loss_fusion=options.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=options.cross_entropy_fusion_impl,
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
         perform_initialization=perform_initialization,
         recompute_granularity=recompute_granularity,
+        recompute_modules=list(options.recompute_modules) if options.recompute_modules else None,
         recompute_method="uniform" if recompute_granularity == "full" else None,
         recompute_num_layers=1 if recompute_granularity == "full" else None,
         **moe_fields,
@@ -117,13 +134,15 @@ def build_model(
     post_process: bool = True,
     seq_length: Optional[int] = None,
     use_te: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
 ) -> GPTModel:
     """This rank's stage of a Marco model (tied embeddings, RoPE theta from the preset).
 
-    `use_te`: build with TransformerEngine's modules (default: where TE is usable)."""
+    `use_te`: build with TransformerEngine's modules (default: where TE is usable).
+    `vp_stage`: the virtual pipeline stage (model chunk) to build, with interleaving."""
     model = GPTModel(
         config=config,
-        transformer_layer_spec=marco_block_spec(config, expert_backend, use_te),
+        transformer_layer_spec=marco_block_spec(config, expert_backend, use_te, vp_stage),
         vocab_size=preset.vocab_size,
         max_sequence_length=seq_length or preset.max_position_embeddings,
         pre_process=pre_process,
@@ -132,6 +151,7 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=preset.rotary_base,
         parallel_output=True,
+        vp_stage=vp_stage,
     )
     mark_expert_params(model)
     return model
@@ -164,19 +184,40 @@ def build_stage(
     seq_length: Optional[int] = None,
 ) -> tuple[GPTModel, TransformerConfig]:
     """This rank's pipeline stage of `preset` under Megatron's initialised parallel state
-    (`layout` defaults to that state's), and its TransformerConfig."""
+    (`layout` defaults to that state's), and its TransformerConfig. One model chunk: with
+    virtual pipeline stages use `build_stages`."""
+    models, config = build_stages(preset, options, layout, seq_length)
+    if len(models) != 1:
+        raise ValueError("build_stage: the layout has virtual pipeline stages; use build_stages")
+    return models[0], config
+
+
+def build_stages(
+    preset: ModelPreset,
+    options: ModelOptions,
+    layout: Optional[ParallelLayout] = None,
+    seq_length: Optional[int] = None,
+) -> tuple[list[GPTModel], TransformerConfig]:
+    """This rank's model chunks (one per virtual pipeline stage, interleaved 1F1B; one chunk
+    without --num-virtual-stages-per-pipeline-rank) and their TransformerConfig."""
     from megatron.core import parallel_state
 
-    config = marco_config(preset, layout or ParallelLayout.current(), options)
-    model = build_model(
-        preset,
-        config,
-        options.expert_backend,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        seq_length=seq_length,
-    )
-    return model, config
+    layout = layout or ParallelLayout.current()
+    config = marco_config(preset, layout, options)
+    stages = [None] if layout.virtual_pipeline is None else list(range(layout.virtual_pipeline))
+    models = [
+        build_model(
+            preset,
+            config,
+            options.expert_backend,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            seq_length=seq_length,
+            vp_stage=vp,
+        )
+        for vp in stages
+    ]
+    return models, config
 
 
 def build_meta_model(

@@ -37,11 +37,30 @@ from megatron_ext.config import RunConfig
 from megatron_ext.errors import CheckpointError, TrainingError
 from megatron_ext.flops import H100_BF16_PEAK_TFLOPS, analytic_model_size, training_flops_per_token
 from megatron_ext.metrics import MetricsWriter, peak_memory_gib
-from megatron_ext.model import build_stage
+from megatron_ext.model import build_stages
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ext.routing import RoutingRecorder
 
 log = logging.getLogger(__name__)
+
+# Megatron's aux-loss tracker names (per --moe-router-load-balancing-type) -> the logged name.
+_AUX_LOSS_NAMES = {"load_balancing_loss": "load_balancing_loss",
+                   "seq_load_balancing_loss": "load_balancing_loss",
+                   "global_load_balancing_loss": "load_balancing_loss",
+                   "z_loss": "z_loss"}
+
+
+def _initialize_tp_communicators(cfg: RunConfig) -> None:
+    """--tp-comm-overlap: TransformerEngine's userbuffers for the TP GEMM overlap, sized for one
+    micro-batch's sequence-parallel activations (Megatron-LM's _initialize_tp_communicators)."""
+    from transformer_engine.pytorch import module as te_module
+
+    b, layout = cfg.batch, cfg.layout
+    te_module.base.initialize_ub(
+        shape=[b.seq_length * b.micro_batch_size // layout.context, cfg.model.hidden_size],
+        tp_size=layout.tensor, use_fp8=cfg.model_options.fp8_format is not None,
+        bootstrap_backend="nccl")
+
 
 class StopSignal:
     """SIGTERM / SIGUSR1 (Slurm preemption, `scancel --signal`) request a save-and-exit."""
@@ -69,8 +88,34 @@ def _device() -> torch.device:
 
 
 def _to_device(batch: dict) -> dict:
+    """A micro-batch on this rank's device; with context parallelism, this rank's part of the
+    sequence (Megatron's load-balanced 2 x CP chunks)."""
     device = _device()
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if parallel_state.get_context_parallel_world_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(batch)
+    return batch
+
+
+class _SchedulePlanBuilder:
+    """A model chunk whose call builds Megatron's schedule plan instead of running forward:
+    lets any task's forward step serve the combined 1F1B schedule of
+    --overlap-moe-expert-parallel-comm (which asks `forward_step(..., return_schedule_plan=True)`)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return self.model.build_schedule_plan(*args, **kwargs)
+
+
+def _with_schedule_plan(step: Callable) -> Callable:
+    def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+        return step(data_iterator, _SchedulePlanBuilder(model) if return_schedule_plan else model)
+
+    return forward_step
 
 
 def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -92,11 +137,30 @@ def forward_step(data_iterator, model):
     return output, partial(lm_loss_func, batch["loss_mask"])
 
 
-def build_pretraining_data(cfg: RunConfig, tokenizer):
-    """The default data of the trainer: pre-training stages (corpus, --data-path, curriculum)."""
-    return data.build_pretraining_data(
-        cfg.data, tokenizer, global_batch_size=cfg.batch.global_batch_size,
-        seq_length=cfg.batch.seq_length, train_iters=cfg.batch.train_iters, seed=cfg.batch.seed)
+class PretrainTask:
+    """What a run trains on and how a micro-batch becomes a loss. Pre-training: the stages of
+    megatron_ext.data (corpus, --data-path, curriculum), next-token cross-entropy.
+
+    A task has: `kind` (recorded in marco_model.json), `build_data(trainer)` -> the data
+    (micro_batches / validation_* / stage_at / consumed_tokens_by_source / summary), and
+    `forward_step` (Megatron's forward-step function: its loss function reports
+    {name: [sum, count]}; every name becomes a metric, the first is the run's loss).
+    Optional: `step_metrics(step) -> dict` (extra scalars of the step, e.g. rollout statistics)
+    and `on_step_start(trainer, step)` (e.g. switching a distillation phase)."""
+
+    kind = "pretrain"
+    forward_step = staticmethod(forward_step)
+
+    def build_data(self, trainer: "Trainer"):
+        cfg = trainer.cfg
+        return data.build_pretraining_data(
+            cfg.data, trainer.tokenizer, global_batch_size=cfg.batch.global_batch_size,
+            seq_length=cfg.batch.seq_length, train_iters=cfg.batch.train_iters,
+            seed=cfg.batch.seed)
+
+
+def _metric_name(report_name: str) -> str:
+    return report_name.replace(" ", "_")
 
 
 def measure_cpu_peak_tflops() -> float:
@@ -111,15 +175,15 @@ def measure_cpu_peak_tflops() -> float:
 
 
 class Trainer:
-    """One training run. `build_data(cfg, tokenizer)` makes the data (pre-training stages by
-    default); `forward_step` is Megatron's forward-step function for the pipeline schedule."""
+    """One training run of a task (PretrainTask by default; posttrain/ has SFT and OPD)."""
 
-    def __init__(self, cfg: RunConfig, *, build_data: Callable = build_pretraining_data,
-                 step_func: Callable = forward_step, kind: str = "pretrain"):
+    def __init__(self, cfg: RunConfig, task=None):
         self.cfg = cfg
         self.preset = cfg.model
-        self.kind = kind
-        self.forward_step = step_func
+        self.task = task or PretrainTask()
+        self.forward_step = (_with_schedule_plan(self.task.forward_step)
+                             if cfg.model_options.moe.overlap_ep_comm else self.task.forward_step)
+        self._report_names: Optional[list[str]] = None
         self.stop_signal = StopSignal()  # first: a signal during setup still means "save and stop"
         self.dp_size = cfg.data_parallel_size
         self.num_microbatches = cfg.num_microbatches
@@ -131,12 +195,17 @@ class Trainer:
         self.rank = dist.get_rank()
         self.is_logging_rank = self.rank == dist.get_world_size() - 1
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.save_dir = self._check_checkpoint_paths(cfg)  # before the model: fail in seconds
 
-        model, self.config = build_stage(self.preset, cfg.model_options, cfg.layout,
-                                         seq_length=cfg.batch.seq_length)
+        if cfg.model_options.tp_comm_overlap:
+            _initialize_tp_communicators(cfg)
+        # One model chunk per virtual pipeline stage (interleaved 1F1B), else one.
+        models, self.config = build_stages(self.preset, cfg.model_options, cfg.layout,
+                                           seq_length=cfg.batch.seq_length)
         if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
-        self.model = [wrap_ddp(model, self.config, cfg.optim)]
+            for model in models:
+                model.cuda(torch.cuda.current_device())
+        self.model = [wrap_ddp(model, self.config, cfg.optim) for model in models]
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.model_options.params_dtype)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.batch.train_iters)
         self._wire_grad_sync()
@@ -145,7 +214,7 @@ class Trainer:
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint)
 
-        self.data = build_data(cfg, self.tokenizer)  # logs its plan (megatron_ext.data)
+        self.data = self.task.build_data(self)  # logs its plan
 
         # The local model is a shard under TP/PP/EP: count the full model by formula.
         self.size = analytic_model_size(self.preset)
@@ -163,6 +232,18 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ setup helpers
+    def _check_checkpoint_paths(self, cfg: RunConfig):
+        """--load complete and holding this model; --save claimed (locked, not another run's,
+        writable, room for a checkpoint): one line and exit 2 now, not after hours of training."""
+        ck = cfg.checkpoint
+        if ck.load:
+            checkpointing.check_loadable(ck.load, self.preset)
+        if not ck.save:
+            return None
+        return checkpointing.claim_save_directory(
+            ck.save, load=ck.load, finetune=ck.finetune, overwrite=ck.overwrite_save,
+            needed=checkpointing.checkpoint_bytes(self.preset, cfg.model_options.params_dtype))
+
     def _load(self, opts) -> None:
         weights_only = opts.no_load_optim or opts.finetune
         loaded = checkpointing.load_checkpoint(
@@ -171,6 +252,7 @@ class Trainer:
             None if weights_only else self.optimizer,
             None if weights_only else self.scheduler,
             load_rng=not (opts.no_load_rng or opts.finetune),
+            preset=self.preset,
         )
         self.state = loaded.state
         if loaded.model_only:
@@ -192,13 +274,25 @@ class Trainer:
                 f"past --train-iters {train_iters}; raise --train-iters to continue training")
 
     def _wire_grad_sync(self) -> None:
+        """Megatron-LM's wiring: one function, or one per model chunk (interleaving)."""
         cfg = self.config
-        ddp = self.model[0]
-        cfg.no_sync_func = ddp.no_sync
-        cfg.grad_sync_func = ddp.start_grad_sync if self.cfg.optim.overlap_grad_reduce else None
+
+        def per_chunk(name):
+            funcs = [getattr(ddp, name) for ddp in self.model]
+            return funcs[0] if len(funcs) == 1 else funcs
+
+        cfg.no_sync_func = per_chunk("no_sync")
+        cfg.grad_sync_func = per_chunk("start_grad_sync") if self.cfg.optim.overlap_grad_reduce else None
         cfg.finalize_model_grads_func = finalize_model_grads
         if self.cfg.optim.overlap_param_gather and self.cfg.optim.use_distributed_optimizer:
-            cfg.param_sync_func = ddp.start_param_sync
+            cfg.param_sync_func = per_chunk("start_param_sync")
+
+    def data_iterator(self, batches: list):
+        """The schedule's data iterator: with several model chunks (interleaving) one per
+        chunk, each yielding the same micro-batches in order."""
+        if len(self.model) == 1:
+            return iter(batches)
+        return [iter(batches) for _ in self.model]
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -216,7 +310,7 @@ class Trainer:
         t0 = time.perf_counter()
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step,
-            data_iterator=iter(batches),
+            data_iterator=self.data_iterator(batches),
             model=self.model,
             num_microbatches=self.num_microbatches,
             seq_length=b.seq_length,
@@ -233,19 +327,12 @@ class Trainer:
 
     def _step_metrics(self, step: int, losses: list, lr: float, grad_norm, elapsed: float) -> dict:
         b = self.cfg.batch
-        lm = torch.zeros(2, device=_device())
-        for report in losses:  # non-empty on the last pipeline stage only
-            lm += report["lm loss"].to(lm.device)
-        # Sum over data-parallel ranks, then broadcast from the last stage to everyone.
-        dist.all_reduce(lm, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        dist.all_reduce(lm, group=parallel_state.get_pipeline_model_parallel_group())
-        lm_loss = (lm[0] / lm[1].clamp(min=1)).item()
-
+        reported = self._reduce_reports(losses)
         tokens = b.tokens_per_step
         tokens_per_sec = tokens / elapsed
         tflops = self.flops_per_token * tokens_per_sec / dist.get_world_size() / 1e12
         scalars = {
-            "lm_loss": lm_loss,
+            **reported,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_sec": tokens_per_sec,
@@ -274,10 +361,29 @@ class Trainer:
                 scalars[f"data/consumed_tokens/{source}"] = count
         return {"scalars": scalars, "per_layer": per_layer}
 
+    def _reduce_reports(self, losses: list) -> dict[str, float]:
+        """The loss function's {name: [sum, count]} reports of every micro-batch -> global
+        means: summed over data-parallel ranks, then broadcast from the last pipeline stage
+        (the only one with reports) to every rank. Names follow the first report's order."""
+        if self._report_names is None:
+            # Every rank needs the same names: the last pipeline stage's, learned once.
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, list(losses[0]) if losses else None)
+            self._report_names = next(n for n in gathered if n)
+        names = self._report_names
+        total = torch.zeros(len(names), 2, device=_device())
+        for report in losses:  # non-empty on the last pipeline stage only
+            for i, name in enumerate(names):
+                total[i] += report[name].to(total.device).float()
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return {_metric_name(n): (total[i, 0] / total[i, 1].clamp(min=1)).item()
+                for i, n in enumerate(names)}
+
     def _moe_losses(self) -> dict[str, list[float]]:
         """Per-layer aux losses from Megatron's tracker (reduced across ranks), then cleared."""
         tracker = get_moe_layer_wise_logging_tracker()
-        names = [n for n in ("load_balancing_loss", "z_loss") if n in tracker]
+        names = [n for n in _AUX_LOSS_NAMES if n in tracker]
         reduce_aux_losses_tracker_across_ranks(names)
         if "z_loss" in tracker:
             # Megatron tracks z-loss without a reduce group: each rank holds the mean over its
@@ -286,20 +392,35 @@ class Trainer:
             group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
             dist.all_reduce(tracker["z_loss"]["values"], group=group)
             tracker["z_loss"]["values"] /= group.size()
-        out = {n: (tracker[n]["values"].float() / self.num_microbatches).tolist() for n in names}
+        # Whichever --moe-router-load-balancing-type ran, its loss is the run's load_balancing_loss.
+        out = {_AUX_LOSS_NAMES[n]: (tracker[n]["values"].float() / self.num_microbatches).tolist()
+               for n in names}
         clear_aux_losses_tracker()
         return out
 
     # ------------------------------------------------------------------ evaluation
+    def _eval_micro_batches(self, name: str) -> int:
+        """--eval-iters global batches, or (by default) the whole set when the data knows its
+        size (SFT held-out conversations), else 2 global batches."""
+        eval_iters = self.cfg.logging.eval_iters
+        if eval_iters is None and hasattr(self.data, "validation_rows"):
+            per = self.cfg.batch.micro_batch_size * self.dp_size
+            return max(1, -(-self.data.validation_rows(name) // per))
+        return (eval_iters or 2) * self.num_microbatches
+
     def evaluate(self, step: int) -> dict[str, float]:
-        """Validation loss per validation set (per language when the data has languages)."""
-        b, eval_iters = self.cfg.batch, self.cfg.logging.eval_iters
+        """The task's evaluation if it has one, else validation LM loss per validation set
+        (per language when the data has languages; over assistant tokens for SFT)."""
+        self.sync_params()
+        if hasattr(self.task, "evaluate"):
+            return self.task.evaluate(self, step)
+        b = self.cfg.batch
         results = {}
         for chunk in self.model:
             chunk.eval()
         for name in self.data.validation_names():
             batches = self.data.validation_micro_batches(
-                name, eval_iters * self.num_microbatches, self.dp_rank, self.dp_size,
+                name, self._eval_micro_batches(name), self.dp_rank, self.dp_size,
                 b.micro_batch_size,
             )
             lm = torch.zeros(2, device=_device())
@@ -307,7 +428,7 @@ class Trainer:
             with torch.no_grad(), recording:
                 losses = get_forward_backward_func()(
                     forward_step_func=self.forward_step,
-                    data_iterator=iter(batches),
+                    data_iterator=self.data_iterator(batches),
                     model=self.model,
                     num_microbatches=len(batches),
                     seq_length=b.seq_length,
@@ -354,6 +475,17 @@ class Trainer:
         return scalars
 
     # ------------------------------------------------------------------ checkpoints
+    def sync_params(self) -> None:
+        """Make every rank's parameters current before anything reads them (a save, an
+        evaluation, a caller exporting the model). With --overlap-param-gather the distributed
+        optimizer's all-gather of the updated parameters is deferred to the next forward's
+        pre-hooks, so until then each rank holds only its own shard updated and the others one
+        step stale. Megatron-LM's force_param_sync; a no-op otherwise."""
+        o = self.cfg.optim
+        if o.overlap_param_gather and o.use_distributed_optimizer:
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
+
     def _params_finite(self) -> bool:
         """True on every rank iff every parameter of every rank is finite (collective)."""
         bad = torch.zeros(1, device=_device())
@@ -369,6 +501,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.save:
             return
+        self.sync_params()
         if not self._params_finite():
             raise TrainingError(
                 f"iteration {self.state.iteration}: the model weights are not finite (NaN/inf); "
@@ -383,15 +516,16 @@ class Trainer:
                 self.preset,
                 tokenizer=data.tokenizer_info(self.cfg.data.tokenizer_type,
                                               self.cfg.data.tokenizer_model),
-                run={"kind": self.kind},
+                run={"kind": self.task.kind},
             ),
             optimizer_fully_reshardable=ck.optim_fully_reshardable,
+            directory=self.save_dir,
         )
         self.log(f"saved checkpoint {path}")
 
     def _check_finite(self, step: int, scalars: dict) -> None:
         """Megatron-LM's --check-for-nan-in-loss-and-grad: stop before anything is saved."""
-        for name in ("lm_loss", "grad_norm"):
+        for name in (_metric_name(self._report_names[0]), "grad_norm"):
             value = scalars.get(name)
             if value is not None and not math.isfinite(value):
                 raise TrainingError(
@@ -411,15 +545,23 @@ class Trainer:
             f"global batch {b.global_batch_size} x {b.seq_length} tokens, "
             f"steps {start} -> {b.train_iters}"
         )
+        if cfg.skip_train:
+            self.metrics.log_scalars(start, self.evaluate(max(start - 1, 0)))
+            self.metrics.close()
+            return losses
         if start == b.train_iters:
             log.warning(f"nothing to train: the checkpoint is at iteration {start} = "
                         f"--train-iters {b.train_iters}")
         for step in range(start, b.train_iters):
+            if hasattr(self.task, "on_step_start"):
+                self.task.on_step_start(self, step)
             result = self.train_step(step)
+            if hasattr(self.task, "step_metrics"):
+                result["scalars"].update(self.task.step_metrics(step))
             self._check_finite(step, result["scalars"])
             self.state.iteration = step + 1
             self.state.consumed_samples = (step + 1) * b.global_batch_size
-            losses.append(result["scalars"]["lm_loss"])
+            losses.append(result["scalars"][_metric_name(self._report_names[0])])
             self.metrics.log_step(step + 1, result["scalars"], result["per_layer"])
             it = self.state.iteration
             if cfg.logging.eval_interval and it % cfg.logging.eval_interval == 0:
