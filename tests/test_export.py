@@ -248,7 +248,8 @@ ROUTING = _tool("analyze_routing")
 
 
 def _damage(ckpt, case):
-    """A copy of checkpoint root `ckpt` with one kind of damage; returns (root, file named)."""
+    """A copy of checkpoint root `ckpt` with one kind of damage; returns (root, what the error
+    line says about the file)."""
     import shutil
 
     root = ckpt.parent / case
@@ -267,7 +268,7 @@ def _damage(ckpt, case):
         return root, ".metadata is missing"
     if case == "truncated_metadata":
         os.truncate(it / ".metadata", os.path.getsize(it / ".metadata") // 2)
-        return root, ".metadata is unreadable"
+        return root, ".metadata is truncated"
     os.remove(it / "common.pt")
     return root, "common.pt is missing"
 
@@ -315,8 +316,12 @@ def test_damaged_checkpoint_is_one_line(megatron_single_rank, fresh_moe_tracker,
         capsys.readouterr()
         assert tool.main(argv) == 2
         line = _one_error_line(capsys)
-        assert line.startswith("error: " + where) and named in line, line
-        assert "corrupt" in line and not out.exists() and os.listdir(tmp_path) == []
+        assert line.startswith("error: " + where), line
+        if tool is ROUTING and case == "garbled_distcp":
+            assert "corrupt" in line, line  # Megatron's load (checkpointing.load_checkpoint)
+        else:
+            assert named in line, line
+        assert not out.exists() and os.listdir(tmp_path) == []
 
 
 def test_non_finite_weights_are_refused_unless_allowed(megatron_single_rank, fresh_moe_tracker,

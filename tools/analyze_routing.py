@@ -209,7 +209,6 @@ def write_outputs(out: str, result, counts: dict, info: dict) -> None:
 
 def run(args) -> int:
     from megatron_ext import checkpointing, parallel, routing_analysis
-    from megatron_ext.convert.mcore_reader import check_checkpoint_files, read_errors
     from megatron_ext.model import load_model_from_checkpoint
 
     ckpt = checkpointing.resolve_checkpoint_dir(args.load)
@@ -217,15 +216,12 @@ def run(args) -> int:
     preset = checkpointing.preset_from_checkpoint(ckpt)
     if not preset.is_moe:
         raise UsageError(f"--load {args.load}: a dense checkpoint has no routers to analyse")
-    # A damaged checkpoint is one line naming the file, before any corpus work, whatever part
-    # of Megatron's load would have tripped over it.
-    check_checkpoint_files(ckpt)
+    checkpointing.verify_checkpoint(ckpt)  # damaged files: one line, before any corpus work
     layers = parse_layers(args.layers, preset.num_layers)
     kind, model_path, tokenizer = _tokenizer(args, info)
     streams = language_token_streams(args, kind, model_path, tokenizer)
     with parallel.single_process(seed=0):
-        with read_errors(ckpt):
-            model, preset = load_model_from_checkpoint(ckpt)
+        model, preset = load_model_from_checkpoint(ckpt)
         counts, tokens = record_routing(model, preset, streams, args.seq_length,
                                         args.micro_batch_size)
     result = routing_analysis.analyse({l: c[layers] for l, c in counts.items()}, tokens, layers)

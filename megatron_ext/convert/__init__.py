@@ -18,8 +18,9 @@ Design:
     (`mcore_reader`). HF safetensors are read header-first and written with headers laid out
     up front (`safetensors_io`).
   * Check everything before writing anything: the HF config against Marco's spec, every
-    tensor's name and shape, the checkpoint's files; a failure is one `ConversionError` /
-    `CheckpointError` line naming the flag, file or tensor (`megatron_ext.errors`). Tools write
+    tensor's name and shape, the checkpoint's files (`checkpointing.verify_checkpoint`, the
+    trainer's own check); a failure is one `ConversionError` / `CheckpointError` line naming
+    the flag, file or tensor (`megatron_ext.errors`). Tools write
     into a temporary sibling directory renamed at the end (`megatron_ext.cli.atomic_directory`).
   * The Megatron side is the Marco model as `megatron_ext.model.build_meta_model` builds it
     (the target's keys, shapes and chunks come from its `sharded_state_dict()` on the meta
@@ -32,7 +33,7 @@ Modules:
   hf_config         config.json <-> preset fields (`read_hf_config`,
                     `preset_fields_from_hf_config`, `hf_config_dict`, `hf_tokenizer_info`)
   safetensors_io    `HFSafetensors` (lazy reader), `SafetensorsWriter` (streaming shards)
-  mcore_reader      `check_checkpoint_files`, `read_errors`, `McoreCheckpointReader`,
+  mcore_reader      `McoreCheckpointReader` (checked files, names, shapes and values),
                     `export_tensors`
   streaming         `save_streaming` (a Megatron checkpoint from a chunk producer),
                     `HFCheckpointSource` (the import's producer)

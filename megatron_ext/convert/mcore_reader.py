@@ -1,24 +1,20 @@
 """Reading a Megatron-Core torch_dist checkpoint a chunk at a time (the export's input).
 
-  check_checkpoint_files  the files of an iteration directory before anything is read:
-                          `.metadata` present and readable, every `.distcp` data file it points
-                          into present and long enough, `common.pt` present. A damaged
-                          checkpoint is one line naming the checkpoint and the file, not a
-                          traceback from deep in DCP.
-  read_errors             what goes wrong while reading tensor data anyway (a corrupt file of
-                          the right length) as one line: torch's `CheckpointException` derives
-                          from BaseException, so `except Exception` never sees it.
   McoreCheckpointReader   one layer (or the embedding / final norm) of a checkpoint saved at
                           any TP/PP/EP/DP layout: a DCP load of just that chunk of each global
-                          tensor (DCP reshards from the saved chunks). Checks every tensor's
-                          name and global shape against the architecture up front, and refuses
-                          non-finite values (NaN/inf) unless told otherwise.
+                          tensor (DCP reshards from the saved chunks). Up front: the files
+                          (`checkpointing.verify_checkpoint`: `.metadata`, every `.distcp` as
+                          long as indexed, `common.pt`) and every tensor's name and global shape
+                          against the architecture. When read: non-finite values (NaN/inf) are
+                          refused unless told otherwise.
+                          A file damaged inside fails when read: one line naming the
+                          checkpoint and its data files (torch's `CheckpointException` derives
+                          from BaseException, so `except Exception` never sees it).
   export_tensors          the checkpoint as HF tensors (mapping.py), layer by layer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Iterable, Mapping
 
@@ -26,61 +22,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ext.convert import mapping as hm
 from megatron_ext.errors import CheckpointError, ConversionError
-
-METADATA_FILE, COMMON_FILE = ".metadata", "common.pt"  # DCP's and dist_checkpointing's
-
-
-def check_checkpoint_files(ckpt: str, where: str = "--load") -> Metadata:
-    """The DCP metadata of iteration directory `ckpt`, after checking that the files it needs
-    are all there and long enough; else one CheckpointError naming the file."""
-    def broken(what: str) -> CheckpointError:
-        return CheckpointError(f"{where} {ckpt}: {what}; the checkpoint is incomplete or corrupt")
-
-    if not os.path.isfile(os.path.join(ckpt, METADATA_FILE)):
-        raise broken(f"{METADATA_FILE} is missing")
-    try:
-        metadata = dcp.FileSystemReader(ckpt).read_metadata()
-    except Exception as e:  # noqa: BLE001 - pickle raises many kinds for a damaged file
-        raise broken(f"{METADATA_FILE} is unreadable ({type(e).__name__}: {e})") from None
-    needed: dict[str, int] = {}  # data file -> bytes the metadata points into
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        path = os.path.join(ckpt, name)
-        if not os.path.isfile(path):
-            raise broken(f"{name} is missing")
-        if os.path.getsize(path) < size:
-            raise broken(f"{name} is truncated ({os.path.getsize(path)} bytes, {METADATA_FILE} "
-                         f"points up to byte {size})")
-    if not os.path.isfile(os.path.join(ckpt, COMMON_FILE)):
-        raise broken(f"{COMMON_FILE} is missing")
-    return metadata
-
-
-@contextlib.contextmanager
-def read_errors(ckpt: str, where: str = "--load"):
-    """A failed DCP read inside the block -> one CheckpointError naming the checkpoint and its
-    data files. (DCP wraps each rank's error in a CheckpointException, a BaseException.)"""
-    try:
-        yield
-    except CheckpointException as e:
-        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
-        cause = failures[0] if failures else e
-        text = (str(cause).strip().splitlines() or [""])[0].split(". ")[0]  # no advice of torch's
-        files = sorted(n for n in os.listdir(ckpt) if n.endswith(".distcp")) if os.path.isdir(ckpt) else []
-        raise CheckpointError(f"{where} {ckpt}: reading {', '.join(files) or 'the tensor data'} "
-                              f"failed ({type(cause).__name__}: {text}); the checkpoint is "
-                              "corrupt") from None
 
 
 class _ChunkLoadPlanner(DefaultLoadPlanner):
@@ -112,9 +59,16 @@ class McoreCheckpointReader:
     messages). Tensors with NaN/inf values are refused when read, unless `allow_non_finite`."""
 
     def __init__(self, ckpt_dir: str, preset, where: str = "--load", allow_non_finite: bool = False):
+        from megatron_ext import checkpointing  # imports Megatron (seconds)
+
         self.ckpt_dir, self.preset, self.where = ckpt_dir, preset, where
         self.allow_non_finite = allow_non_finite
-        md = check_checkpoint_files(ckpt_dir, where).state_dict_metadata
+        checkpointing.verify_checkpoint(ckpt_dir, where)
+        try:
+            md = dcp.FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - not a torch_dist index
+            raise ConversionError(f"{where} {ckpt_dir}: unreadable checkpoint metadata "
+                                  f"({type(e).__name__}: {e})") from None
         L = preset.num_layers
         self.layer_shapes = hm.mcore_layer_shapes(preset)
         self.global_shapes = hm.mcore_global_shapes(preset)
@@ -142,10 +96,23 @@ class McoreCheckpointReader:
         """key -> (offsets, shape) => key -> tensor (in the stored dtype)."""
         bufs = {k: (off, torch.empty(shape, dtype=self.dtypes[k])) for k, (off, shape) in requests.items()}
         # A single process reads (no process group): DCP plans and reads locally.
-        with read_errors(self.ckpt_dir, self.where):
+        try:
             dcp.load({}, storage_reader=dcp.FileSystemReader(self.ckpt_dir),
                      planner=_ChunkLoadPlanner(bufs), no_dist=True)
+        except CheckpointException as e:  # a BaseException: `except Exception` misses it
+            raise self._damaged(e) from None
         return {k: buf for k, (_, buf) in bufs.items()}
+
+    def _damaged(self, e: CheckpointException) -> CheckpointError:
+        """A failed read of files that passed the up-front checks (damaged inside): one line
+        naming the checkpoint, its data files and the first rank's error (without torch's
+        advice, which is about trusting pickles, not about this)."""
+        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        cause = failures[0] if failures else e
+        text = (str(cause).strip().splitlines() or [""])[0].split(". ")[0]
+        files = sorted(n for n in os.listdir(self.ckpt_dir) if n.endswith(".distcp"))
+        return CheckpointError(f"{self.where} {self.ckpt_dir}: reading {', '.join(files)} failed "
+                               f"({type(cause).__name__}: {text}); the checkpoint is corrupt")
 
     def _check_finite(self, tensors: dict, layer: int | None = None) -> None:
         if self.allow_non_finite:
