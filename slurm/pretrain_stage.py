@@ -177,8 +177,10 @@ def main(args: list[str] | None = None) -> int:
         print(f"stage {opts.stage}: steps {plan['first_step']} -> {plan['train_iters']} "
               f"(stage ends at {plan['stage_end_step']}); {plan['action']}", flush=True)
     import pretrain_marco
+    from megatron_ext.cli import entry_point
 
-    return pretrain_marco.main(plan["argv"])
+    # As `python pretrain_marco.py ...` runs: logging set up, MarcoError -> one line, exit 2.
+    return entry_point(pretrain_marco.main, plan["argv"])
 
 
 if __name__ == "__main__":  # checkpoint writers spawn processes that re-import this file

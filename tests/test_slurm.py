@@ -37,7 +37,8 @@ def _load(path: Path):
     return module
 
 
-parse_dry_run = _load(REPO / "examples" / "launch_nemo_run.py").parse_dry_run
+nemo_entry = _load(REPO / "examples" / "launch_nemo_run.py")
+parse_dry_run = nemo_entry.parse_dry_run
 
 
 def _step(tokens: float) -> int:
@@ -77,7 +78,7 @@ def _value(flags: list[str], name: str):
 
 # ----------------------------------------------------------------------------- static checks
 def test_every_script_passes_bash_n_and_shellcheck():
-    assert sorted(p.name for p in SLURM.glob("*.sbatch")) == sorted(SCRIPTS)
+    assert sorted(p.name for p in SLURM.glob("*.sbatch")) == sorted([*SCRIPTS, "evaluate.sbatch"])
     for path in _bash_files():
         result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert result.returncode == 0, f"{path}: {result.stderr}"
@@ -198,9 +199,9 @@ def test_global_curricula_repeat_the_four_stages_they_extend(monkeypatch):
     from megatron_ext.data.curriculum import load_curriculum
 
     monkeypatch.setenv("MARCO_DATA_ROOT", "/data/marco")
-    for base, extended in (("configs/curriculum/marco_5.1T.yaml", "configs/curriculum/marco_global_6.5T.yaml"),
-                           ("configs/curriculum/tiny.yaml", "configs/curriculum/tiny_global.yaml")):
-        a, b = load_curriculum(REPO / base), load_curriculum(REPO / extended)
+    curricula = REPO / "configs" / "curriculum"
+    for base, extended in (("marco_5.1T.yaml", "marco_global_6.5T.yaml"), ("tiny.yaml", "tiny_global.yaml")):
+        a, b = load_curriculum(curricula / base), load_curriculum(curricula / extended)
         assert len(b.stages) == len(a.stages) + 1 == 5
         assert b.stages[:4] == a.stages and b.validation == a.validation and b.data_root == a.data_root
         assert all(b.sources[name] == src for name, src in a.sources.items())
@@ -220,7 +221,8 @@ def test_memory_estimates_fit_an_h100(tmp_path):
         # 79.6 GiB on an H100 80 GB, less ~2 GiB of CUDA context and NCCL buffers.
         assert skewed["total_gib"] < 77, (model, skewed["total_gib"])
         comment = (SLURM / "config" / f"{model}.sh").read_text()
-        assert f"{even['total_gib']:.1f} GiB" in comment and f"{skewed['total_gib']:.1f} GiB" in comment, model
+        for figure in (even, skewed):
+            assert f"{figure['total_gib']:.1f} GiB" in comment, model
 
 
 def _fake_slurm_env(log_dir: Path, job_id: str, **extra) -> dict:
@@ -230,16 +232,61 @@ def _fake_slurm_env(log_dir: Path, job_id: str, **extra) -> dict:
                           SLURM_SUBMIT_DIR=str(REPO), FAKE_SLURM_LOG=str(log_dir), **extra)
 
 
+def _submit_chain(tmp_path: Path, *args: str, **env) -> tuple[subprocess.CompletedProcess, list]:
+    """slurm/submit_chain.sh with the stand-in sbatch: its result and the sbatch calls made."""
+    log = tmp_path / "slurm" / "sbatch.log"
+    log.unlink(missing_ok=True)
+    out = subprocess.run(["bash", "slurm/submit_chain.sh", *args], cwd=REPO, capture_output=True,
+                         text=True, env=_fake_slurm_env(tmp_path / "slurm", "1", **env))
+    calls = [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+    return out, calls
+
+
 def test_submit_chain_makes_each_job_wait_for_the_previous(tmp_path):
-    env = _fake_slurm_env(tmp_path / "slurm", "1")
     scripts = [f"slurm/mini_stage{k}.sbatch" for k in (1, 2, 3, 4)] + ["slurm/mini_global.sbatch"]
-    out = subprocess.run(["bash", "slurm/submit_chain.sh", *scripts], cwd=REPO, env=env,
-                         capture_output=True, text=True)
+    out, calls = _submit_chain(tmp_path, *scripts)
     assert out.returncode == 0, out.stderr
-    calls = [line.split("\t") for line in (tmp_path / "slurm" / "sbatch.log").read_text().splitlines()]
     assert calls[0] == ["--parsable", scripts[0]]
     for i, call in enumerate(calls[1:], 1):
         assert call == ["--parsable", f"--dependency=afterok:{1000 + i}", scripts[i]]
+    assert out.stdout.splitlines()[1] == f"{scripts[1]}: job 1002 (--dependency=afterok:1001)"
+
+    # Model names stand for their scripts in stage order; options before -- go to every job,
+    # after the CPU profile's one-node request so that they win.
+    out, calls = _submit_chain(tmp_path, "--nodes=2", "--time=1:00:00", "--", "nano", "mini_global",
+                               MARCO_CPU="1")
+    assert out.returncode == 0, out.stderr
+    expected = [str(SLURM / f"nano_stage{k}.sbatch") for k in (1, 2, 3, 4)]
+    expected.append(str(SLURM / "mini_global.sbatch"))
+    assert [call[-1] for call in calls] == expected
+    profile = ["--nodes=1", "--gpus-per-node=0", "--nodes=2", "--time=1:00:00"]
+    assert calls[0] == ["--parsable", *profile, expected[0]]
+    assert calls[4] == ["--parsable", "--dependency=afterok:1004", *profile, expected[4]]
+    out, calls = _submit_chain(tmp_path, "--nodes=16", "--", "slurm/mini_stage2.sbatch")
+    assert calls == [["--parsable", "--nodes=16", "slurm/mini_stage2.sbatch"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "no script or model given"),
+    (("mini", "--nodes=2"), "'--nodes=2' after the scripts: sbatch options go before '--'"),
+    (("--nodes=2",), "'--nodes=2' after the scripts"),  # no --: everything is a script
+    (("--nodes=2", "--"), "no script or model given"),
+    (("minni",), "no such file or model 'minni' (models: mini mini_global nano)"),
+])
+def test_submit_chain_refuses_what_it_cannot_submit(tmp_path, args, message):
+    out, calls = _submit_chain(tmp_path, *args)
+    assert out.returncode == 2 and calls == [], out
+    assert out.stderr.startswith(f"submit_chain.sh: error: {message}") and out.stderr.count("\n") == 1
+
+
+def test_log_line_counts_curriculum_stages_from_1_like_the_launcher():
+    from megatron_ext.metrics import format_log_line
+
+    scalars = dict(lm_loss=2.0, lr=1e-3, grad_norm=1.0, tokens_per_sec=1000.0, tflops_per_device=0.1,
+                   mfu=0.1, peak_memory_gib=1.0)
+    assert format_log_line(5, {**scalars, "curriculum_stage": 0}).endswith("| stage 1")
+    assert format_log_line(5, {**scalars, "curriculum_stage": 3}).endswith("| stage 4")
+    assert "stage" not in format_log_line(5, scalars)
 
 
 def test_a_finished_stage_is_not_trained_again(tmp_path):
@@ -306,18 +353,20 @@ def test_mini_stage1_sbatch_on_cpu_saves_on_usr1_requeues_and_resumes(tmp_path):
     try:
         # After the periodic save at step 4 (its checkpoint-writer helper is running now),
         # signal the job the way `#SBATCH --signal=USR1@...` does: every process of its steps.
-        deadline = time.time() + 240
+        deadline = time.time() + 600
         while not (latest.exists() and latest.read_text() == "4"):
-            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.out").read_text()[-3000:]
+            assert first.poll() is None and time.time() < deadline, (
+                (tmp_path / "first.out").read_text()[-3000:])
             time.sleep(0.05)
         subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
-        assert first.wait(timeout=240) == 0, (tmp_path / "first.out").read_text()[-3000:]
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.out").read_text()[-3000:]
     finally:
         _kill_job(first, job)
     output = (tmp_path / "first.out").read_text()
     stopped = int(latest.read_text())
     assert 4 < stopped < 8, output[-3000:]
     assert f"signal 10: saved at iteration {stopped}, exiting" in output
+    assert re.search(r"step +1 \| lm loss .* \| stage 1$", output, re.M), output[-3000:]
     assert "world 2 (TP 1 PP 1 EP 1 DP 2)" in output
     assert (save / f"iter_{stopped:07d}" / "metadata.json").exists()
     assert (slurm_log / "scontrol.log").read_text().splitlines() == [f"requeue {job}"]
@@ -335,7 +384,7 @@ def test_mini_stage1_sbatch_on_cpu_saves_on_usr1_requeues_and_resumes(tmp_path):
 
     second = launch(1, "second")  # Slurm starts the requeued job's batch script again
     try:
-        assert second.wait(timeout=240) == 0, (tmp_path / "second.out").read_text()[-3000:]
+        assert second.wait(timeout=600) == 0, (tmp_path / "second.out").read_text()[-3000:]
     finally:
         _kill_job(second, job)
     output = (tmp_path / "second.out").read_text()
@@ -373,6 +422,45 @@ def test_nemo_run_slurm_dry_run_writes_the_expected_sbatch(tmp_path):
     flags = tr_args[tr_args.index("--") + 1:]  # pretrain_marco.py's, as slurm/launch.sh builds them
     assert flags[:2] == ["--preset", "mini"] and _value(flags, "--expert-model-parallel-size") == "8"
     assert _value(flags, "--global-batch-size") == "1024"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--nodes", "0", "--nodes 0: must be at least 1"),
+    ("--nodes", "-2", "--nodes -2: must be at least 1"),
+    ("--gpus-per-node", "0", "--gpus-per-node 0: must be at least 1"),
+    ("--signal-grace", "-1", "--signal-grace -1: must be 0-65535 seconds (sbatch --signal)"),
+    ("--signal-grace", "600", "--signal-grace 600: the signal must come before the end of --time 00:05:00"),
+    ("--time", "24h", "--time 24h: not a Slurm time"),
+    ("--time", "1:2:3:4", "--time 1:2:3:4: not a Slurm time"),
+    ("--time", "10:75", "--time 10:75: hours go up to 23 after days, minutes and seconds up to 59"),
+    ("--time", "1-30", "--time 1-30: hours go up to 23"),
+    ("--max-retries", "-1", "--max-retries -1: must be 0 or more"),
+    ("--stage", "5", "--stage 5: mini has stages 1, 2, 3, 4"),
+])
+def test_nemo_run_refuses_bad_flags_before_submitting(tmp_path, monkeypatch, capsys, flag, value, message):
+    # Submitting for real (no --dryrun), with the stand-in sbatch on PATH: nothing may reach it.
+    env = _fake_slurm_env(tmp_path / "slurm", "1")
+    for name in ("PATH", "FAKE_SLURM_LOG"):
+        monkeypatch.setenv(name, env[name])
+    args = {"--model": "mini", "--stage": "1", "--executor": "slurm", "--account": "acct",
+            "--time": "00:05:00", "--signal-grace": "60", "--job-dir": str(tmp_path / "jobs"), flag: value}
+    assert nemo_entry.main([x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "slurm" / "sbatch.log").exists() and not (tmp_path / "jobs").exists()
+
+
+def test_nemo_run_reads_every_slurm_time_format():
+    seconds = nemo_entry.time_limit_seconds
+    assert [seconds(t) for t in ("90", "90:30", "48:00:00", "2-12", "2-12:30", "2-12:30:15")] == [
+        5400, 5430, 172800, 216000, 217800, 217815]
+    assert seconds("0") == seconds("INFINITE") == seconds("unlimited") == float("inf")
+
+
+def test_nemo_run_bad_flag_exits_2_with_one_line(tmp_path):
+    result = _nemo_run(tmp_path, "--model", "mini", "--stage", "1", "--nodes", "0", "--dryrun")
+    assert result.returncode == 2 and result.stderr == "error: --nodes 0: must be at least 1\n", result
+    assert result.stdout == "" and not (tmp_path / "nemo_run").exists()
 
 
 @pytest.mark.slow
