@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--output-prefix", default=str(ROOT / "data" / "tokenizer" / "marco_tiny_spm"),
                    help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--chat-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="then give the model the ChatML tokens <|im_start|>/<|im_end|> "
+                        "(tools/add_chat_tokens.py: two pieces the bundled corpus never uses; "
+                        "no corpus id changes), as the shipped tokenizer has them")
     return p
 
 
@@ -129,6 +133,11 @@ def run(args) -> int:
                out.parent / "tokenizer_metadata.json": json.dumps(metadata).encode() + b"\n"})
     print(f"wrote {out}.model: {sp.get_piece_size()} pieces, unk={sp.unk_id()} bos={sp.bos_id()} "
           f"eos/eod={sp.eos_id()} pad={sp.pad_id()}")
+    if args.chat_tokens:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from add_chat_tokens import add_chat_tokens, corpus_files
+
+        add_chat_tokens(f"{out}.model", corpus_files())
     return 0
 
 
