@@ -13,11 +13,12 @@
 #
 # A MODEL (a file slurm/config/MODEL.sh) stands for its scripts in stage order:
 # slurm/MODEL.sbatch if there is one (mini_global), else slurm/MODEL_stage<k>.sbatch.
-# The SBATCH_OPTIONs go to every sbatch call, after the chain's own (--parsable,
-# --dependency) and, with MARCO_CPU=1, after the CPU profile's request (--nodes=1
-# --gpus-per-node=0), so they win. Slurm has no environment variable for --nodes: this is the
-# way to change a chain's node count. Account, partition, time: options here, or sbatch's own
-# SBATCH_ACCOUNT, SBATCH_PARTITION, SBATCH_TIMELIMIT, ... variables.
+# The SBATCH_OPTIONs go to every sbatch call, after the CPU profile's request under
+# MARCO_CPU=1 (--nodes=1 --gpus-per-node=0), so they win, and before the chain's
+# --dependency, so that a --dependency given here holds back the first job only. Slurm has no
+# environment variable for --nodes: this is the way to change a chain's node count. Account,
+# partition, time: options here, or sbatch's own SBATCH_ACCOUNT, SBATCH_PARTITION,
+# SBATCH_TIMELIMIT, ... variables.
 set -euo pipefail
 
 die() { echo "submit_chain.sh: error: $*" >&2; exit 2; }
@@ -74,7 +75,7 @@ if [[ " ${options[*]} " == *" --test-only "* ]]; then
 fi
 dependency=()
 for script in "${scripts[@]}"; do
-    out=$(sbatch --parsable "${dependency[@]}" "${profile[@]}" "${options[@]}" "$script")
+    out=$(sbatch --parsable "${profile[@]}" "${options[@]}" "${dependency[@]}" "$script")
     job=${out%%;*}   # --parsable prints JOBID or JOBID;CLUSTER
     [[ $job =~ ^[0-9]+$ ]] || die "sbatch printed no job id for $script (got '$out')"
     echo "$script: job $job${dependency[*]:+ (${dependency[*]})}"

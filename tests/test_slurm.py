@@ -252,7 +252,7 @@ def test_submit_chain_makes_each_job_wait_for_the_previous(tmp_path):
     assert out.stdout.splitlines()[1] == f"{scripts[1]}: job 1002 (--dependency=afterok:1001)"
 
     # Model names stand for their scripts in stage order; options before -- go to every job,
-    # after the CPU profile's one-node request so that they win.
+    # after the CPU profile's one-node request so that they win, before the chain's dependency.
     out, calls = _submit_chain(tmp_path, "--nodes=2", "--time=1:00:00", "--", "nano", "mini_global",
                                MARCO_CPU="1")
     assert out.returncode == 0, out.stderr
@@ -261,9 +261,13 @@ def test_submit_chain_makes_each_job_wait_for_the_previous(tmp_path):
     assert [call[-1] for call in calls] == expected
     profile = ["--nodes=1", "--gpus-per-node=0", "--nodes=2", "--time=1:00:00"]
     assert calls[0] == ["--parsable", *profile, expected[0]]
-    assert calls[4] == ["--parsable", "--dependency=afterok:1004", *profile, expected[4]]
-    out, calls = _submit_chain(tmp_path, "--nodes=16", "--", "slurm/mini_stage2.sbatch")
-    assert calls == [["--parsable", "--nodes=16", "slurm/mini_stage2.sbatch"]]
+    assert calls[4] == ["--parsable", *profile, "--dependency=afterok:1004", expected[4]]
+    # A --dependency given holds back the first job; the chain's own wins for the others.
+    out, calls = _submit_chain(tmp_path, "--dependency=afterok:77", "--", "slurm/mini_stage2.sbatch",
+                               "slurm/mini_stage3.sbatch")
+    assert calls == [["--parsable", "--dependency=afterok:77", "slurm/mini_stage2.sbatch"],
+                     ["--parsable", "--dependency=afterok:77", "--dependency=afterok:1001",
+                      "slurm/mini_stage3.sbatch"]]
 
 
 @pytest.mark.parametrize("args, message", [
