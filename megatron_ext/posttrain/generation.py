@@ -100,33 +100,72 @@ class Generation:
 def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: int = 0,
              batch_size: int | None = None, vocab_size: int | None = None,
              use_cache: bool = True,
-             on_batch: Optional[Callable[[int], None]] = None) -> list[Generation]:
+             on_batch: Optional[Callable[[int], None]] = None,
+             indices: Optional[list[int]] = None, per_rank: bool = False) -> list[Generation]:
     """Continue each prompt (a list of token ids). `model`: a Megatron GPTModel, or a list of
     one model chunk, possibly wrapped (DDP, Float16Module), at the current parallel layout;
     every rank calls this with the same arguments and gets the same result. `batch_size`
     prompts are decoded together (all at once when None), longest first. `vocab_size`: cut the
     logits to the tokenizer's real vocabulary. `use_cache=False` recomputes the whole sequence
     at every step (the reference the KV cache is tested against). `on_batch(n)` is called
-    after each batch of n prompts (progress bars)."""
+    after each batch of n prompts (progress bars). `indices[i]`: the sampling stream of prompt
+    i (default i), so a prompt's samples do not depend on which call or rank decodes it.
+
+    `per_rank=True` (only where `per_rank_supported(model)`): each data-parallel rank passes
+    its own prompts (ranks of one tensor-parallel group the same ones, any number per rank) and
+    gets its own results; the ranks decode in lockstep (every rank runs the same number of
+    forward passes, idle ones a one-token dummy), which the MoE all-to-alls across
+    data-parallel ranks need."""
     gpt = _unwrap(model)
     vocab = _check_vocab(gpt, vocab_size)
     prompts = _check_prompts(prompts, gpt, params, vocab)
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    _check_same_on_all_ranks(prompts, params, seed, batch_size, vocab)
+    indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(prompts):
+        raise UsageError(f"generate: {len(indices)} indices for {len(prompts)} prompts")
+    lockstep = None
+    if per_rank and _world()[1] > 1:
+        if not per_rank_supported(gpt):
+            raise LayoutError("generate(per_rank=True): the MoE all-gather dispatcher with expert "
+                              "parallelism needs equal token counts on every rank; use "
+                              "--moe-token-dispatcher-type alltoall or generate on every rank")
+        lockstep = _Lockstep()
+    _check_same_on_all_ranks(prompts, params, seed, batch_size, vocab, indices, per_rank=lockstep is not None)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable
     size = batch_size or max(1, len(prompts))
+    batches = [order[start:start + size] for start in range(0, len(order), size)]
+    count = lockstep.most(len(batches)) if lockstep else len(batches)
     results: list[Optional[Generation]] = [None] * len(prompts)
     with _inference_layout(gpt), torch.no_grad():
-        for start in range(0, len(order), size):
-            rows = order[start:start + size]
-            batch = _generate_batch(gpt, [prompts[i] for i in rows], rows, params, seed, vocab,
-                                    use_cache)
+        for k in range(count):
+            if k >= len(batches):  # this rank has no batch k: keep the others company
+                lockstep.idle(gpt)
+                continue
+            rows = batches[k]
+            batch = _generate_batch(gpt, [prompts[i] for i in rows], [indices[i] for i in rows],
+                                    params, seed, vocab, use_cache, lockstep)
             for i, g in zip(rows, batch):
                 results[i] = g
             if on_batch is not None:
                 on_batch(len(rows))
     return results
+
+
+def per_rank_supported(model) -> bool:
+    """Whether data-parallel ranks may decode different prompts (`generate(per_rank=True)`):
+    the only collectives of the forward that span data-parallel ranks are the MoE token
+    dispatcher's, and the all-to-all one takes any token count per rank; the all-gather one
+    (expert parallelism with --moe-token-dispatcher-type allgather), or expert tensor
+    parallelism wider than tensor parallelism, needs equal counts."""
+    config = _unwrap(model).config
+    if not getattr(config, "num_moe_experts", None):
+        return True
+    ep = config.expert_model_parallel_size
+    etp = config.expert_tensor_parallel_size or config.tensor_model_parallel_size
+    if etp > config.tensor_model_parallel_size:
+        return False
+    return ep == 1 or config.moe_token_dispatcher_type == "alltoall"
 
 
 # ------------------------------------------------------------------------------ checks
@@ -186,19 +225,34 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _check_same_on_all_ranks(prompts, params, seed, batch_size, vocab) -> None:
-    """Every rank must decode the same batches (the forward steps hold collectives)."""
-    import torch.distributed as dist
-
+def _check_same_on_all_ranks(prompts, params, seed, batch_size, vocab, indices,
+                             per_rank: bool = False) -> None:
+    """Every rank must decode the same batches (the forward steps hold collectives); with
+    `per_rank`, the same parameters everywhere and the same prompts within a tensor-parallel
+    group (the ranks that share data)."""
     if _world()[1] == 1:
         return
-    text = json.dumps([prompts, params.__dict__, seed, batch_size, vocab], sort_keys=True)
+    settings = [params.__dict__, seed, batch_size, vocab]
+    if per_rank:
+        from megatron.core import parallel_state
+
+        _agree(settings, None, "sampling parameters")
+        _agree([prompts, indices], parallel_state.get_tensor_model_parallel_group(),
+               "prompts (ranks of one tensor-parallel group)")
+    else:
+        _agree([prompts, indices, *settings], None, "prompts or sampling parameters")
+
+
+def _agree(value, group, what: str) -> None:
+    import torch.distributed as dist
+
+    text = json.dumps(value, sort_keys=True)
     digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
     t = torch.tensor([digest, -digest], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     if t[0].item() != -t[1].item():
-        raise UsageError("generate: the ranks were given different prompts or sampling "
-                         "parameters; every rank must pass the same ones")
+        raise UsageError(f"generate: the ranks were given different {what}; every rank must "
+                         "pass the same ones")
 
 
 def _comm_device() -> torch.device:
@@ -256,6 +310,32 @@ def _without_cpu_device_mode():
             yield
     else:
         yield
+
+
+class _Lockstep:
+    """Data-parallel ranks decoding different prompts agree, after every forward pass, whether
+    anyone needs another; a rank with nothing left runs a one-token dummy forward meanwhile, so
+    every rank runs the same number of forward passes (MoE all-to-alls are collective)."""
+
+    def most(self, n: int) -> int:
+        import torch.distributed as dist
+
+        t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def more(self, mine: bool) -> bool:
+        """True on every rank iff some rank needs another forward pass (collective)."""
+        return self.most(int(mine)) > 0
+
+    def idle(self, gpt) -> None:
+        """Dummy forward passes until no rank needs another."""
+        device = next(gpt.parameters()).device
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        while True:
+            gpt(token, token, None)
+            if not self.more(False):
+                return
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -374,7 +454,7 @@ class _RecomputeSteps:
 
 
 def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vocab: int,
-                    use_cache: bool) -> list[Generation]:
+                    use_cache: bool, lockstep: Optional[_Lockstep] = None) -> list[Generation]:
     device = next(gpt.parameters()).device
     b, longest = len(prompts), max(len(p) for p in prompts)
     max_len = longest + params.max_new_tokens
@@ -384,7 +464,7 @@ def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vo
         tokens[r, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         pad[r, :longest - len(p)] = True
     steps = _CachedSteps(gpt, b, max_len, pad) if use_cache else _RecomputeSteps(gpt, pad)
-    chooser = _Chooser(params, seed, indices, vocab)
+    chooser = _Chooser(params, seed, indices, vocab, per_rank=lockstep is not None)
     stop = set(params.stop_ids)
     outputs: list[list[int]] = [[] for _ in range(b)]
     logprobs: list[list[float]] = [[] for _ in range(b)]
@@ -401,7 +481,10 @@ def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vo
                 reasons[r] = "stop"
             else:
                 still.append(k)
-        if not still or step == params.max_new_tokens - 1:
+        more = bool(still) and step < params.max_new_tokens - 1
+        if lockstep is not None and lockstep.more(more) and not more:
+            lockstep.idle(gpt)  # the others go on decoding
+        if not more:
             break
         last = ids.to(device)
         if len(active) - len(still) >= COMPACT_SHARE * len(active):
@@ -437,15 +520,24 @@ def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 class _Chooser:
-    """Chooses each row's next token on global rank 0 and broadcasts it (ids, log-probs).
-    Row r's t-th token uses the t-th uniform of the generator seeded by (seed, indices[r]),
-    all drawn up front (one call per row, not per row and step)."""
+    """Chooses each row's next token on one rank and broadcasts it (ids, log-probs): global
+    rank 0 to all ranks, or with `per_rank` the first rank of each tensor-parallel group to
+    that group. Row r's t-th token uses the t-th uniform of the generator seeded by
+    (seed, indices[r]), all drawn up front (one call per row, not per row and step)."""
 
-    def __init__(self, params: SamplingParams, seed: int, indices, vocab: int):
+    def __init__(self, params: SamplingParams, seed: int, indices, vocab: int, per_rank: bool = False):
         self.params = params
         self.rank, self.world = _world()
+        self.src, self.group = 0, None
+        if per_rank and self.world > 1:
+            import torch.distributed as dist
+            from megatron.core import parallel_state
+
+            self.group = parallel_state.get_tensor_model_parallel_group()
+            self.src = dist.get_global_rank(self.group, 0)
+            self.world = dist.get_world_size(self.group)
         self.uniforms = None
-        if not params.greedy and self.rank == 0:
+        if not params.greedy and self.rank == self.src:
             self.uniforms = torch.stack([
                 torch.rand(params.max_new_tokens, dtype=torch.float64,
                            generator=torch.Generator().manual_seed(_row_seed(seed, i)))
@@ -453,7 +545,7 @@ class _Chooser:
 
     def choose(self, logits: torch.Tensor, rows: list[int], step: int = 0):
         """The next token of each of `rows` (batch rows, in `logits` order) at `step`."""
-        if self.rank == 0:
+        if self.rank == self.src:
             ids, lps = self._choose(logits, rows, step)
         else:
             ids = lps = None
@@ -482,8 +574,8 @@ class _Chooser:
         import torch.distributed as dist
 
         buf = torch.empty(2, n, dtype=torch.float64, device=_comm_device())
-        if self.rank == 0:
+        if self.rank == self.src:
             buf[0] = ids.to(buf.device, torch.float64)
             buf[1] = lps.to(buf.device, torch.float64)
-        dist.broadcast(buf, src=0)
+        dist.broadcast(buf, src=self.src, group=self.group)
         return buf[0].to(torch.long), buf[1].to(torch.float32)

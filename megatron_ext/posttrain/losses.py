@@ -1,0 +1,164 @@
+"""On-policy distillation losses, per response token, in fp32.
+
+Notation, per position t of a response sampled from the student: s = log softmax(z_s / T) and
+t = log softmax(z_t / T) are the student's and teacher's log-probabilities over the real
+vocabulary (logits cut to the tokenizer's size whatever each model pads its embedding to), at
+the rollout temperature T; p = exp(s), q = exp(t); y_t the sampled token; sg = stop-gradient.
+
+  sampled-rkl  slime's on-policy distillation, Marco's loss: a policy-gradient loss whose
+               per-token advantage is A = -c * (s(y) - t(y)) (c = --opd-kl-coef, task reward
+               0): loss = -sg(A) * exp(s(y) - sg(s(y))). Its value is c * (s(y) - t(y)), the
+               one-sample estimate of the per-token reverse KL, and its gradient
+               c * (s(y) - t(y)) * grad s(y) has expectation over y ~ p equal to the gradient
+               of c * KL(p || q) (the score-function identity: E_p[grad s] = 0). One teacher
+               log-prob per token is enough, so the teacher can live in another process.
+  rkl          full-vocabulary reverse KL, KL(p || q) = sum p (s - t).
+  fkl          full-vocabulary forward KL, KL(q || p) = sum q (t - s).
+  jsd          generalised Jensen-Shannon divergence (TRL's GKD): M = beta q + (1 - beta) p,
+               JSD = beta KL(q || M) + (1 - beta) KL(p || M); beta = 0 is taken as forward KL
+               and beta = 1 as reverse KL (TRL's convention; the mixture formula degenerates
+               to 0 there).
+
+Full-vocabulary divergences are computed over chunks of tokens, each under activation
+checkpointing: the [tokens, vocab] fp32 intermediates (log-softmaxes, the mixture) exist for
+one chunk at a time, in the forward and again in the backward, so memory beyond the logits
+themselves is bounded by --opd-chunk-tokens x vocabulary. Under tensor parallelism the
+student's logits are vocab-parallel: the sampled token's log-prob uses Megatron's
+vocab-parallel cross-entropy (no gather), and the full-vocabulary divergences gather each
+chunk over the tensor-parallel group (autograd-aware: the backward splits the gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+LOSSES = ("sampled-rkl", "rkl", "fkl", "jsd")
+FULL_VOCAB = ("rkl", "fkl", "jsd")
+
+
+# ------------------------------------------------------------------------------ parallel helpers
+def _tp() -> tuple[int, int]:
+    """(tensor-parallel rank, size); (0, 1) without Megatron's parallel state."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def cut_vocab(logits: torch.Tensor, vocab_size: int, vocab_parallel: bool) -> torch.Tensor:
+    """Logits restricted to the first `vocab_size` ids: sliced when the last dimension is the
+    whole vocabulary, padded columns set to -inf when it is this rank's vocab-parallel shard."""
+    if not vocab_parallel:
+        return logits[..., :vocab_size]
+    rank, _ = _tp()
+    width = logits.shape[-1]
+    start = rank * width
+    if start + width <= vocab_size:
+        return logits
+    cols = torch.arange(start, start + width, device=logits.device) >= vocab_size
+    return logits.masked_fill(cols, float("-inf"))
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel shards -> the whole vocabulary (autograd-aware)."""
+    if _tp()[1] == 1:
+        return logits
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits)
+
+
+# ------------------------------------------------------------------------------ log-probs
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   vocab_size: Optional[int] = None, vocab_parallel: bool = False) -> torch.Tensor:
+    """log softmax(logits / T)[target] in fp32 over the real vocabulary; differentiable.
+    `vocab_parallel`: the last dimension is this rank's tensor-parallel shard (Megatron's
+    vocab-parallel cross-entropy, no gather)."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    elif z is logits:
+        z = z.clone()  # Megatron's cross-entropy subtracts the max in place
+    if vocab_size is not None:
+        z = cut_vocab(z, vocab_size, vocab_parallel)
+    if vocab_parallel and _tp()[1] > 1:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return -vocab_parallel_cross_entropy(z, targets)
+    return torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------ divergences
+def divergence(s: torch.Tensor, t: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence of log-probs `s` (student) and `t` (teacher), [..., V] -> [...]."""
+    if kind == "jsd" and beta <= 0.0:
+        kind = "fkl"
+    elif kind == "jsd" and beta >= 1.0:
+        kind = "rkl"
+    if kind == "rkl":
+        return (s.exp() * (s - t)).sum(-1)
+    if kind == "fkl":
+        return (t.exp() * (t - s)).sum(-1)
+    if kind == "jsd":
+        m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
+        kl_teacher = (t.exp() * (t - m)).sum(-1)
+        kl_student = (s.exp() * (s - m)).sum(-1)
+        return beta * kl_teacher + (1.0 - beta) * kl_student
+    raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(FULL_VOCAB)}")
+
+
+def _chunk_divergence(zs, zt, rows, kind: str, beta: float, temperature: float, vocab_size: int,
+                      student_parallel: bool, teacher_parallel: bool) -> torch.Tensor:
+    if rows is not None:
+        zs, zt = zs.index_select(0, rows), zt.index_select(0, rows)
+    if student_parallel:
+        zs = gather_vocab(zs)
+    if teacher_parallel:
+        zt = gather_vocab(zt)
+    s = torch.log_softmax(zs[..., :vocab_size].float() / temperature, dim=-1)
+    t = torch.log_softmax(zt[..., :vocab_size].float() / temperature, dim=-1)
+    return divergence(s, t, kind, beta)
+
+
+def full_vocab_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                          kind: str, beta: float = 0.5, temperature: float = 1.0,
+                          vocab_size: int, rows: Optional[torch.Tensor] = None,
+                          student_parallel: bool = False, teacher_parallel: bool = False,
+                          chunk_tokens: int = 1024) -> torch.Tensor:
+    """Per-token divergence of [N, V_s] student and [N, V_t] teacher logits (of the tokens
+    `rows`, all N when None) in fp32, over chunks of `chunk_tokens` tokens, each checkpointed
+    when the student needs a gradient (its fp32 intermediates live one chunk at a time).
+    `*_parallel`: that side's last dimension is this rank's tensor-parallel vocab shard."""
+    teacher_logits = teacher_logits.detach()
+    grad = student_logits.requires_grad and torch.is_grad_enabled()
+    args = (kind, beta, temperature, vocab_size, student_parallel, teacher_parallel)
+    total = student_logits.shape[0] if rows is None else rows.numel()
+    step = max(1, chunk_tokens)
+    out = []
+    for i in range(0, total, step):
+        if rows is None:
+            inputs = (student_logits[i:i + step], teacher_logits[i:i + step], None)
+        else:
+            inputs = (student_logits, teacher_logits, rows[i:i + step])
+        if grad:
+            out.append(checkpoint(_chunk_divergence, *inputs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_divergence(*inputs, *args))
+    if not out:
+        return student_logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def sampled_rkl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                kl_coef: float = 1.0) -> torch.Tensor:
+    """Per-token policy-gradient loss with advantage -c (s(y) - t(y)) (see the module
+    docstring): value c (s(y) - t(y)), gradient c (s(y) - t(y)) grad s(y)."""
+    s = student_logprobs.float()
+    advantage = -kl_coef * (s.detach() - teacher_logprobs.float())
+    return -advantage * torch.exp(s - s.detach())

@@ -1,0 +1,832 @@
+"""Cascaded on-policy distillation (OPD) as a trainer task: Marco's Instruct recipe after SFT.
+
+    python posttrain_marco.py opd --cascade configs/posttrain/marco_mini_cascade.yaml \\
+        --load /ckpt/mini-sft --save /ckpt/mini-opd ...
+
+The student samples its own responses, the teacher scores exactly those token ids, and the
+student learns from the per-token gap (losses.py). Everything else is the pre-training
+trainer's: model, parallel layouts, optimizer, checkpoints, signals, TensorBoard/--log-json.
+
+A step (the trainer's `on_step_start`, then its usual forward/backward/optimizer step):
+  1. phase: the cascade's phase is a pure function of the step (phase i covers its `steps`
+     after the previous phases'); entering one (or resuming into one) builds its teacher in
+     place of the last and sets its learning rate (the optimizer's per-group max/min lr, so
+     the scheduler's own state stays the flags' and a resume checks it as usual). Each phase
+     starts from the previous phase's final student, optimizer state included.
+  2. rollout (rollout.py): the step's prompts and sampling streams come from (--seed, step);
+     the student (trainer.model) samples n responses per prompt with the generator. With data
+     parallelism each rank samples only the rows it trains on when the generator can do that
+     safely (generation.per_rank_supported: dense, or MoE with the all-to-all dispatcher), the
+     ranks decoding in lockstep; otherwise every rank samples the whole global batch and keeps
+     its rows.
+  3. teacher scoring (sampled-rkl): the teacher's log-prob of every response token, at the
+     rollout temperature, in fp32, one forward per micro-batch. The full-vocabulary losses
+     score inside the forward step instead (the teacher's logits of one micro-batch at a time).
+  4. training: forward_step recomputes the student's log-probs (trainer side; compared with the
+     sampling log-probs: "logprob diff", non-zero under MoE routing noise and bf16) and the loss
+     function reports {name: [sum, tokens]}: the loss first, then the per-token reverse KL to
+     the current teacher on the rollouts (s(y) - t(y), the sampled estimate), student and
+     teacher log-prob means. The loss is a token mean over the global batch's response tokens
+     (calculate_per_token_loss), whatever the micro-batching or layout.
+Metrics of the step (`step_metrics`): phase, response length, stop and truncation rates,
+seconds in rollout / teacher scoring / training. `evaluate` (every --eval-interval): the exact
+per-token reverse KL KL(p_student || p_teacher) on a fixed held-out prompt set (one sample each,
+fixed seed) and, with --eval-assistant-data, the held-out assistant-token loss.
+
+Resume is exact: prompts, sampling seeds and phase are functions of the step, and the rest is
+the checkpoint's (weights, optimizer, scheduler, iteration); a resume inside a phase or across
+a phase switch trains what an uninterrupted run trains (tests/test_opd.py).
+
+The cascade file (YAML):
+
+    settings:                       # defaults for this file's runs (the command line wins)
+      rollout-batch-size: 512
+      n-samples-per-prompt: 2
+      rollout-max-prompt-len: 2048
+      rollout-max-response-len: 8192
+    phases:
+      - name: qwen3-30b-a3b
+        teacher: ${QWEN3_30B_A3B_MCORE}   # Megatron checkpoint, HF directory or http:// scorer
+        steps: 1900
+        lr: 1.0e-6
+      - name: qwen3-next-80b-a3b
+        teacher: {path: "${QWEN3_NEXT_80B}", tokenizer: "${QWEN3_TOKENIZER}"}
+        steps: 1000
+        lr: 1.0e-6
+        overrides: {opd-kl-coef: 1.0}    # per-phase: rollout-temperature/-top-p/-top-k,
+                                         # rollout-max-response-len, opd-loss/-kl-coef/-beta
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
+
+import torch
+
+from megatron_ext.errors import ConfigError, DataConfigError, LayoutError
+from megatron_ext.posttrain import losses, rollout
+from megatron_ext.posttrain.rollout import RolloutSettings
+from megatron_ext.posttrain.teachers import TeacherSpec, detect_kind
+
+log = logging.getLogger(__name__)
+
+# Flags whose default comes from the cascade file's `settings`, else from here.
+DEFAULTS: dict[str, Any] = {
+    "rollout_batch_size": 8,
+    "n_samples_per_prompt": 2,
+    "rollout_max_prompt_len": 256,
+    "rollout_max_response_len": 128,
+    "rollout_temperature": 1.0,
+    "rollout_top_p": 1.0,
+    "rollout_top_k": 0,
+    "rollout_decode_batch_size": None,
+    "opd_loss": "sampled-rkl",
+    "opd_kl_coef": 1.0,
+    "opd_beta": 0.5,
+    "opd_chunk_tokens": 1024,
+    "eval_prompts": 64,
+}
+# What a phase may override (the batch shape and the prompt set are the run's).
+PHASE_OVERRIDES = ("rollout_temperature", "rollout_top_p", "rollout_top_k",
+                   "rollout_max_response_len", "rollout_decode_batch_size", "opd_loss",
+                   "opd_kl_coef", "opd_beta")
+EVAL_STREAM = 1 << 40  # the held-out sampling stream: step_seed(--seed, EVAL_STREAM)
+
+
+# ====================================================================== the cascade
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    teacher: TeacherSpec
+    steps: int
+    start: int  # first step (0-based) of the phase
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
+    overrides: tuple = ()  # ((flag dest, value), ...)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+@dataclass(frozen=True)
+class Cascade:
+    phases: tuple
+    settings: tuple = ()  # ((flag dest, value), ...) from the file's `settings`
+    path: Optional[str] = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].end
+
+    def phase_index(self, step: int) -> int:
+        """The phase that trains step `step` (0-based); the last one past the end."""
+        for i, p in enumerate(self.phases):
+            if step < p.end:
+                return i
+        return len(self.phases) - 1
+
+
+def _dest(key: str) -> str:
+    return str(key).replace("-", "_")
+
+
+def _expand(value: str, where: str) -> str:
+    """${VAR} / $VAR from the environment; an unset variable is an error naming it."""
+    for name in re.findall(r"\$\{(\w+)\}|\$(\w+)", value):
+        var = name[0] or name[1]
+        if var not in os.environ:
+            raise ConfigError(f"{where}: environment variable {var} is not set")
+    return os.path.expandvars(value)
+
+
+def _number(value, where: str, kind=float, positive: bool = True):
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if isinstance(value, bool) or not math.isfinite(out) or (positive and out <= 0) or out < 0:
+        raise ConfigError(f"{where}: must be a {'positive' if positive else 'non-negative'} "
+                          f"number, got {value!r}")
+    if kind is int and out != float(value):
+        raise ConfigError(f"{where}: must be an integer, got {value!r}")
+    return out
+
+
+def _teacher(raw, where: str) -> TeacherSpec:
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, dict) or "path" not in raw:
+        raise ConfigError(f"{where}: expected a path or {{path: ..., tokenizer: ..., kind: ...}}")
+    unknown = set(raw) - {"path", "tokenizer", "kind"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (path, tokenizer, kind)")
+    path = _expand(str(raw["path"]), where)
+    if not path.startswith(("http://", "https://")):
+        path = os.path.abspath(path)
+    kind = raw.get("kind") or detect_kind(path, where)
+    if kind not in ("megatron", "hf", "http"):
+        raise ConfigError(f"{where}: kind {kind!r} is not one of megatron, hf, http")
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is not None:
+        tokenizer = os.path.abspath(_expand(str(tokenizer), where))
+    return TeacherSpec(path=path, kind=kind, tokenizer=tokenizer)
+
+
+def _settings(raw, where: str, allowed) -> tuple:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of flag names to values")
+    out = []
+    for key, value in raw.items():
+        dest = _dest(key)
+        if dest not in allowed:
+            raise ConfigError(f"{where}: {key!r} cannot be set here (allowed: "
+                              f"{', '.join(d.replace('_', '-') for d in allowed)})")
+        out.append((dest, value))
+    return tuple(out)
+
+
+def load_cascade(path: str) -> Cascade:
+    """Read and check a cascade file; errors name FILE and the phase/key at fault."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"--cascade {path}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--cascade {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("phases"), list) or not doc["phases"]:
+        raise ConfigError(f"--cascade {path}: expected a mapping with a non-empty 'phases' list")
+    unknown = set(doc) - {"name", "description", "settings", "phases"}
+    if unknown:
+        raise ConfigError(f"--cascade {path}: unknown key {sorted(unknown)[0]!r} "
+                          "(name, description, settings, phases)")
+    settings = _settings(doc.get("settings"), f"{path}: settings", tuple(DEFAULTS))
+    phases, start, names = [], 0, set()
+    for i, raw in enumerate(doc["phases"], 1):
+        where = f"{path}: phase {i}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping (name, teacher, steps, lr, overrides)")
+        unknown = set(raw) - {"name", "teacher", "steps", "lr", "min_lr", "min-lr", "overrides"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} "
+                              "(name, teacher, steps, lr, min-lr, overrides)")
+        for key in ("teacher", "steps"):
+            if key not in raw:
+                raise ConfigError(f"{where}: no {key!r}")
+        name = str(raw.get("name") or f"phase{i}")
+        if name in names:
+            raise ConfigError(f"{where}: name {name!r} is used twice")
+        names.add(name)
+        steps = _number(raw["steps"], f"{where} steps", int)
+        lr = None if raw.get("lr") is None else _number(raw["lr"], f"{where} lr", positive=False)
+        min_raw = raw.get("min_lr", raw.get("min-lr"))
+        min_lr = None if min_raw is None else _number(min_raw, f"{where} min-lr", positive=False)
+        teacher = dataclasses.replace(_teacher(raw["teacher"], f"{where} teacher"), name=name)
+        overrides = _settings(raw.get("overrides"), f"{where} overrides", PHASE_OVERRIDES)
+        phases.append(Phase(name=name, teacher=teacher, steps=steps, start=start, lr=lr,
+                            min_lr=min_lr, overrides=overrides))
+        start += steps
+    return Cascade(phases=tuple(phases), settings=settings, path=os.path.abspath(path))
+
+
+# ====================================================================== flags
+def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The OPD flags (slime's names where they exist); defaults marked 'cascade' come from the
+    cascade file's `settings`, else the value shown."""
+    g = parser.add_argument_group("on-policy distillation")
+    g.add_argument("--cascade", metavar="FILE",
+                   help="YAML cascade: phases of (name, teacher, steps, lr, overrides), each "
+                        "starting from the previous phase's student (configs/posttrain/)")
+    g.add_argument("--teacher", metavar="PATH",
+                   help="one phase of --train-iters steps with this teacher (Megatron checkpoint, "
+                        "transformers directory or http:// scorer) instead of --cascade")
+    g.add_argument("--teacher-tokenizer", metavar="PATH",
+                   help="the --teacher's tokenizer if its checkpoint records none")
+    g.add_argument("--prompt-data", nargs="+", metavar="FILE",
+                   help="chat jsonl files whose conversations, up to the last user turn, are "
+                        "the rollout prompts (default: the bundled SFT sample's training set)")
+    g.add_argument("--eval-prompt-data", nargs="+", metavar="FILE",
+                   help="held-out prompts for the reverse KL every --eval-interval (default: the "
+                        "bundled SFT sample's held-out set)")
+    g.add_argument("--eval-prompts", type=int, help=f"held-out prompts per evaluation "
+                   f"(cascade, else {DEFAULTS['eval_prompts']})")
+    g.add_argument("--eval-assistant-data", nargs="*", metavar="PREFIX",
+                   help="also evaluate the held-out assistant-token loss: chat data prefixes "
+                        "(tools/preprocess_chat_data.py), or none for the bundled SFT sample's "
+                        "held-out split")
+    g.add_argument("--rollout-batch-size", type=int,
+                   help=f"prompts per step (cascade, else {DEFAULTS['rollout_batch_size']}); "
+                        "the global batch is this x --n-samples-per-prompt")
+    g.add_argument("--n-samples-per-prompt", type=int,
+                   help=f"responses sampled per prompt (cascade, else {DEFAULTS['n_samples_per_prompt']})")
+    g.add_argument("--rollout-max-prompt-len", type=int,
+                   help=f"longer prompts are left out, counted (cascade, else "
+                        f"{DEFAULTS['rollout_max_prompt_len']})")
+    g.add_argument("--rollout-max-response-len", type=int,
+                   help=f"longer responses are truncated, counted (cascade, else "
+                        f"{DEFAULTS['rollout_max_response_len']})")
+    g.add_argument("--rollout-temperature", type=float,
+                   help="sampling and scoring temperature (cascade, else 1.0)")
+    g.add_argument("--rollout-top-p", type=float, help="nucleus sampling (cascade, else 1.0 = off)")
+    g.add_argument("--rollout-top-k", type=int, help="top-k sampling (cascade, else 0 = off)")
+    g.add_argument("--rollout-decode-batch-size", type=int,
+                   help="rows decoded together per rank (cascade, else all of the rank's rows)")
+    g.add_argument("--opd-loss", choices=losses.LOSSES,
+                   help="sampled-rkl (Marco/slime: policy gradient with advantage "
+                        "-(log p_s - log p_t)), or full-vocabulary rkl, fkl, jsd (cascade, else "
+                        "sampled-rkl)")
+    g.add_argument("--opd-kl-coef", type=float, help="scale of the loss (cascade, else 1.0)")
+    g.add_argument("--opd-beta", type=float,
+                   help="jsd: weight of the teacher in the mixture, 0 = forward KL, 1 = reverse "
+                        "KL (cascade, else 0.5)")
+    g.add_argument("--opd-chunk-tokens", type=int,
+                   help="full-vocabulary losses: tokens per chunk (memory bound; cascade, else 1024)")
+    have = set(parser._option_string_actions)
+    if "--tokenizer-type" not in have:
+        g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                       choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    if "--tokenizer-model" not in have:
+        g.add_argument("--tokenizer-model", default=None,
+                       help="SentencePiece .model file or local Hugging Face tokenizer directory "
+                            "(default: data/tokenizer/marco_tiny_spm.model)")
+    if "--data-cache-path" not in have:
+        g.add_argument("--data-cache-path", default=None,
+                       help="where the bundled SFT sample is prepared for --eval-assistant-data")
+    # Filled by resolve_opd_args: the cascade's total steps, rollout x samples, prompt + response.
+    parser.set_defaults(train_iters=None, global_batch_size=None, seq_length=None)
+    return parser
+
+
+def _cascade_from_args(args) -> Cascade:
+    if args.cascade and args.teacher:
+        raise ConfigError("--cascade and --teacher are exclusive (a cascade names its teachers)")
+    if args.cascade:
+        return load_cascade(args.cascade)
+    if not args.teacher:
+        raise ConfigError("opd needs --cascade FILE (phases of teachers) or --teacher PATH")
+    if args.train_iters is None:
+        raise ConfigError("--teacher: give --train-iters (the steps of its one phase)")
+    spec = _teacher({"path": args.teacher, "tokenizer": args.teacher_tokenizer}, "--teacher")
+    name = os.path.basename(spec.path.rstrip("/")) or "teacher"
+    return Cascade(phases=(Phase(name=name, teacher=dataclasses.replace(spec, name=name),
+                                 steps=args.train_iters, start=0),))
+
+
+def resolve_opd_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Before check_args: read the cascade, fill the OPD flags from its `settings`, and derive
+    --train-iters (the phases' total), --global-batch-size (rollout batch x samples) and
+    --seq-length (longest prompt + response) unless given, checking them if given."""
+    cascade = _cascade_from_args(args)
+    file_settings = dict(cascade.settings)
+    for dest, default in DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, file_settings.get(dest, default))
+    gbs = int(args.rollout_batch_size) * int(args.n_samples_per_prompt)
+    if args.global_batch_size is None:
+        args.global_batch_size = gbs
+    elif args.global_batch_size != gbs:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} must equal "
+                          f"--rollout-batch-size {args.rollout_batch_size} x --n-samples-per-prompt "
+                          f"{args.n_samples_per_prompt} = {gbs} (one optimizer step per rollout)")
+    total = cascade.total_steps
+    if args.train_iters is None:
+        args.train_iters = total
+    elif args.train_iters > total:
+        raise ConfigError(f"--train-iters {args.train_iters} exceeds the cascade's {total} steps "
+                          f"({cascade.path})")
+    longest = max(int(args.rollout_max_prompt_len) + int(dict(p.overrides).get(
+        "rollout_max_response_len", args.rollout_max_response_len)) for p in cascade.phases)
+    if args.seq_length is None:
+        args.seq_length = longest
+    elif args.seq_length < longest:
+        raise ConfigError(f"--seq-length {args.seq_length} is shorter than "
+                          f"--rollout-max-prompt-len + --rollout-max-response-len = {longest}")
+    if args.pipeline_model_parallel_size != 1:
+        raise LayoutError("opd: --pipeline-model-parallel-size must be 1 (the student generates "
+                          "its rollouts, which needs the whole model on each rank)")
+    args.opd_cascade = cascade
+    return args
+
+
+@dataclass(frozen=True)
+class PhaseSettings:
+    rollout: RolloutSettings
+    loss: str
+    kl_coef: float
+    beta: float
+
+
+@dataclass(frozen=True)
+class OPDOptions:
+    """What the OPD flags mean once checked (the run's `cfg.data`)."""
+
+    cascade: Cascade
+    base: tuple  # ((flag dest, value), ...) after the command line and the cascade settings
+    prompt_data: tuple = rollout.DEFAULT_PROMPTS
+    eval_prompt_data: tuple = rollout.DEFAULT_EVAL_PROMPTS
+    eval_prompts: int = 64
+    eval_assistant_data: Optional[tuple] = None  # None: off; (): the bundled SFT held-out split
+    chunk_tokens: int = 1024
+    tokenizer_type: str = "SentencePieceTokenizer"
+    tokenizer_model: Optional[str] = None
+    data_cache_path: Optional[str] = None
+
+    def phase_settings(self, index: int) -> PhaseSettings:
+        v = {**dict(self.base), **dict(self.cascade.phases[index].overrides)}
+        return _phase_settings(v, f"{self.cascade.path or '--teacher'}: phase {index + 1}: ")
+
+
+def _phase_settings(v: dict, where: str) -> PhaseSettings:
+    try:
+        settings = RolloutSettings(
+            rollout_batch_size=int(v["rollout_batch_size"]),
+            n_samples_per_prompt=int(v["n_samples_per_prompt"]),
+            max_prompt_len=int(v["rollout_max_prompt_len"]),
+            max_response_len=int(v["rollout_max_response_len"]),
+            temperature=float(v["rollout_temperature"]), top_p=float(v["rollout_top_p"]),
+            top_k=int(v["rollout_top_k"]),
+            decode_batch_size=None if v["rollout_decode_batch_size"] is None
+            else int(v["rollout_decode_batch_size"]))
+        kl_coef, beta = float(v["opd_kl_coef"]), float(v["opd_beta"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}{e}") from None
+    settings.check(where)
+    if v["opd_loss"] not in losses.LOSSES:
+        raise ConfigError(f"{where}--opd-loss {v['opd_loss']!r}: expected one of {', '.join(losses.LOSSES)}")
+    if not (kl_coef > 0 and math.isfinite(kl_coef)):
+        raise ConfigError(f"{where}--opd-kl-coef must be a positive number, got {kl_coef}")
+    if not 0 <= beta <= 1:
+        raise ConfigError(f"{where}--opd-beta must be in [0, 1], got {beta}")
+    return PhaseSettings(settings, v["opd_loss"], kl_coef, beta)
+
+
+def opd_options(args: argparse.Namespace) -> OPDOptions:
+    """The checked OPD options (call resolve_opd_args first)."""
+    cascade = getattr(args, "opd_cascade", None) or resolve_opd_args(args).opd_cascade
+    base = tuple((d, getattr(args, d)) for d in DEFAULTS)
+    for name, files in (("--prompt-data", args.prompt_data), ("--eval-prompt-data", args.eval_prompt_data)):
+        for f in files or ():
+            if not os.path.isfile(f):
+                raise DataConfigError(f"{name} {f}: no such file")
+    if args.eval_prompts < 1 or args.opd_chunk_tokens < 1:
+        raise ConfigError("--eval-prompts and --opd-chunk-tokens must be >= 1")
+    opts = OPDOptions(
+        cascade=cascade, base=base,
+        prompt_data=tuple(args.prompt_data or rollout.DEFAULT_PROMPTS),
+        eval_prompt_data=tuple(args.eval_prompt_data or rollout.DEFAULT_EVAL_PROMPTS),
+        eval_prompts=int(args.eval_prompts),
+        eval_assistant_data=None if args.eval_assistant_data is None else tuple(args.eval_assistant_data),
+        chunk_tokens=int(args.opd_chunk_tokens),
+        tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+        data_cache_path=args.data_cache_path)
+    for i, phase in enumerate(cascade.phases):
+        ps = opts.phase_settings(i)
+        if phase.teacher.kind == "http" and ps.loss in losses.FULL_VOCAB:
+            raise ConfigError(f"{cascade.path or '--teacher'}: phase {i + 1} ({phase.name}): "
+                              f"--opd-loss {ps.loss} needs the teacher's full logits; its http "
+                              "scorer returns per-token log-probs only (use sampled-rkl)")
+    return opts
+
+
+# ====================================================================== the task
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class OPDData:
+    """The trainer's data interface over the task's rollouts (prepared in on_step_start)."""
+
+    def __init__(self, task: "OPDTask"):
+        self.task = task
+
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int):
+        prepared = self.task.prepared
+        if prepared is None or prepared[0] != step:
+            raise RuntimeError(f"OPD: no rollout prepared for step {step} (on_step_start not run)")
+        return prepared[1]
+
+    def validation_names(self) -> list[str]:
+        return []
+
+    def stage_at(self, step: int):
+        return None
+
+    def consumed_tokens_by_source(self, step: int) -> dict:
+        return {}
+
+    def summary(self) -> list[str]:
+        return self.task.summary()
+
+
+class OPDTask:
+    """`posttrain_marco.py opd`: the trainer's task for cascaded on-policy distillation."""
+
+    kind = "opd"
+
+    def __init__(self, cfg):
+        self.cfg, self.opts = cfg, cfg.data
+        self.forward_step = self._forward_step  # bound: the loss needs the teacher
+        self.teacher = None
+        self.teacher_phase: Optional[int] = None
+        self.prepared = None
+        self.settings: Optional[PhaseSettings] = None
+        self._info: dict = {}
+        self._teacher_seconds = 0.0
+        self._train_start = 0.0
+        self._sft_eval = None
+
+    # ------------------------------------------------------------------ setup
+    def build_data(self, trainer) -> OPDData:
+        from megatron.core import parallel_state
+
+        from megatron_ext.posttrain.chat import ChatTokenizer
+        from megatron_ext.posttrain.generation import per_rank_supported
+        from megatron_ext.posttrain.teachers import check_token_maps, teacher_tokenizer
+
+        self.trainer = trainer
+        self.tok = ChatTokenizer.from_megatron(trainer.tokenizer)
+        first = self.opts.phase_settings(0).rollout
+        self.prompts = rollout.PromptSet(self.opts.prompt_data, self.tok, first.max_prompt_len,
+                                         "--prompt-data")
+        self.eval_set = rollout.PromptSet(self.opts.eval_prompt_data, self.tok,
+                                          first.max_prompt_len, "--eval-prompt-data")
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.multiple = self.tp * (8 if torch.cuda.is_available() else 1)
+        self.per_rank = trainer.dp_size > 1 and per_rank_supported(trainer.model)
+        # Before the first step: every in-process teacher's token map is the student's.
+        for phase in self.opts.cascade.phases:
+            if phase.teacher.kind != "http":
+                check_token_maps(self.tok, teacher_tokenizer(phase.teacher), phase.teacher.label)
+        data = OPDData(self)
+        for line in self.summary():
+            trainer.log(line)
+        return data
+
+    def summary(self) -> list[str]:
+        c, lines = self.opts.cascade, []
+        for i, p in enumerate(c.phases):
+            s = self.opts.phase_settings(i)
+            lr = f"lr {p.lr:g}" if p.lr is not None else "lr --lr"
+            lines.append(f"OPD phase {i + 1}/{len(c.phases)} {p.name}: steps {p.start + 1}-{p.end}, "
+                         f"{lr}, teacher {p.teacher.kind} {p.teacher.path}, loss {s.loss}, "
+                         f"T {s.rollout.temperature:g}, top-p {s.rollout.top_p:g}, "
+                         f"response <= {s.rollout.max_response_len}")
+        s = self.opts.phase_settings(0).rollout
+        lines.append(
+            f"OPD rollouts: {s.rollout_batch_size} prompts x {s.n_samples_per_prompt} samples per "
+            f"step from {len(self.prompts)} prompts ({self.prompts.too_long} longer than "
+            f"{s.max_prompt_len} tokens left out), "
+            + ("each data-parallel rank samples its own rows" if self.per_rank else
+               "every rank samples the whole batch")
+            + f"; held-out: {min(self.opts.eval_prompts, len(self.eval_set))} of "
+              f"{len(self.eval_set)} prompts")
+        return lines
+
+    # ------------------------------------------------------------------ phases
+    def _ensure_teacher(self, trainer, index: int) -> None:
+        from megatron_ext.posttrain.teachers import load_teacher
+
+        if self.teacher_phase == index:
+            return
+        if self.teacher is not None:
+            self.teacher.close()
+            self.teacher = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        phase = self.opts.cascade.phases[index]
+        cfg = self.cfg
+        self.teacher = load_teacher(phase.teacher, student_tokenizer=self.tok,
+                                    options=cfg.model_options, seq_length=cfg.batch.seq_length)
+        self.teacher_phase = index
+        trainer.log(f"OPD phase {index + 1}/{len(self.opts.cascade.phases)} {phase.name} "
+                    f"(steps {phase.start + 1}-{phase.end}): teacher {phase.teacher.path}")
+
+    def _set_lr(self, trainer, phase: Phase) -> None:
+        if phase.lr is None:
+            return
+        o = self.cfg.optim
+        min_lr = phase.min_lr if phase.min_lr is not None else (
+            phase.lr * o.min_lr / o.lr if o.lr > 0 else phase.lr)
+        for group in trainer.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = phase.lr, min(min_lr, phase.lr)
+        trainer.scheduler.step(increment=0)  # this step's lr from the phase's
+
+    def _enter_phase(self, trainer, step: int) -> int:
+        index = self.opts.cascade.phase_index(step)
+        self._ensure_teacher(trainer, index)
+        self._set_lr(trainer, self.opts.cascade.phases[index])
+        self.settings = self.opts.phase_settings(index)
+        return index
+
+    # ------------------------------------------------------------------ a step
+    def on_step_start(self, trainer, step: int) -> None:
+        t0 = _now()
+        index = self._enter_phase(trainer, step)
+        t1 = _now()
+        batches, stats = self._rollout(trainer, step)
+        t2 = _now()
+        if self.settings.loss == "sampled-rkl":
+            for b in batches:
+                b["teacher_logprobs"] = self._teacher_logprobs(b)
+        t3 = _now()
+        self.prepared = (step, batches)
+        self._info = {"opd/phase": index + 1, **rollout.statistics_dict(stats, "rollout"),
+                      "time/teacher_load_sec": t1 - t0, "time/rollout_sec": t2 - t1,
+                      "time/teacher_sec": t3 - t2}
+        self._teacher_seconds = 0.0
+        self._train_start = _now()
+
+    def step_metrics(self, step: int) -> dict:
+        elapsed = _now() - self._train_start
+        info = dict(self._info)
+        info["time/teacher_sec"] += self._teacher_seconds
+        info["time/train_sec"] = elapsed - self._teacher_seconds
+        return info
+
+    def _recording(self, trainer):
+        import contextlib
+
+        routing = getattr(trainer, "routing", None)
+        return routing.recording("rollout") if routing is not None else contextlib.nullcontext()
+
+    def _rollout(self, trainer, step: int):
+        from megatron_ext.posttrain.sft_data import rank_rows
+
+        s = self.settings.rollout
+        n, gbs = s.n_samples_per_prompt, s.global_batch_size
+        mb_rows = rank_rows(gbs, trainer.dp_rank, trainer.dp_size, self.cfg.batch.micro_batch_size)
+        mine = [g for rows in mb_rows for g in rows]
+        chosen = self.prompts.stream(step * s.rollout_batch_size, s.rollout_batch_size,
+                                     self.cfg.batch.seed)
+        rows = mine if self.per_rank else list(range(gbs))
+        with self._recording(trainer):
+            samples = rollout.sample(trainer.model, [self.prompts.prompts[chosen[g // n]] for g in rows],
+                                     rows, s, self.tok, rollout.step_seed(self.cfg.batch.seed, step),
+                                     per_rank=self.per_rank)
+        by_row = {x.row: x for x in samples}
+        batches = [rollout.collate([by_row[g] for g in rows_], self.tok.pad_id, self.multiple)
+                   for rows_ in mb_rows]
+        return batches, self._reduce(rollout.statistics(samples))
+
+    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        """Sums over data-parallel ranks when each rank sampled only its own rows."""
+        if not self.per_rank:
+            return sums
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        t = sums.to(_device())
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        return t.cpu()
+
+    def _teacher_logprobs(self, batch: dict) -> torch.Tensor:
+        s = self.settings
+        return self.teacher.token_logprobs(
+            batch["tokens"], batch["position_ids"], batch["lengths"], batch["labels"],
+            temperature=s.rollout.temperature, vocab_size=self.tok.vocab_size).float().cpu()
+
+    # ------------------------------------------------------------------ the loss
+    def _forward_step(self, data_iterator, model):
+        from megatron_ext import trainer as trainer_module
+
+        batch = trainer_module._to_device(next(data_iterator))
+        output = model(batch["tokens"], batch["position_ids"], None)
+        teacher = None
+        if self.settings.loss in losses.FULL_VOCAB:
+            t0 = _now()
+            teacher = self.teacher.logits(batch["tokens"], batch["position_ids"], batch["lengths"])
+            self._teacher_seconds += _now() - t0
+        return output, partial(self._loss, batch, teacher)
+
+    def _loss(self, batch: dict, teacher, output: torch.Tensor):
+        s = self.settings
+        T, vocab = s.rollout.temperature, self.tok.vocab_size
+        rows = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(-1)
+        labels = batch["labels"]
+        student = losses.token_logprobs(output, labels, temperature=T, vocab_size=vocab,
+                                        vocab_parallel=self.tp > 1).reshape(-1)[rows]
+        if teacher is None:
+            teacher_lp = batch["teacher_logprobs"].reshape(-1)[rows]
+            per_token = losses.sampled_rkl(student, teacher_lp, s.kl_coef)
+        else:
+            logits, parallel = teacher
+            with torch.no_grad():
+                teacher_lp = losses.token_logprobs(logits, labels, temperature=T, vocab_size=vocab,
+                                                   vocab_parallel=parallel).reshape(-1)[rows]
+            per_token = s.kl_coef * losses.full_vocab_divergence(
+                output.reshape(-1, output.shape[-1]), logits.reshape(-1, logits.shape[-1]),
+                rows=rows, kind=s.loss, beta=s.beta, temperature=T, vocab_size=vocab,
+                student_parallel=self.tp > 1, teacher_parallel=parallel,
+                chunk_tokens=self.opts.chunk_tokens)
+        n = float(rows.numel())
+        sampled = student.detach()
+
+        def report(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x.detach().float().sum(), torch.tensor(n, device=x.device)])
+
+        reports = {
+            "opd loss": report(per_token),
+            "reverse kl": report(sampled - teacher_lp),
+            "student logprob": report(sampled),
+            "teacher logprob": report(teacher_lp),
+            "logprob diff": report((sampled - batch["rollout_logprobs"].reshape(-1)[rows]).abs()),
+        }
+        return per_token.sum(), torch.tensor(int(n), dtype=torch.int, device=output.device), reports
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, trainer, step: int) -> dict:
+        """Held-out reverse KL to the phase's teacher (and assistant loss if asked)."""
+        index = self.opts.cascade.phase_index(step)
+        self._ensure_teacher(trainer, index)
+        self.settings = self.opts.phase_settings(index)
+        results = self.heldout(trainer)
+        if self.opts.eval_assistant_data is not None:
+            results.update(self.assistant_loss(trainer))
+        phase = self.opts.cascade.phases[index]
+        trainer.log(f"held-out (step {step + 1}, teacher {phase.name}): reverse KL "
+                    f"{results['heldout/reverse_kl']:.4f}, response length "
+                    f"{results['heldout/response_length']:.1f}, stop rate "
+                    f"{results['heldout/stop_rate']:.2f}"
+                    + "".join(f", assistant loss {v:.4f}" for k, v in results.items()
+                              if k.startswith("validation/lm_loss/")))
+        return results
+
+    def heldout(self, trainer) -> dict:
+        """One sample per held-out prompt (fixed seed) from the student, scored by student and
+        teacher over the whole vocabulary: exact per-token KL(p_student || p_teacher)."""
+        s = dataclasses.replace(self.settings.rollout, n_samples_per_prompt=1)
+        subset = self.eval_set.fixed_subset(self.opts.eval_prompts)
+        dp, rank = trainer.dp_size, trainer.dp_rank
+        if self.per_rank:
+            subset = subset[:len(subset) - len(subset) % dp] or subset[:1] * dp
+            rows = list(range(rank, len(subset), dp))
+        else:
+            rows = list(range(len(subset)))
+        with self._recording(trainer):
+            samples = rollout.sample(trainer.model, [self.eval_set.prompts[subset[g]] for g in rows],
+                                     rows, s, self.tok,
+                                     rollout.step_seed(self.cfg.batch.seed, EVAL_STREAM),
+                                     per_rank=self.per_rank)
+            sums = torch.zeros(6, dtype=torch.float64)
+            mbs = self.cfg.batch.micro_batch_size
+            model = trainer.model[0]
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    for i in range(0, len(samples), mbs):
+                        sums += self._score_heldout(model, rollout.collate(samples[i:i + mbs],
+                                                                           self.tok.pad_id, self.multiple))
+            finally:
+                model.train(was_training)
+        stats = self._reduce(rollout.statistics(samples))
+        sums = self._reduce(sums)
+        n = max(float(sums[0]), 1.0)
+        out = {"heldout/reverse_kl": float(sums[1] if self.teacher.full_logits else sums[2]) / n,
+               "heldout/reverse_kl_sampled": float(sums[2]) / n,
+               "heldout/student_logprob": float(sums[3]) / n,
+               "heldout/teacher_logprob": float(sums[4]) / n}
+        out.update(rollout.statistics_dict(stats, "heldout"))
+        return out
+
+    def _score_heldout(self, model, batch: dict) -> torch.Tensor:
+        """[tokens, exact reverse KL, sampled reverse KL, student lp, teacher lp, 0] sums."""
+        from megatron_ext import trainer as trainer_module
+
+        batch = trainer_module._to_device(batch)
+        T, vocab = self.settings.rollout.temperature, self.tok.vocab_size
+        rows = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(-1)
+        logits = model(batch["tokens"], batch["position_ids"], None)
+        student = losses.token_logprobs(logits, batch["labels"], temperature=T, vocab_size=vocab,
+                                        vocab_parallel=self.tp > 1).reshape(-1)[rows]
+        exact = torch.zeros((), device=logits.device)
+        if self.teacher.full_logits:
+            t_logits, parallel = self.teacher.logits(batch["tokens"], batch["position_ids"],
+                                                     batch["lengths"])
+            teacher = losses.token_logprobs(t_logits, batch["labels"], temperature=T,
+                                            vocab_size=vocab, vocab_parallel=parallel).reshape(-1)[rows]
+            exact = losses.full_vocab_divergence(
+                logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, t_logits.shape[-1]),
+                rows=rows, kind="rkl", temperature=T, vocab_size=vocab,
+                student_parallel=self.tp > 1, teacher_parallel=parallel,
+                chunk_tokens=self.opts.chunk_tokens).sum()
+        else:
+            teacher = self.teacher.token_logprobs(batch["tokens"], batch["position_ids"],
+                                                  batch["lengths"], batch["labels"], temperature=T,
+                                                  vocab_size=vocab).to(logits.device).reshape(-1)[rows]
+        return torch.stack([torch.tensor(float(rows.numel())), exact.double().cpu(),
+                            (student - teacher).sum().double().cpu(), student.sum().double().cpu(),
+                            teacher.sum().double().cpu(), torch.tensor(0.0, dtype=torch.float64)])
+
+    def assistant_loss(self, trainer) -> dict:
+        """Assistant-token loss of the student on held-out chat data (as SFT validates)."""
+        return assistant_loss(trainer.model, self._assistant_data(trainer), trainer.dp_rank,
+                              trainer.dp_size, self.cfg.batch.micro_batch_size)
+
+    def _assistant_data(self, trainer):
+        if self._sft_eval is None:
+            from megatron_ext.layer_spec import te_usable
+            from megatron_ext.posttrain.sft_data import SFTDataOptions, build_sft_data
+
+            o = self.opts
+            opts = SFTDataOptions(valid_data_path=o.eval_assistant_data or None,
+                                  tokenizer_type=o.tokenizer_type,
+                                  tokenizer_model=o.tokenizer_model, data_cache_path=o.data_cache_path)
+            self._sft_eval = build_sft_data(opts, trainer.tokenizer,
+                                            global_batch_size=self.cfg.batch.global_batch_size,
+                                            seq_length=self.cfg.batch.seq_length, train_iters=1,
+                                            seed=self.cfg.batch.seed, attention_mask=not te_usable())
+        return self._sft_eval
+
+
+def assistant_loss(model_chunks, data, dp_rank: int, dp_size: int, micro_batch_size: int) -> dict:
+    """{"validation/lm_loss/<set>": assistant-token loss} of every validation set of SFT data
+    (each held-out conversation once), summed over data-parallel ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_ext.posttrain.sft import sft_forward_step
+
+    out = {}
+    model = model_chunks[0] if isinstance(model_chunks, (list, tuple)) else model_chunks
+    was_training = model.training
+    model.eval()
+    try:
+        for name in data.validation_names():
+            count = max(1, -(-data.validation_rows(name) // (micro_batch_size * dp_size)))
+            total = torch.zeros(2, device=_device())
+            with torch.no_grad():
+                for batch in data.validation_micro_batches(name, count, dp_rank, dp_size,
+                                                           micro_batch_size):
+                    output, loss_func = sft_forward_step(iter([batch]), model)
+                    total += loss_func(output)[2]["lm loss"].to(total.device).float()
+            if dist.is_initialized() and dp_size > 1:
+                dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            out[f"validation/lm_loss/{name}"] = (total[0] / total[1].clamp(min=1)).item()
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,283 @@
+"""Teachers for on-policy distillation: they score the student's own token ids.
+
+A teacher is named by a path (a cascade phase's `teacher:`), its kind found from what is there:
+
+  megatron   a Megatron checkpoint this stack wrote (a trainer run, tools/import_hf_to_mcore.py,
+             tools/upcycle_hf_to_mcore.py): any preset, dense `qwen3` or MoE (e.g. an imported
+             Qwen3-30B-A3B). Built as its own frozen model next to the student, under the same
+             Megatron parallel state (TP shards and EP experts like the student's), in the
+             run's precision, loaded with the checkpoint's resharding; eval mode, no gradients.
+  hf         a `transformers` causal-LM directory (config.json + weights), loaded with
+             AutoModelForCausalLM on every rank (e.g. Qwen3-Next-80B-A3B, which this stack
+             cannot build; on a cluster it is served instead, see docs/posttraining.md).
+  http       `http://HOST:PORT`: a scorer in another process (tools/serve_teacher.py) that
+             returns one log-prob per token; enough for `sampled-rkl`, not for the
+             full-vocabulary losses.
+
+Scoring never re-tokenises text: the teacher gets the student's token ids and returns, at the
+rollout temperature and in fp32, log softmax(logits / T) over the real vocabulary (logits cut to
+the tokenizer's size, whatever each model pads its embedding table to). Before the first step
+the teacher's tokenizer must have the student's token map (same id for every token, special
+tokens included); otherwise a one-line error names both tokenizers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.posttrain import losses
+from megatron_ext.posttrain.chat import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+KINDS = ("megatron", "hf", "http")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Where a teacher is and how to read its tokenizer (`tokenizer` overrides what the
+    checkpoint records: a SentencePiece .model or an HF tokenizer directory)."""
+
+    path: str
+    kind: str
+    tokenizer: Optional[str] = None
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or os.path.basename(self.path.rstrip("/")) or self.path
+
+
+def detect_kind(path: str, where: str) -> str:
+    """megatron | hf | http, from what `path` holds; a ConfigError naming `where` otherwise."""
+    if path.startswith(("http://", "https://")):
+        return "http"
+    if not os.path.isdir(path):
+        raise ConfigError(f"{where}: teacher {path} is not a directory or an http:// scorer")
+    if any(os.path.exists(os.path.join(path, f)) for f in
+           ("latest_checkpointed_iteration.txt", "marco_model.json", "metadata.json")):
+        return "megatron"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    raise ConfigError(f"{where}: teacher {path} is neither a Megatron checkpoint (no "
+                      "latest_checkpointed_iteration.txt / marco_model.json) nor a transformers "
+                      "directory (no config.json)")
+
+
+# ------------------------------------------------------------------------------ token maps
+def check_token_maps(student: ChatTokenizer, teacher: ChatTokenizer, teacher_label: str) -> None:
+    """The teacher scores the student's ids: both tokenizers must map every token to the same
+    id, special tokens included. Otherwise one line naming both tokenizers and a token."""
+    a, b = student.token_map(), teacher.token_map()
+    if a == b:
+        return
+    by_id = sorted(set(a) | set(b), key=lambda k: (min(a.get(k, 1 << 62), b.get(k, 1 << 62)), k))
+    token = next(k for k in by_id if a.get(k) != b.get(k))
+    raise ConfigError(
+        f"teacher {teacher_label}: its tokenizer {teacher.name} ({len(b)} tokens) and the "
+        f"student's tokenizer {student.name} ({len(a)} tokens) differ: {token!r} is "
+        f"{b.get(token)} vs {a.get(token)}; on-policy distillation scores the student's token "
+        "ids, so both need the same token map")
+
+
+def teacher_tokenizer(spec: TeacherSpec) -> ChatTokenizer:
+    """The teacher's tokenizer: `tokenizer:` if given, else what its checkpoint records (or the
+    HF directory itself)."""
+    path, kind = spec.tokenizer, None
+    if path is None and spec.kind == "megatron":
+        from megatron_ext import checkpointing
+
+        info = checkpointing.read_model_info(spec.path).get("tokenizer") or {}
+        path, kind = info.get("tokenizer_model"), info.get("tokenizer_type")
+        if not path:
+            raise ConfigError(f"teacher {spec.path}: its checkpoint records no tokenizer; give "
+                              "`tokenizer:` in the cascade file")
+    elif path is None:
+        path = spec.path
+    if kind is None:
+        kind = "SentencePieceTokenizer" if path.endswith(".model") else "HuggingFaceTokenizer"
+    if not os.path.exists(path):
+        raise ConfigError(f"teacher {spec.path}: tokenizer {path} does not exist (give "
+                          "`tokenizer:` in the cascade file)")
+    return ChatTokenizer.from_args(kind, path)
+
+
+# ------------------------------------------------------------------------------ teachers
+class Teacher:
+    """Scores rows of token ids. `logits` -> (logits [b, s, V'], vocab_parallel);
+    `token_logprobs` -> [b, s] log-probs of `labels` at temperature T over `vocab_size` ids."""
+
+    spec: TeacherSpec
+    tokenizer: ChatTokenizer
+    full_logits = True  # can give whole-vocabulary logits (full-vocabulary losses)
+
+    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor, lengths: torch.Tensor):
+        raise NotImplementedError
+
+    def token_logprobs(self, tokens, position_ids, lengths, labels, *, temperature: float,
+                       vocab_size: int) -> torch.Tensor:
+        with torch.no_grad():
+            logits, parallel = self.logits(tokens, position_ids, lengths)
+            return losses.token_logprobs(logits, labels.to(logits.device), temperature=temperature,
+                                         vocab_size=vocab_size, vocab_parallel=parallel)
+
+    def close(self) -> None:
+        """Release the teacher's memory (a phase switch)."""
+
+
+class MegatronTeacher(Teacher):
+    """A frozen Megatron model of any preset, at the student's parallel layout."""
+
+    def __init__(self, spec: TeacherSpec, options, seq_length: int):
+        from megatron_ext import checkpointing
+        from megatron_ext.layer_spec import torch_grouped_problem
+        from megatron_ext.model import build_model, marco_config
+        from megatron_ext.parallel import ParallelLayout
+
+        self.spec = spec
+        self.preset = checkpointing.preset_from_checkpoint(spec.path)
+        layout = ParallelLayout.current()  # the student's; sequence parallel when TP > 1
+        if self.preset.is_moe and self.preset.num_experts % layout.expert:
+            raise ConfigError(f"teacher {spec.path}: {self.preset.num_experts} experts do not "
+                              f"split over --expert-model-parallel-size {layout.expert}")
+        backend = options.expert_backend
+        if self.preset.is_moe and backend == "torch-grouped" and torch_grouped_problem(
+                self.preset.hidden_size, self.preset.moe_ffn_hidden_size, layout.expert_tensor,
+                options.params_dtype):
+            backend = "sequential"
+        options = dataclasses.replace(options, expert_backend=backend)
+        config = marco_config(self.preset, layout, options, perform_initialization=False)
+        model = build_model(self.preset, config, backend,
+                            seq_length=max(seq_length, 1), use_te=None)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        checkpointing.load_checkpoint(spec.path, [model], load_rng=False)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.eval()
+        self.tokenizer = teacher_tokenizer(spec)
+        self.vocab_parallel = layout.tensor > 1
+
+    def logits(self, tokens, position_ids, lengths):
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            out = self.model(tokens.to(device), position_ids.to(device), None)
+        return out, self.vocab_parallel
+
+    def close(self) -> None:
+        self.model = None
+
+
+class HFTeacher(Teacher):
+    """A transformers causal LM (AutoModelForCausalLM), every rank holding all of it."""
+
+    def __init__(self, spec: TeacherSpec, params_dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        self.spec = spec
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=params_dtype)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"teacher {spec.path}: transformers cannot load it "
+                              f"({str(e).splitlines()[0]})") from None
+        self.model = model.to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = teacher_tokenizer(spec)
+
+    def logits(self, tokens, position_ids, lengths):
+        device = next(self.model.parameters()).device
+        s = tokens.shape[1]
+        mask = (torch.arange(s)[None, :] < lengths[:, None].cpu()).to(device=device, dtype=torch.long)
+        with torch.no_grad():
+            out = self.model(input_ids=tokens.to(device), attention_mask=mask,
+                             position_ids=position_ids.to(device), use_cache=False)
+        return out.logits, False
+
+    def close(self) -> None:
+        self.model = None
+
+
+class HTTPTeacher(Teacher):
+    """A scorer in another process (tools/serve_teacher.py): POST /score with the rows' ids
+    returns each row's per-token log-probs of the next token at the given temperature."""
+
+    full_logits = False
+
+    def __init__(self, spec: TeacherSpec, timeout: float = 600.0):
+        self.spec, self.timeout = spec, timeout
+        info = self._call("/info", None)
+        self.remote = info
+        self.tokenizer = _RemoteTokenizer(info, spec.path)
+
+    def _call(self, route: str, payload: Optional[dict]):
+        url = self.spec.path.rstrip("/") + route
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ConfigError(f"teacher {self.spec.path}: the scorer did not answer {route} "
+                              f"({getattr(e, 'reason', e)})") from None
+
+    def logits(self, tokens, position_ids, lengths):
+        raise ConfigError(f"teacher {self.spec.path}: an http scorer returns per-token log-probs "
+                          "only; the full-vocabulary losses (rkl, fkl, jsd) need an in-process "
+                          "teacher (use --opd-loss sampled-rkl)")
+
+    def token_logprobs(self, tokens, position_ids, lengths, labels, *, temperature, vocab_size):
+        rows = [tokens[i, :int(n)].tolist() for i, n in enumerate(lengths)]
+        out = self._call("/score", {"tokens": rows, "temperature": temperature,
+                                    "vocab_size": vocab_size})["logprobs"]
+        result = torch.zeros(tokens.shape, dtype=torch.float32)
+        for i, lp in enumerate(out):
+            result[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        return result
+
+
+class _RemoteTokenizer:
+    """The token map a scorer reports (its /info), for the token-map check."""
+
+    def __init__(self, info: dict, url: str):
+        self.name = f"{info.get('tokenizer', '?')} (served at {url})"
+        self._map = {str(k): int(v) for k, v in (info.get("token_map") or {}).items()}
+        self.vocab_size = len(self._map)
+
+    def token_map(self) -> dict[str, int]:
+        return dict(self._map)
+
+
+def load_teacher(spec: TeacherSpec, *, student_tokenizer: ChatTokenizer, options,
+                 seq_length: int) -> Teacher:
+    """Build a phase's teacher and check it against the student: token map, vocabulary."""
+    if spec.kind == "megatron":
+        teacher = MegatronTeacher(spec, options, seq_length)
+        size = teacher.preset.vocab_size
+    elif spec.kind == "hf":
+        teacher = HFTeacher(spec, options.params_dtype)
+        size = teacher.model.get_output_embeddings().weight.shape[0]
+    elif spec.kind == "http":
+        teacher = HTTPTeacher(spec)
+        size = int(teacher.remote.get("vocab_size", student_tokenizer.vocab_size))
+    else:
+        raise ConfigError(f"teacher {spec.path}: unknown kind {spec.kind!r} ({', '.join(KINDS)})")
+    check_token_maps(student_tokenizer, teacher.tokenizer, spec.label)
+    if size < student_tokenizer.vocab_size:
+        raise ConfigError(f"teacher {spec.path}: {size} output rows, fewer than the tokenizer's "
+                          f"{student_tokenizer.vocab_size} tokens")
+    log.info(f"teacher {spec.label}: {spec.kind} model {spec.path}, tokenizer "
+             f"{teacher.tokenizer.name} (token map equal to the student's)")
+    return teacher

@@ -1,0 +1,477 @@
+"""On-policy distillation (megatron_ext/posttrain/{opd,losses,rollout,teachers}.py).
+
+- Each loss against an independent plain formula (float64 probabilities, SciPy's
+  Jensen-Shannon distance): reverse and forward KL, generalised JSD at beta 0, 0.5 and 1;
+  chunked and unchunked values and gradients agree; logits are cut to the real vocabulary.
+- The sampled-rkl gradient equals the full reverse-KL gradient in expectation: Monte Carlo
+  over 200,000 samples per position, every coordinate within 5 standard errors.
+- Masks: prompt tokens, padding and anything outside the response carry neither loss nor
+  gradient; a response ends at (and includes) its stop token.
+- Teachers: a random qwen3_moe of Qwen3-30B-A3B's shape (untied embeddings, 128 experts, top-8,
+  4 KV heads) goes through tools/import_hf_to_mcore.py; as a Megatron teacher it scores what
+  transformers scores (and a dense qwen3 likewise), so an HF teacher and the same weights as a
+  Megatron teacher give the same loss. A teacher with another token map is refused before the
+  first step, in one line naming both tokenizers.
+- The trainer (posttrain_marco.py opd, in-process): a two-phase cascade (Megatron MoE teacher,
+  then an HF teacher with the jsd loss as a phase override) resumed after every step (inside
+  phase 1, at the phase switch, inside phase 2) trains exactly what an uninterrupted run
+  trains; the same run at EP=2 (two processes, each sampling its own rows) equals one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, subprocess_env
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.posttrain import losses
+
+VOCAB = 8192  # the bundled SentencePiece tokenizer's
+
+
+# ====================================================================== losses
+def _reference(s_logits, t_logits, kind, beta=0.5):
+    """Independent float64 formulas on probabilities."""
+    p, q = torch.softmax(s_logits.double(), -1), torch.softmax(t_logits.double(), -1)
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+
+    if kind == "rkl":
+        return kl(p, q)
+    if kind == "fkl":
+        return kl(q, p)
+    if beta == 0:
+        return kl(q, p)
+    if beta == 1:
+        return kl(p, q)
+    m = beta * q + (1 - beta) * p
+    return beta * kl(q, m) + (1 - beta) * kl(p, m)
+
+
+@pytest.mark.parametrize("kind,beta", [("rkl", 0.5), ("fkl", 0.5), ("jsd", 0.0), ("jsd", 0.5),
+                                       ("jsd", 1.0), ("jsd", 0.3)])
+def test_divergence_equals_plain_formula(kind, beta):
+    from scipy.spatial.distance import jensenshannon
+
+    g = torch.Generator().manual_seed(0)
+    n, v, pad = 9, 17, 5  # logits padded by 5 columns the tokenizer does not have
+    s = (2 * torch.randn(n, v + pad, generator=g)).requires_grad_()
+    t = 2 * torch.randn(n, v + pad, generator=g)
+    t[:, v:] = 50.0  # huge padded logits: must not matter
+    temperature = 0.7
+    ref_in = s.detach()[:, :v].clone().requires_grad_()
+    expected = _reference(ref_in / temperature, t[:, :v] / temperature, kind, beta)
+    got = losses.full_vocab_divergence(s, t, kind=kind, beta=beta, temperature=temperature,
+                                       vocab_size=v, chunk_tokens=4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+    if kind == "jsd" and beta == 0.5:  # SciPy: distance = sqrt(JSD) with natural logs
+        p = torch.softmax(s.detach()[:, :v].double() / temperature, -1).numpy()
+        q = torch.softmax(t[:, :v].double() / temperature, -1).numpy()
+        scipy_jsd = torch.tensor([jensenshannon(a, b) ** 2 for a, b in zip(p, q)])
+        torch.testing.assert_close(got.double(), scipy_jsd, atol=1e-6, rtol=1e-5)
+    # Gradients: the checkpointed chunks give the reference's gradient, padded columns none.
+    (grad,) = torch.autograd.grad(got.sum(), s)
+    (ref_grad,) = torch.autograd.grad(expected.sum(), ref_in)
+    torch.testing.assert_close(grad[:, :v].double(), ref_grad.double(), atol=1e-6, rtol=1e-5)
+    assert grad[:, v:].abs().max() == 0
+    # A subset of rows, in one chunk or many: the same values.
+    rows = torch.tensor([7, 1, 4])
+    for chunk in (1, 2, 100):
+        sub = losses.full_vocab_divergence(s, t, kind=kind, beta=beta, temperature=temperature,
+                                           vocab_size=v, rows=rows, chunk_tokens=chunk)
+        torch.testing.assert_close(sub, got[rows].detach(), atol=1e-7, rtol=1e-6)
+
+
+def test_token_logprobs_cut_the_padded_vocabulary():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 10, generator=g)
+    logits[..., 8:] = 30.0
+    targets = torch.randint(0, 8, (3, 4), generator=g)
+    got = losses.token_logprobs(logits, targets, temperature=2.0, vocab_size=8)
+    expected = torch.log_softmax(logits[..., :8].double() / 2.0, -1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_sampled_rkl_gradient_matches_reverse_kl_gradient_in_expectation():
+    """E_{y~p}[grad of the sampled loss] = grad KL(p || q) per position; tolerance: every
+    coordinate within 5 standard errors of the Monte Carlo mean (and 5% of the largest)."""
+    g = torch.Generator().manual_seed(3)
+    positions, v, k = 3, 12, 200_000
+    z = torch.randn(positions, v, generator=g, dtype=torch.float64).float().requires_grad_()
+    t = torch.log_softmax(torch.randn(positions, v, generator=g), -1)
+    full = losses.divergence(torch.log_softmax(z, -1), t, "rkl").sum()
+    (exact,) = torch.autograd.grad(full, z)
+
+    p = torch.softmax(z.detach(), -1)
+    y = torch.multinomial(p, k, replacement=True, generator=g)  # [positions, k]
+    s_y = losses.token_logprobs(z.unsqueeze(1).expand(positions, k, v), y)
+    t_y = t.gather(-1, y)
+    loss = losses.sampled_rkl(s_y, t_y, kl_coef=1.0).mean(dim=1).sum()
+    # The loss value is the sampled reverse-KL estimate, whose mean is KL(p || q).
+    assert abs(loss.item() - full.item()) < 0.05 * full.item()
+    (estimate,) = torch.autograd.grad(loss, z)
+    per_sample = (s_y - t_y).detach()[..., None] * (torch.nn.functional.one_hot(y, v) - p[:, None])
+    stderr = per_sample.std(dim=1) / math.sqrt(k)
+    gap = (estimate - exact).abs()
+    assert (gap <= 5 * stderr + 1e-7).all(), (gap / stderr).max()
+    assert gap.max() < 0.05 * exact.abs().max()
+
+
+def _fake_task(loss: str, vocab: int, kl_coef: float = 1.0, beta: float = 0.5, temperature=1.0):
+    from megatron_ext.posttrain.opd import OPDTask, PhaseSettings
+    from megatron_ext.posttrain.rollout import RolloutSettings
+
+    task = OPDTask.__new__(OPDTask)
+    task.settings = PhaseSettings(RolloutSettings(temperature=temperature), loss, kl_coef, beta)
+    task.tok = type("Tok", (), {"vocab_size": vocab})()
+    task.tp = 1
+    task.opts = type("Opts", (), {"chunk_tokens": 3})()
+    return task
+
+
+def _samples():
+    from megatron_ext.posttrain.rollout import Sample
+
+    stop = 9
+    return [Sample(0, [1, 2, 3, 4, 5], [6, 7, stop], [-1.0, -2.0, -0.5], "stop"),
+            Sample(1, [1, 2], [8, 6, 7, 6], [-0.1, -0.2, -0.3, -0.4], "length")]
+
+
+@pytest.mark.parametrize("loss", ["sampled-rkl", "rkl", "jsd"])
+def test_prompt_padding_and_nothing_outside_the_response_carry_loss(loss):
+    from megatron_ext.posttrain.rollout import collate
+
+    v = 12
+    batch = collate(_samples(), pad_id=0, multiple=4)
+    assert batch["tokens"].shape == (2, 8)  # 8 tokens, already a multiple of 4
+    # labels[t] = tokens[t + 1]; the mask is on exactly the response tokens (stop included).
+    assert batch["loss_mask"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0, 0]]
+    assert batch["labels"][0, 4:7].tolist() == [6, 7, 9] and batch["labels"][1, 1:5].tolist() == [8, 6, 7, 6]
+    assert batch["rollout_logprobs"][0, 4:7].tolist() == [-1.0, -2.0, -0.5]
+    g = torch.Generator().manual_seed(0)
+    batch["teacher_logprobs"] = -torch.rand(2, 8, generator=g)
+    teacher_logits = torch.randn(2, 8, v, generator=g)
+    task = _fake_task(loss, v)
+    teacher = None if loss == "sampled-rkl" else (teacher_logits, False)
+    logits = torch.randn(2, 8, v, generator=g, requires_grad=True)
+    total, tokens, reports = task._loss(batch, teacher, logits)
+    assert int(tokens) == 7 and reports["opd loss"][1].item() == 7
+    (grad,) = torch.autograd.grad(total, logits)
+    outside = batch["loss_mask"] == 0
+    assert grad[outside].abs().max() == 0 and grad[~outside].abs().max() > 0
+    # Anything outside the response (prompt, padding, teacher values there) changes nothing.
+    other = dict(batch, teacher_logprobs=batch["teacher_logprobs"].masked_fill(outside, 5.0))
+    moved = logits.detach().masked_fill(outside[..., None], 7.0)
+    t2 = None if teacher is None else (teacher_logits.masked_fill(outside[..., None], -3.0), False)
+    again = task._loss(other, t2, moved)[0]
+    torch.testing.assert_close(again, total.detach())
+    # Values: sampled-rkl is the sampled reverse KL; the full-vocabulary ones their divergence.
+    rows = (~outside).reshape(-1).nonzero().squeeze(-1)
+    s = torch.log_softmax(logits.detach(), -1).reshape(-1, v)[rows]
+    s_y = s.gather(-1, batch["labels"].reshape(-1)[rows, None])[:, 0]
+    if loss == "sampled-rkl":
+        expected = (s_y - batch["teacher_logprobs"].reshape(-1)[rows]).sum()
+    else:
+        t = teacher_logits.reshape(-1, v)[rows]
+        expected = _reference(logits.detach().reshape(-1, v)[rows], t, loss if loss != "jsd" else "jsd").sum()
+    torch.testing.assert_close(total.detach().double(), expected.double(), atol=1e-5, rtol=1e-5)
+    assert reports["logprob diff"][0].item() == pytest.approx(
+        (s_y - batch["rollout_logprobs"].reshape(-1)[rows]).abs().sum().item(), rel=1e-5)
+
+
+# ====================================================================== teachers and the cascade
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, megatron_single_rank):
+    """A student (small qwen3_moe, imported) and two teachers, each as HF directory + import:
+    `moe30b` has Qwen3-30B-A3B's shape at toy width (untied embeddings, 128 experts x 16,
+    top-8, 8 query / 4 KV heads), `dense` a qwen3. Every HF directory carries the bundled
+    tokenizer exported to Hugging Face (the same token map as the student's)."""
+    from helpers_hf import make_dense_qwen3, make_moe_qwen3
+    from test_export import IMPORT
+
+    from megatron_ext.convert.tokenizer_export import sentencepiece_to_hf
+
+    root = tmp_path_factory.mktemp("opd")
+    tok = root / "tokenizer"
+    sentencepiece_to_hf(str(REPO / "data/tokenizer/marco_tiny_spm.model"), str(tok))
+    out = {"root": root, "tokenizer": tok}
+    makers = {
+        "student": lambda d: make_moe_qwen3(d, seed=1, vocab_size=VOCAB, num_experts=8,
+                                            num_experts_per_tok=2),
+        "moe30b": lambda d: make_moe_qwen3(d, seed=2, vocab_size=VOCAB, hidden_size=64,
+                                           num_attention_heads=8, num_key_value_heads=4,
+                                           head_dim=16, num_experts=128, num_experts_per_tok=8,
+                                           moe_intermediate_size=16, tie_word_embeddings=False),
+        "dense": lambda d: make_dense_qwen3(d, seed=3, vocab_size=VOCAB, tie_word_embeddings=False),
+    }
+    for name, make in makers.items():
+        hf, ckpt = root / f"{name}-hf", root / f"{name}-mcore"
+        out[f"{name}-model"] = make(str(hf))
+        if name != "student":
+            for f in tok.iterdir():
+                shutil.copy(f, hf / f.name)
+        assert IMPORT.main(["--hf-dir", str(hf), "--save", str(ckpt)]) == 0
+        out[name] = (str(hf), str(ckpt))
+    return out
+
+
+def _rows(vocab=VOCAB, seed=0):
+    from megatron_ext.posttrain.rollout import Sample, collate
+
+    g = torch.Generator().manual_seed(seed)
+    samples = [Sample(i, torch.randint(0, vocab, (n,), generator=g).tolist(),
+                      torch.randint(0, vocab, (m,), generator=g).tolist(), [0.0] * m, "length")
+               for i, (n, m) in enumerate([(7, 5), (3, 9), (11, 2)])]
+    return collate(samples, pad_id=3)
+
+
+@pytest.mark.parametrize("name", ["moe30b", "dense"])
+def test_hf_teacher_and_its_import_as_megatron_teacher_give_the_same_loss(teachers, name,
+                                                                          fresh_moe_tracker):
+    from megatron_ext.config import ModelOptions
+    from megatron_ext.posttrain.chat import ChatTokenizer
+    from megatron_ext.posttrain.teachers import TeacherSpec, load_teacher
+
+    hf_dir, ckpt = teachers[name]
+    if name == "moe30b":  # the importer took the 30B-A3B shape as it is
+        from megatron_ext import checkpointing
+
+        preset = checkpointing.preset_from_checkpoint(ckpt)
+        assert (preset.num_experts, preset.moe_router_topk, preset.num_query_groups,
+                preset.num_attention_heads, preset.tie_embeddings) == (128, 8, 4, 8, False)
+    student_tok = ChatTokenizer.from_args("SentencePieceTokenizer", None)
+    kw = dict(student_tokenizer=student_tok, options=ModelOptions(), seq_length=64)
+    mcore = load_teacher(TeacherSpec(ckpt, "megatron"), **kw)
+    hf = load_teacher(TeacherSpec(hf_dir, "hf"), **kw)
+    batch = _rows()
+    args = (batch["tokens"], batch["position_ids"], batch["lengths"])
+    lp = [t.token_logprobs(*args, batch["labels"], temperature=0.8, vocab_size=VOCAB)
+          for t in (mcore, hf)]
+    mask = batch["loss_mask"] > 0
+    torch.testing.assert_close(lp[0][mask], lp[1][mask], atol=2e-5, rtol=1e-5)
+    # The same losses with either teacher (sampled-rkl from log-probs, jsd from full logits).
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(*batch["tokens"].shape, VOCAB, generator=g)
+    for loss in ("sampled-rkl", "jsd"):
+        task = _fake_task(loss, VOCAB, temperature=0.8)
+        values = []
+        for teacher, t_lp in zip((mcore, hf), lp):
+            b = dict(batch, teacher_logprobs=t_lp)
+            full = None if loss == "sampled-rkl" else teacher.logits(*args)
+            values.append(task._loss(b, full, student)[0].item())
+        assert values[0] == pytest.approx(values[1], rel=1e-5, abs=1e-5), (loss, values)
+
+
+def test_a_teacher_with_another_token_map_is_refused_naming_both(teachers, tmp_path):
+    from megatron_ext.posttrain.chat import ChatTokenizer
+    from megatron_ext.posttrain.teachers import TeacherSpec, check_token_maps, teacher_tokenizer
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(teachers["tokenizer"], other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[500:502]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    student = ChatTokenizer.from_args("SentencePieceTokenizer", None)
+    spec = TeacherSpec(teachers["dense"][0], "hf", tokenizer=str(other), name="dense")
+    with pytest.raises(ConfigError) as e:
+        check_token_maps(student, teacher_tokenizer(spec), spec.label)
+    message = str(e.value)
+    assert "\n" not in message and str(other) in message and "marco_tiny_spm.model" in message
+    assert repr(a) in message or repr(b) in message
+    # The same teacher with its own (equal) token map passes.
+    check_token_maps(student, teacher_tokenizer(TeacherSpec(teachers["dense"][0], "hf")), "dense")
+    # The trainer refuses before its first step.
+    import posttrain_marco
+
+    with pytest.raises(ConfigError, match="differ") as e:
+        posttrain_marco.main(["opd", "--teacher", teachers["dense"][0], "--teacher-tokenizer",
+                              str(other), "--train-iters", "1", "--load", teachers["student"][1],
+                              "--rollout-batch-size", "1", "--micro-batch-size", "2"])
+    assert str(other) in str(e.value)
+
+
+def test_cascade_file_errors_name_file_and_phase(teachers, tmp_path, monkeypatch):
+    from megatron_ext.posttrain.opd import load_cascade
+
+    ckpt = teachers["dense"][1]
+
+    def write(text):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        return str(path)
+
+    monkeypatch.setenv("OPD_TEACHER", ckpt)
+    c = load_cascade(write("settings: {rollout-batch-size: 3}\nphases:\n"
+                           "  - name: a\n    teacher: ${OPD_TEACHER}\n    steps: 2\n    lr: 1e-3\n"
+                           "  - {name: b, teacher: {path: '${OPD_TEACHER}'}, steps: 3,"
+                           " overrides: {opd-loss: rkl}}\n"))
+    assert [(p.name, p.start, p.steps, p.teacher.kind) for p in c.phases] == [
+        ("a", 0, 2, "megatron"), ("b", 2, 3, "megatron")]
+    assert [c.phase_index(s) for s in range(6)] == [0, 0, 1, 1, 1, 1]
+    assert dict(c.settings) == {"rollout_batch_size": 3}
+    for text, pattern in [
+        ("phases: []\n", "non-empty 'phases'"),
+        ("phases:\n  - {name: a, steps: 2}\n", "phase 1: no 'teacher'"),
+        ("phases:\n  - {teacher: '${NOT_SET_OPD}', steps: 2}\n", "NOT_SET_OPD is not set"),
+        ("phases:\n  - {teacher: /nonexistent/x, steps: 2}\n", "phase 1 teacher: teacher /nonexistent/x"),
+        (f"phases:\n  - {{teacher: {ckpt}, steps: 0}}\n", "phase 1 steps: must be a positive"),
+        (f"phases:\n  - {{teacher: {ckpt}, steps: 2, overrides: {{n-samples-per-prompt: 4}}}}\n",
+         "'n-samples-per-prompt' cannot be set here"),
+        (f"phases:\n  - {{teacher: {ckpt}, steps: 2, lrr: 1}}\n", "unknown key 'lrr'"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern) as e:
+            load_cascade(write(text))
+        assert str(tmp_path / "c.yaml") in str(e.value) or "NOT_SET" in str(e.value)
+
+
+def test_flags_are_resolved_from_the_cascade_and_checked(teachers, tmp_path):
+    import posttrain_marco
+    from megatron_ext.posttrain.opd import resolve_opd_args
+
+    ckpt = teachers["dense"][1]
+    path = tmp_path / "c.yaml"
+    path.write_text(f"settings: {{rollout-batch-size: 3, n-samples-per-prompt: 2, "
+                    f"rollout-max-response-len: 40}}\nphases:\n  - {{teacher: {ckpt}, steps: 5}}\n"
+                    f"  - {{teacher: {ckpt}, steps: 4, overrides: {{rollout-max-response-len: 60}}}}\n")
+    parse = posttrain_marco.build_parser().parse_args
+    args = resolve_opd_args(parse(["opd", "--cascade", str(path), "--rollout-max-prompt-len", "100"]))
+    assert (args.train_iters, args.global_batch_size, args.seq_length) == (9, 6, 160)
+    assert args.rollout_batch_size == 3 and args.rollout_max_prompt_len == 100
+    for extra, pattern in [(["--global-batch-size", "8"], "must equal --rollout-batch-size 3"),
+                           (["--train-iters", "10"], "exceeds the cascade's 9 steps"),
+                           (["--seq-length", "150"], "shorter than"),
+                           (["--teacher", ckpt], "exclusive")]:
+        with pytest.raises(ConfigError, match=pattern):
+            resolve_opd_args(parse(["opd", "--cascade", str(path), "--rollout-max-prompt-len",
+                                    "100", *extra]))
+
+
+# ====================================================================== the trainer
+COMMON = ["--micro-batch-size", "2", "--seed", "7", "--log-interval", "100", "--eval-interval", "2",
+          "--eval-prompts", "4", "--rollout-max-prompt-len", "48", "--adam-eps", "1e-6"]
+
+
+@pytest.fixture(scope="module")
+def cascade(teachers):
+    """Phase 1: the imported 30B-shape MoE as a Megatron teacher, sampled-rkl; phase 2: the
+    dense model's HF directory, jsd (a phase override)."""
+    path = teachers["root"] / "cascade.yaml"
+    path.write_text(
+        "settings: {rollout-batch-size: 2, n-samples-per-prompt: 2, rollout-max-response-len: 6}\n"
+        "phases:\n"
+        f"  - {{name: moe, teacher: {teachers['moe30b'][1]}, steps: 2, lr: 1.0e-3}}\n"
+        f"  - {{name: dense, teacher: {teachers['dense'][0]}, steps: 2, lr: 5.0e-4,\n"
+        "     overrides: {opd-loss: jsd, opd-beta: 0.5, rollout-temperature: 0.9}}\n")
+    return str(path)
+
+
+def _run_opd(*argv):
+    import posttrain_marco
+
+    assert posttrain_marco.main(["opd", *argv]) == 0
+
+
+def _records(path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in open(path)]
+    return ([r for r in records if "opd_loss" in r], [r for r in records if "heldout/reverse_kl" in r])
+
+
+@pytest.fixture(scope="module")
+def straight(teachers, cascade, fresh_module_tracker):
+    log = teachers["root"] / "straight.jsonl"
+    _run_opd("--cascade", cascade, "--load", teachers["student"][1], *COMMON, "--log-json", str(log))
+    return _records(log)
+
+
+@pytest.fixture(scope="module")
+def fresh_module_tracker():
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    yield
+    get_moe_layer_wise_logging_tracker().clear()
+
+
+def test_a_cascade_trains_and_logs_its_phases(straight):
+    steps, evals = straight
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["opd/phase"] for r in steps] == [1, 1, 2, 2]
+    assert [r["lr"] for r in steps] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    for r in steps:
+        assert r["rollout/response_length"] <= 6 and 0 <= r["rollout/truncation_rate"] <= 1
+        assert r["rollout/stop_rate"] + r["rollout/truncation_rate"] == pytest.approx(1.0)
+        assert r["time/rollout_sec"] > 0 and r["time/teacher_sec"] > 0 and r["time/train_sec"] > 0
+        # The trainer recomputes the sampling log-probs (fp32, one process: nearly equal).
+        assert r["logprob_diff"] < 1e-3
+        assert math.isfinite(r["opd_loss"]) and r["teacher_logprob"] < 0 and r["student_logprob"] < 0
+    # Phase 1's loss is the sampled reverse KL itself; phase 2's the jsd (bounded by log 2).
+    assert [r["opd_loss"] for r in steps[:2]] == pytest.approx([r["reverse_kl"] for r in steps[:2]])
+    assert all(0 <= r["opd_loss"] <= math.log(2) for r in steps[2:])
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["heldout/reverse_kl"] >= 0 for r in evals)
+
+
+@pytest.mark.slow
+def test_resume_inside_a_phase_and_across_the_switch_is_exact(teachers, cascade, straight, tmp_path):
+    ckpt, logs = tmp_path / "ckpt", []
+    for i, exit_at in enumerate([1, 2, 3, None]):
+        log = tmp_path / f"part{i}.jsonl"
+        load = teachers["student"][1] if i == 0 else str(ckpt)
+        extra = ["--exit-interval", str(exit_at)] if exit_at else []
+        _run_opd("--cascade", cascade, "--load", load, "--save", str(ckpt), *COMMON, *extra,
+                 "--log-json", str(log))
+        logs.append(_records(log))
+    steps = [r for part, _ in logs for r in part]
+    evals = [r for _, part in logs for r in part]
+    expected_steps, expected_evals = straight
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for got, want in zip(steps, expected_steps):
+        for key in ("opd_loss", "reverse_kl", "student_logprob", "teacher_logprob", "grad_norm",
+                    "rollout/response_length", "lr", "opd/phase"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)
+    assert [r["step"] for r in evals] == [2, 4]
+    for got, want in zip(evals, expected_evals):
+        assert got["heldout/reverse_kl"] == pytest.approx(want["heldout/reverse_kl"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_expert_parallel_opd_equals_one_process(teachers, cascade, straight, tmp_path):
+    """EP=2 over two processes (DP=2: each rank samples and trains its own rows, decoding in
+    lockstep) = one process, step by step."""
+    log = tmp_path / "ep2.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), str(REPO / "posttrain_marco.py"), "opd", "--cascade", cascade,
+           "--load", teachers["student"][1], *COMMON, "--expert-model-parallel-size", "2",
+           "--log-json", str(log)]
+    run = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "each data-parallel rank samples its own rows" in run.stdout
+    steps, evals = _records(log)
+    expected_steps, expected_evals = straight
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for got, want in zip(steps, expected_steps):
+        assert got["rollout/response_length"] == want["rollout/response_length"]
+        for key in ("opd_loss", "reverse_kl", "student_logprob", "teacher_logprob"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+    for got, want in zip(evals, expected_evals):
+        assert got["heldout/reverse_kl"] == pytest.approx(want["heldout/reverse_kl"], rel=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
