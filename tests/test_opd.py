@@ -99,6 +99,17 @@ def test_token_logprobs_cut_the_padded_vocabulary():
     got = losses.token_logprobs(logits, targets, temperature=2.0, vocab_size=8)
     expected = torch.log_softmax(logits[..., :8].double() / 2.0, -1).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
+    # Chunked (checkpointed) over a subset of tokens: the same values and gradients.
+    rows = torch.tensor([9, 0, 5, 11, 2])
+    x = logits.clone().requires_grad_()
+    for chunk in (1, 2, 64):
+        sub = losses.selected_logprobs(x, targets, rows, temperature=2.0, vocab_size=8,
+                                       chunk_tokens=chunk)
+        torch.testing.assert_close(sub.double(), expected.reshape(-1)[rows], atol=1e-6, rtol=1e-6)
+        (grad,) = torch.autograd.grad(sub.sum(), x)
+        whole = losses.token_logprobs(x, targets, temperature=2.0, vocab_size=8).reshape(-1)[rows]
+        (want,) = torch.autograd.grad(whole.sum(), x)
+        torch.testing.assert_close(grad, want, atol=1e-7, rtol=1e-6)
 
 
 def test_sampled_rkl_gradient_matches_reverse_kl_gradient_in_expectation():
@@ -271,6 +282,39 @@ def test_hf_teacher_and_its_import_as_megatron_teacher_give_the_same_loss(teache
         assert values[0] == pytest.approx(values[1], rel=1e-5, abs=1e-5), (loss, values)
 
 
+def test_http_teacher_scores_what_the_in_process_teacher_scores(teachers):
+    """tools/serve_teacher.py in a thread: the http teacher's log-probs are the HF model's."""
+    import threading
+
+    from test_export import _tool
+
+    from megatron_ext.config import ModelOptions
+    from megatron_ext.posttrain.chat import ChatTokenizer
+    from megatron_ext.posttrain.teachers import TeacherSpec, load_teacher
+
+    serve = _tool("serve_teacher")
+    server = serve.make_server(serve.Scorer(teachers["dense"][0], dtype="fp32", batch_size=2),
+                               "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        student_tok = ChatTokenizer.from_args("SentencePieceTokenizer", None)
+        kw = dict(student_tokenizer=student_tok, options=ModelOptions(), seq_length=64)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = load_teacher(TeacherSpec(url, "http"), **kw)  # token map checked via /info
+        local = load_teacher(TeacherSpec(teachers["dense"][0], "hf"), **kw)
+        batch = _rows(seed=4)
+        args = (batch["tokens"], batch["position_ids"], batch["lengths"], batch["labels"])
+        got, want = (t.token_logprobs(*args, temperature=0.7, vocab_size=VOCAB) for t in (remote, local))
+        mask = batch["loss_mask"] > 0
+        torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ConfigError, match="per-token log-probs only"):
+            remote.logits(*args[:3])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_teacher_with_another_token_map_is_refused_naming_both(teachers, tmp_path):
     from megatron_ext.posttrain.chat import ChatTokenizer
     from megatron_ext.posttrain.teachers import TeacherSpec, check_token_maps, teacher_tokenizer
@@ -357,6 +401,38 @@ def test_flags_are_resolved_from_the_cascade_and_checked(teachers, tmp_path):
                                     "100", *extra]))
 
 
+@pytest.mark.parametrize("model,phase2", [("nano", 1000), ("mini", 1900)])
+def test_marco_recipes_and_sbatch_dry_runs(teachers, model, phase2, tmp_path):
+    """configs/posttrain/marco_{model}_cascade.yaml carries the published settings, and
+    slurm/{model}_opd.sbatch (dry run) prints an opd command these flags accept."""
+    import shlex
+
+    import posttrain_marco
+    from megatron_ext.posttrain.opd import resolve_opd_args
+
+    env = subprocess_env(QWEN3_30B_A3B_MCORE=teachers["moe30b"][1],
+                         QWEN3_NEXT_80B_A3B="http://teacher-node:8000", MARCO_DRY_RUN="1",
+                         MARCO_OUTPUT=str(tmp_path))
+    run = subprocess.run(["bash", str(REPO / f"slurm/{model}_opd.sbatch")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    srun = shlex.split(run.stdout.strip().splitlines()[-1])
+    argv = srun[srun.index("posttrain_marco.py") + 1:]
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("QWEN3_30B_A3B_MCORE", "QWEN3_NEXT_80B_A3B"):
+            mp.setenv(k, env[k])
+        args = resolve_opd_args(posttrain_marco.build_parser().parse_args(argv))
+    c = args.opd_cascade
+    assert [(p.steps, p.lr, p.teacher.kind) for p in c.phases] == [(1900, 1e-6, "megatron"),
+                                                                   (phase2, 1e-6, "http")]
+    assert (args.rollout_batch_size, args.n_samples_per_prompt, args.global_batch_size) == (512, 2, 1024)
+    lengths = (args.rollout_max_prompt_len, args.rollout_max_response_len, args.seq_length)
+    assert lengths == (2048, 8192, 10240)
+    assert (args.rollout_temperature, args.rollout_top_p, args.opd_loss) == (1.0, 1.0, "sampled-rkl")
+    assert (args.lr, args.lr_decay_style, args.train_iters) == (1e-6, "constant", 1900 + phase2)
+    assert args.expert_model_parallel_size == 8 and args.load.endswith(f"{model}/sft")
+
+
 # ====================================================================== the trainer
 COMMON = ["--micro-batch-size", "2", "--seed", "7", "--log-interval", "100", "--eval-interval", "2",
           "--eval-prompts", "4", "--rollout-max-prompt-len", "48", "--adam-eps", "1e-6"]
@@ -418,7 +494,8 @@ def test_a_cascade_trains_and_logs_its_phases(straight):
     # Phase 1's loss is the sampled reverse KL itself; phase 2's the jsd (bounded by log 2).
     assert [r["opd_loss"] for r in steps[:2]] == pytest.approx([r["reverse_kl"] for r in steps[:2]])
     assert all(0 <= r["opd_loss"] <= math.log(2) for r in steps[2:])
-    assert [r["step"] for r in evals] == [2, 4]
+    # Each phase is evaluated before its first step (its teacher) and after its last.
+    assert [(r["step"], r["heldout/phase"]) for r in evals] == [(0, 1), (2, 1), (2, 2), (4, 2)]
     assert all(r["heldout/reverse_kl"] >= 0 for r in evals)
 
 
@@ -440,8 +517,8 @@ def test_resume_inside_a_phase_and_across_the_switch_is_exact(teachers, cascade,
         for key in ("opd_loss", "reverse_kl", "student_logprob", "teacher_logprob", "grad_norm",
                     "rollout/response_length", "lr", "opd/phase"):
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)
-    assert [r["step"] for r in evals] == [2, 4]
-    for got, want in zip(evals, expected_evals):
+    assert [(r["step"], r["heldout/phase"]) for r in evals] == [(0, 1), (2, 1), (2, 2), (4, 2)]
+    for got, want in zip(evals, expected_evals, strict=True):
         assert got["heldout/reverse_kl"] == pytest.approx(want["heldout/reverse_kl"], rel=1e-6)
 
 
@@ -465,7 +542,7 @@ def test_expert_parallel_opd_equals_one_process(teachers, cascade, straight, tmp
         assert got["rollout/response_length"] == want["rollout/response_length"]
         for key in ("opd_loss", "reverse_kl", "student_logprob", "teacher_logprob"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
-    for got, want in zip(evals, expected_evals):
+    for got, want in zip(evals, expected_evals, strict=True):
         assert got["heldout/reverse_kl"] == pytest.approx(want["heldout/reverse_kl"], rel=1e-4)
 
 

@@ -19,13 +19,16 @@ the rollout temperature T; p = exp(s), q = exp(t); y_t the sampled token; sg = s
                and beta = 1 as reverse KL (TRL's convention; the mixture formula degenerates
                to 0 there).
 
-Full-vocabulary divergences are computed over chunks of tokens, each under activation
-checkpointing: the [tokens, vocab] fp32 intermediates (log-softmaxes, the mixture) exist for
-one chunk at a time, in the forward and again in the backward, so memory beyond the logits
-themselves is bounded by --opd-chunk-tokens x vocabulary. Under tensor parallelism the
-student's logits are vocab-parallel: the sampled token's log-prob uses Megatron's
-vocab-parallel cross-entropy (no gather), and the full-vocabulary divergences gather each
-chunk over the tensor-parallel group (autograd-aware: the backward splits the gradient).
+Everything is computed over chunks of response tokens, each under activation checkpointing:
+the [tokens, vocab] fp32 intermediates (log-softmaxes, the mixture, the cross-entropy's
+softmax) exist for one chunk at a time, in the forward and again in the backward, so memory
+beyond the logits themselves is bounded by --opd-chunk-tokens x vocabulary (at 10k-token
+sequences and Qwen3's 151,936 words, an fp32 copy of one sequence's logits is 6 GB).
+
+Under tensor parallelism the student's logits are vocab-parallel: the sampled token's
+log-prob uses Megatron's vocab-parallel cross-entropy (no gather), and the full-vocabulary
+divergences gather each chunk over the tensor-parallel group (autograd-aware: the backward
+splits the gradient).
 """
 
 from __future__ import annotations
@@ -92,6 +95,51 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
 
         return -vocab_parallel_cross_entropy(z, targets)
     return torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _chunk_logprobs(flat, targets, rows, temperature: float, vocab_size: Optional[int],
+                    vocab_parallel: bool) -> torch.Tensor:
+    z = flat.index_select(0, rows).float()  # a fresh tensor: edited in place below
+    if temperature != 1.0:
+        z.div_(temperature)
+    if vocab_size is not None:
+        if not vocab_parallel:
+            z = z[..., :vocab_size]
+        else:
+            rank, _ = _tp()
+            start = rank * z.shape[-1]
+            if start + z.shape[-1] > vocab_size:
+                z[:, max(0, vocab_size - start):] = float("-inf")
+    t = targets.index_select(0, rows)
+    if vocab_parallel and _tp()[1] > 1:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return -vocab_parallel_cross_entropy(z, t)
+    return torch.log_softmax(z, dim=-1).gather(-1, t[:, None])[:, 0]
+
+
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                      *, temperature: float = 1.0, vocab_size: Optional[int] = None,
+                      vocab_parallel: bool = False, chunk_tokens: int = 1024) -> torch.Tensor:
+    """token_logprobs of the tokens `rows` of the flattened [..., V] logits (all when None),
+    [len(rows)] in fp32, over chunks of `chunk_tokens`, each checkpointed when the logits need
+    a gradient: the fp32 copies (and the cross-entropy's softmax) exist one chunk at a time,
+    so memory beyond the logits is chunk x vocabulary, whatever the sequence length."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1).to(flat.device)
+    if rows is None:
+        rows = torch.arange(flat.shape[0], device=flat.device)
+    grad = flat.requires_grad and torch.is_grad_enabled()
+    args = (temperature, vocab_size, vocab_parallel)
+    step = max(1, chunk_tokens)
+    out = []
+    for i in range(0, rows.numel(), step):
+        r = rows[i:i + step]
+        if grad:
+            out.append(checkpoint(_chunk_logprobs, flat, targets, r, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(flat, targets, r, *args))
+    return torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------ divergences

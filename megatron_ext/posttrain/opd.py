@@ -586,6 +586,11 @@ class OPDTask:
     def on_step_start(self, trainer, step: int) -> None:
         t0 = _now()
         index = self._enter_phase(trainer, step)
+        if step == self.opts.cascade.phases[index].start and self.cfg.logging.eval_interval:
+            # The held-out reverse KL to the phase's teacher before its first step (the
+            # phase's "before"; its "after" is the evaluation at the phase's last step).
+            trainer.metrics.log_scalars(step, self._evaluate(trainer, index, step))
+            t0 = _now()
         t1 = _now()
         batches, stats = self._rollout(trainer, step)
         t2 = _now()
@@ -667,21 +672,23 @@ class OPDTask:
         T, vocab = s.rollout.temperature, self.tok.vocab_size
         rows = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(-1)
         labels = batch["labels"]
-        student = losses.token_logprobs(output, labels, temperature=T, vocab_size=vocab,
-                                        vocab_parallel=self.tp > 1).reshape(-1)[rows]
+        chunk = self.opts.chunk_tokens
+        student = losses.selected_logprobs(output, labels, rows, temperature=T, vocab_size=vocab,
+                                           vocab_parallel=self.tp > 1, chunk_tokens=chunk)
         if teacher is None:
             teacher_lp = batch["teacher_logprobs"].reshape(-1)[rows]
             per_token = losses.sampled_rkl(student, teacher_lp, s.kl_coef)
         else:
             logits, parallel = teacher
             with torch.no_grad():
-                teacher_lp = losses.token_logprobs(logits, labels, temperature=T, vocab_size=vocab,
-                                                   vocab_parallel=parallel).reshape(-1)[rows]
+                teacher_lp = losses.selected_logprobs(logits, labels, rows, temperature=T,
+                                                      vocab_size=vocab, vocab_parallel=parallel,
+                                                      chunk_tokens=chunk)
             per_token = s.kl_coef * losses.full_vocab_divergence(
                 output.reshape(-1, output.shape[-1]), logits.reshape(-1, logits.shape[-1]),
                 rows=rows, kind=s.loss, beta=s.beta, temperature=T, vocab_size=vocab,
                 student_parallel=self.tp > 1, teacher_parallel=parallel,
-                chunk_tokens=self.opts.chunk_tokens)
+                chunk_tokens=chunk)
         n = float(rows.numel())
         sampled = student.detach()
 
@@ -699,15 +706,19 @@ class OPDTask:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, trainer, step: int) -> dict:
-        """Held-out reverse KL to the phase's teacher (and assistant loss if asked)."""
-        index = self.opts.cascade.phase_index(step)
+        """Held-out reverse KL to the teacher of step `step`'s phase (and the assistant loss if
+        asked), after that step."""
+        return self._evaluate(trainer, self.opts.cascade.phase_index(step), step + 1)
+
+    def _evaluate(self, trainer, index: int, iteration: int) -> dict:
         self._ensure_teacher(trainer, index)
         self.settings = self.opts.phase_settings(index)
         results = self.heldout(trainer)
         if self.opts.eval_assistant_data is not None:
             results.update(self.assistant_loss(trainer))
+        results["heldout/phase"] = index + 1
         phase = self.opts.cascade.phases[index]
-        trainer.log(f"held-out (step {step + 1}, teacher {phase.name}): reverse KL "
+        trainer.log(f"held-out (iteration {iteration}, teacher {phase.name}): reverse KL "
                     f"{results['heldout/reverse_kl']:.4f}, response length "
                     f"{results['heldout/response_length']:.1f}, stop rate "
                     f"{results['heldout/stop_rate']:.2f}"
@@ -760,20 +771,23 @@ class OPDTask:
         batch = trainer_module._to_device(batch)
         T, vocab = self.settings.rollout.temperature, self.tok.vocab_size
         rows = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(-1)
+        chunk = self.opts.chunk_tokens
         logits = model(batch["tokens"], batch["position_ids"], None)
-        student = losses.token_logprobs(logits, batch["labels"], temperature=T, vocab_size=vocab,
-                                        vocab_parallel=self.tp > 1).reshape(-1)[rows]
+        student = losses.selected_logprobs(logits, batch["labels"], rows, temperature=T,
+                                           vocab_size=vocab, vocab_parallel=self.tp > 1,
+                                           chunk_tokens=chunk)
         exact = torch.zeros((), device=logits.device)
         if self.teacher.full_logits:
             t_logits, parallel = self.teacher.logits(batch["tokens"], batch["position_ids"],
                                                      batch["lengths"])
-            teacher = losses.token_logprobs(t_logits, batch["labels"], temperature=T,
-                                            vocab_size=vocab, vocab_parallel=parallel).reshape(-1)[rows]
+            teacher = losses.selected_logprobs(t_logits, batch["labels"], rows, temperature=T,
+                                               vocab_size=vocab, vocab_parallel=parallel,
+                                               chunk_tokens=chunk)
             exact = losses.full_vocab_divergence(
                 logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, t_logits.shape[-1]),
                 rows=rows, kind="rkl", temperature=T, vocab_size=vocab,
                 student_parallel=self.tp > 1, teacher_parallel=parallel,
-                chunk_tokens=self.opts.chunk_tokens).sum()
+                chunk_tokens=chunk).sum()
         else:
             teacher = self.teacher.token_logprobs(batch["tokens"], batch["position_ids"],
                                                   batch["lengths"], batch["labels"], temperature=T,

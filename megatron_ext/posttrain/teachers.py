@@ -128,8 +128,9 @@ class Teacher:
                        vocab_size: int) -> torch.Tensor:
         with torch.no_grad():
             logits, parallel = self.logits(tokens, position_ids, lengths)
-            return losses.token_logprobs(logits, labels.to(logits.device), temperature=temperature,
-                                         vocab_size=vocab_size, vocab_parallel=parallel)
+            flat = losses.selected_logprobs(logits, labels, temperature=temperature,
+                                            vocab_size=vocab_size, vocab_parallel=parallel)
+            return flat.reshape(labels.shape)
 
     def close(self) -> None:
         """Release the teacher's memory (a phase switch)."""
