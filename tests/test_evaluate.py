@@ -130,7 +130,7 @@ def test_tool_scores_equal_hf_with_every_setting(checkpoints, offline, fresh_moe
     assert settings["checkpoint"].endswith("iter_0000002")
     task = settings["tasks"]["marco_continuation_zh"]
     assert (task["version"], task["num_fewshot"], task["doc_to_text"], task["normalisation"]) == (
-        2.0, 0, "{{context}}", ["acc", "acc_norm"])
+        3.0, 0, "{{context}}", ["acc", "acc_mutual_info", "acc_norm"])
     assert settings["tasks"]["marco_manqa_de"]["generation_kwargs"]["until"] == ["\n"]
     assert settings["apply_chat_template"] is False and settings["chat_template"] is None
     summary = open(tmp_path / "ours" / "summary.md", encoding="utf-8").read()

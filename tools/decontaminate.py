@@ -190,7 +190,7 @@ def write_clean(tmp: str, final: str, sets, rows_by_task: dict) -> dict:
             for doc in keep:
                 f.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
         entry = {"examples": len(keep), "jsonl": os.path.join(final, "clean", f"{task}_clean.jsonl")}
-        if task_obj is not None:
+        if task_obj is not None and keep:  # an empty split is no task (datasets cannot load it)
             config = clean_task_yaml(task_obj, f"{task}_clean", entry["jsonl"])
             if config is not None:
                 with open(os.path.join(tmp, "clean", f"{task}_clean.yaml"), "w", encoding="utf-8") as f:

@@ -6,8 +6,11 @@ Two task families, one task per language plus a group that averages them (weight
                               word boundary (a character count for zh/ja); pick its true
                               continuation among four (the three others are continuations of
                               other held-out paragraphs of the same language). Paragraphs that
-                              occur verbatim in any training split are skipped. Metrics acc and
-                              acc_norm; chance is 0.25.
+                              occur verbatim in any training split are skipped. Metrics acc,
+                              acc_norm (per byte) and acc_mutual_info (log P(choice | context) -
+                              log P(choice): what the context adds, the score that separates a
+                              model that reads the context from one that prefers a priori likely
+                              text); chance is 0.25.
   marco_manqa_<lang>          generation: "Question: <the SFT sample's held-out question, in
                               the page's language, e.g. 'What does the command X do?'>\\nAnswer:"
                               -> the page's NAME line ("X - description"), verbatim. Metrics chrF
@@ -39,7 +42,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORPUS = os.path.join(REPO, "data", "corpus")
 SFT_VALID = os.path.join(REPO, "data", "sft", "valid.jsonl.gz")
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 PREFIXES = ("marco_continuation", "marco_manqa")
 NO_SPACES = {"zh", "ja"}
 PER_LANGUAGE = 24          # at most this many multiple-choice examples per language
@@ -161,7 +164,8 @@ def continuation_task(name: str, data: str, lang: str) -> dict:
             "output_type": "multiple_choice", "doc_to_text": "{{context}}",
             "doc_to_choice": "{{choices}}", "doc_to_target": "label", "target_delimiter": "",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "acc_mutual_info", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": float(RECIPE_VERSION), "language": lang, "group": "bundled",
                          "metric": "acc", "chance": 0.25}}
 
