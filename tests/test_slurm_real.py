@@ -90,9 +90,13 @@ class Cluster:
         return out
 
     def job(self, job: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (completed jobs stay listed for MinJobAge)."""
-        text = self.run(["scontrol", "-o", "show", "job", job]).stdout
-        return dict(field.split("=", 1) for field in text.split() if "=" in field)
+        """`scontrol show job` as a dict (completed jobs stay listed for MinJobAge). A query
+        that fails is asked again: on a loaded machine an RPC can time out or break off."""
+        for attempt in range(10):
+            out = self.run(["scontrol", "-o", "show", "job", job], check=attempt == 9)
+            if out.returncode == 0:
+                return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
+            time.sleep(1)
 
     def wait_job(self, job: str, until, timeout: float, what: str) -> dict[str, str]:
         deadline = time.time() + timeout
