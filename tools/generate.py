@@ -274,7 +274,7 @@ def run_generation(model, prompts, params, args, vocab_size):
                disable=not parallel.is_rank_zero())
     try:
         return generate(model, prompts, params, seed=args.seed, batch_size=args.batch_size,
-                        vocab_size=vocab_size, on_batch=bar.update)
+                        vocab_size=vocab_size, on_batch=bar.update, inference_mode=True)
     finally:
         bar.close()
 

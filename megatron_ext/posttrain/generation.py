@@ -42,9 +42,13 @@ Design.
   sequence, which is the same computation replicated. Pipeline parallelism is refused.
 - MoE in eval mode routes exactly as in training: top-k over the router's fp32 softmax, no
   capacity factor, no token dropping; no aux/z-loss is computed under no_grad.
-- `torch.no_grad`, not `inference_mode`: RoPE's embedding is lru-cached by length inside
-  Megatron, and an inference-mode tensor in that cache would break a later training step of
-  the same model (on-policy distillation alternates the two).
+- `torch.no_grad` by default; `inference_mode=True` (the CLI, benchmarks) runs under
+  `torch.inference_mode`, about 8% faster per decode step on CPU (no autograd bookkeeping per
+  op). Not the default because state a forward creates lazily and keeps (TransformerEngine's
+  lazily made buffers on GPU) would be inference tensors, unusable by a later training step of
+  the same model (on-policy distillation alternates the two). After an inference-mode call the
+  lru caches of the model's modules are cleared (Megatron's RoPE table), so no inference
+  tensor of ours outlives the call.
 """
 
 from __future__ import annotations
@@ -101,14 +105,16 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: i
              batch_size: int | None = None, vocab_size: int | None = None,
              use_cache: bool = True,
              on_batch: Optional[Callable[[int], None]] = None,
-             indices: Optional[list[int]] = None, per_rank: bool = False) -> list[Generation]:
+             indices: Optional[list[int]] = None, per_rank: bool = False,
+             inference_mode: bool = False) -> list[Generation]:
     """Continue each prompt (a list of token ids). `model`: a Megatron GPTModel, or a list of
     one model chunk, possibly wrapped (DDP, Float16Module), at the current parallel layout;
     every rank calls this with the same arguments and gets the same result. `batch_size`
     prompts are decoded together (all at once when None), longest first. `vocab_size`: cut the
     logits to the tokenizer's real vocabulary. `use_cache=False` recomputes the whole sequence
     at every step (the reference the KV cache is tested against). `on_batch(n)` is called
-    after each batch of n prompts (progress bars). `indices[i]`: the sampling stream of prompt
+    after each batch of n prompts (progress bars). `inference_mode=True`: faster, for a model
+    that will not train afterwards (module docstring). `indices[i]`: the sampling stream of prompt
     i (default i), so a prompt's samples do not depend on which call or rank decodes it.
 
     `per_rank=True` (only where `per_rank_supported(model)`): each data-parallel rank passes
@@ -137,7 +143,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: i
     batches = [order[start:start + size] for start in range(0, len(order), size)]
     count = lockstep.most(len(batches)) if lockstep else len(batches)
     results: list[Optional[Generation]] = [None] * len(prompts)
-    with _inference_layout(gpt), torch.no_grad():
+    with _inference_layout(gpt), _without_autograd(gpt, inference_mode):
         for k in range(count):
             if k >= len(batches):  # this rank has no batch k: keep the others company
                 lockstep.idle(gpt)
@@ -290,6 +296,22 @@ def _inference_layout(gpt):
             setattr(module, attr, True)
         config.sequence_parallel = sequence_parallel
         gpt.train(was_training)
+
+
+@contextlib.contextmanager
+def _without_autograd(gpt, inference_mode: bool):
+    if not inference_mode:
+        with torch.no_grad():
+            yield
+        return
+    try:
+        with torch.inference_mode():
+            yield
+    finally:  # no inference tensor stays in a module's cache (RoPE's table)
+        for cls in {type(m) for m in gpt.modules()}:
+            clear = getattr(cls.forward, "cache_clear", None)
+            if clear is not None:
+                clear()
 
 
 @contextlib.contextmanager
