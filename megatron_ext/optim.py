@@ -35,7 +35,10 @@ def wrap_ddp(model, config: TransformerConfig, opts: OptimizerOptions) -> Distri
         overlap_grad_reduce=opts.overlap_grad_reduce,
         overlap_param_gather=opts.overlap_param_gather,
         use_distributed_optimizer=opts.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # Megatron's check raises a RuntimeError (a traceback) on the one rank that sees the
+        # NaN, before the collective the others wait in; the trainer's check of the all-reduced
+        # loss and grad norm (Trainer._check_finite) stops every rank, in one line.
+        check_for_nan_in_grad=False,
         # Sum over data-parallel ranks then divide: the loss is a mean over global tokens.
         average_in_collective=False,
     )
