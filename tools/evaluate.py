@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --load: instead of the tokenizer the checkpoint records")
     p.add_argument("--tokenizer-model", help="with --load: .model file or HF tokenizer directory")
     p.add_argument("--max-length", type=int, help="context length (default: the model's)")
+    p.add_argument("--moe-expert-backend", default="sequential",
+                   choices=["sequential", "torch-grouped", "te"],
+                   help="with --load: MoE expert implementation (checkpoints load into any)")
     p.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's stderr bootstrap")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random/numpy/torch/few-shot seed")
     p.add_argument("--task-cache", help="where the bundled tasks are generated "
@@ -88,7 +91,8 @@ def build_model(args):
 
         return MarcoLM(load=args.load, dtype=args.dtype, batch_size=args.batch_size,
                        max_length=args.max_length, tokenizer_type=args.tokenizer_type,
-                       tokenizer_model=args.tokenizer_model, seed=args.seed)
+                       tokenizer_model=args.tokenizer_model, seed=args.seed,
+                       expert_backend=args.moe_expert_backend)
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -141,6 +145,7 @@ def settings_record(args, plan: Plan, lm, results: dict) -> dict:
         "hf_dir": os.path.abspath(args.hf_dir) if args.hf_dir else None,
         "tokenizer": info.get("tokenizer"),
         "dtype": args.dtype, "batch_size": args.batch_size, "max_length": lm.max_length,
+        "moe_expert_backend": args.moe_expert_backend if args.load else None,
         "apply_chat_template": bool(args.apply_chat_template),
         "chat_template": lm.chat_template(True) if args.apply_chat_template else None,
         "system_instruction": args.system_instruction,
