@@ -69,8 +69,8 @@ def _load_with_includes(path: str, yaml, depth: int = 0) -> dict:
 
 def check_task_file(task: str, path: str, config: dict) -> None:
     """A task YAML must name its data, prompt and answer (one line naming the missing field)."""
-    if "group" in config and "task" not in config:
-        return
+    if "group" in config and not isinstance(config.get("task"), str):
+        return  # a group file: its member tasks are checked by name
     kind = config.get("output_type", "generate_until")
     needed = ["doc_to_target"] + {"multiple_choice": ["doc_to_text", "doc_to_choice"],
                                   "loglikelihood": ["doc_to_text"], "generate_until": ["doc_to_text"],
