@@ -205,3 +205,11 @@ def test_unknown_task_and_every_suite_task_is_in_lm_eval(checkpoints, offline, t
             checked += 1
     print(f"{checked} suite entries checked against lm-eval's registry ({len(known)} tasks)")
     assert {"english", "multilingual", "cultural", "bundled"} <= set(suites.available_suites())
+
+
+def test_bundled_groups_plan_offline(offline):
+    from megatron_ext.evaluation import harness
+
+    plan = harness.plan_tasks("marco_continuation,marco_manqa_ja", suite="bundled")
+    assert plan.local and plan.tasks[-1] == "marco_continuation" and len(plan.tasks) == 36
+    assert plan.entries["marco_manqa_ja"].metric == "chrf" and plan.entries["marco_manqa_ja"].language == "ja"
