@@ -421,6 +421,7 @@ class _CachedSteps:
         self.ctx.materialize_only_last_token_logits = True
         self.rope = _RopeOnce(self.ctx)
         self.pad = pad  # [rows in the cache, max_len] True = padding
+        self.padded = bool(pad.any())
 
     def _forward(self, tokens: torch.Tensor, mask) -> torch.Tensor:
         offset = self.ctx.sequence_len_offset
@@ -439,7 +440,9 @@ class _CachedSteps:
 
     def decode(self, last: torch.Tensor) -> torch.Tensor:
         end = self.ctx.sequence_len_offset + 1
-        return self._forward(last[:, None], attention_mask(self.pad[:, :end], 1))
+        # One query per row: the mask is the padded keys (attention_mask(pad, 1), made cheaply).
+        mask = self.pad[:, None, None, :end] if self.padded else None
+        return self._forward(last[:, None], mask)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows (indices into the current batch) in the cache."""
@@ -447,6 +450,7 @@ class _CachedSteps:
         for layer, (k, v) in memory.items():
             memory[layer] = (k.index_select(1, rows), v.index_select(1, rows))
         self.pad = self.pad.index_select(0, rows)
+        self.padded = bool(self.pad.any())
 
 
 class _RecomputeSteps:
