@@ -213,3 +213,22 @@ def test_bundled_groups_plan_offline(offline):
     plan = harness.plan_tasks("marco_continuation,marco_manqa_ja", suite="bundled")
     assert plan.local and plan.tasks[-1] == "marco_continuation" and len(plan.tasks) == 36
     assert plan.entries["marco_manqa_ja"].metric == "chrf" and plan.entries["marco_manqa_ja"].language == "ja"
+
+
+def test_slurm_script_dry_run_and_errors(tmp_path):
+    import subprocess
+
+    from conftest import subprocess_env
+
+    script = os.path.join(REPO, "slurm", "evaluate.sbatch")
+    env = subprocess_env(MARCO_DRY_RUN="1", MARCO_EVAL_LOAD="/ckpt/mini", MARCO_EVAL_SUITE="multilingual",
+                         MARCO_EVAL_ARGS="--limit 5 --apply-chat-template", MARCO_OUTPUT=str(tmp_path),
+                         SLURM_JOB_ID="42")
+    run = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    command = run.stdout.strip().splitlines()[-1].split()
+    assert command[:2] == ["python", "tools/evaluate.py"]
+    assert EVAL.build_parser().parse_args(command[2:]).out == f"{tmp_path}/eval/multilingual-42"
+    env.pop("MARCO_EVAL_LOAD")
+    run = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and "set exactly one of MARCO_EVAL_LOAD" in run.stderr
