@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ SLURM = REPO / "slurm"
 FAKE = Path(__file__).resolve().parent / "fake_slurm"
 SCRIPTS = {f"{m}_stage{k}.sbatch": (m, k) for m in ("nano", "mini") for k in (1, 2, 3, 4)}
 SCRIPTS["mini_global.sbatch"] = ("mini_global", 5)
+POSTTRAIN = {f"{m}_{kind}.sbatch": (m, kind) for m in ("nano", "mini") for kind in ("sft", "opd")}
 PRESET = {"nano": "nano", "mini": "mini", "mini_global": "mini-global"}
 BOUNDARY_TOKENS = {1: 2.4e12, 2: 4.1e12, 3: 4.6e12, 4: 5.1e12, 5: 6.5e12}  # the paper's stages
 TOKENS_PER_STEP = 1024 * 4096  # the configs' global batch x sequence length
@@ -78,7 +80,7 @@ def _value(flags: list[str], name: str):
 
 # ----------------------------------------------------------------------------- static checks
 def test_every_script_passes_bash_n_and_shellcheck():
-    others = ["evaluate.sbatch", "mini_opd.sbatch", "nano_opd.sbatch"]  # tested with their tools
+    others = ["evaluate.sbatch", *POSTTRAIN]  # tested with their tools / below
     assert sorted(p.name for p in SLURM.glob("*.sbatch")) == sorted([*SCRIPTS, *others])
     for path in _bash_files():
         result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
@@ -479,3 +481,32 @@ def test_nemo_run_local_executor_trains_tiny(tmp_path):
     assert [r["step"] for r in _records(log)] == [1, 2]
     assert (tmp_path / "out" / "checkpoints" / "mini" / "stage1" / "latest_checkpointed_iteration.txt"
             ).read_text() == "2"
+
+
+@pytest.mark.parametrize("script", sorted(POSTTRAIN))
+def test_posttrain_dry_run_is_a_valid_posttrain_command(script):
+    """The SFT/OPD scripts start from the step before them (stage 4, then SFT) and their
+    command parses with posttrain_marco.py's own parser, with Marco's recipe values."""
+    import importlib.util
+
+    model, kind = POSTTRAIN[script]
+    env = _env(MARCO_DRY_RUN="1", MARCO_CKPT_ROOT="/ckpt", MARCO_DATA_ROOT="/data")
+    out = subprocess.run(["bash", str(SLURM / script)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    srun = shlex.split(out.stdout.strip().splitlines()[-1])
+    args = srun[srun.index("posttrain_marco.py") + 1:]
+    spec = importlib.util.spec_from_file_location("posttrain_marco", REPO / "posttrain_marco.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    parsed = entry.build_parser().parse_args(args)
+    assert parsed.stage == kind and parsed.save == f"/ckpt/{model}/{kind}"
+    assert parsed.load == ("/ckpt/{}/stage4" if kind == "sft" else "/ckpt/{}/sft").format(model)
+    assert parsed.expert_model_parallel_size == 8 and parsed.use_distributed_optimizer
+    if kind == "sft":
+        assert (parsed.lr, parsed.min_lr, parsed.lr_decay_style) == (1e-5, 1e-6, "cosine")
+        assert (parsed.train_iters, parsed.global_batch_size, parsed.seq_length) == (4000, 512, 8192)
+        assert parsed.data_path == ["/data/sft/train"]
+    else:
+        assert (parsed.lr, parsed.global_batch_size) == (1e-6, 1024)
+        assert parsed.cascade.endswith(f"configs/posttrain/marco_{model}_cascade.yaml")

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Shared launcher of the post-training batch scripts: SFT or on-policy distillation (OPD) of one
+# model inside a Slurm job, after its pre-training chain.
+#
+#   bash slurm/posttrain.sh MODEL sft|opd     MODEL: a file slurm/config/MODEL.sh
+#
+# What a launch does (docs/posttraining.md has the recipe, docs/cluster.md the cluster side):
+#  1. Settings: slurm/config/MODEL.sh (layout, and the SFT_* / OPD_* recipe values), then
+#     MARCO_* environment overrides.
+#  2. What to --load: this run's own checkpoint directory when it has a 'latest' marker (a
+#     requeued job resumes itself, exactly), else the step before it: SFT starts from the last
+#     pre-training stage's final checkpoint, OPD from the SFT run's. posttrain_marco.py loads a
+#     checkpoint of another kind as weights only (fresh optimizer, iteration 0).
+#  3. Rendezvous on the first host of the allocation; one srun task per node runs slurm/node.sh
+#     (torchrun for the node's GPUs, SIGUSR1 handling) with posttrain_marco.py.
+#  4. After srun: stopped before the last iteration (USR1 -> save -> exit 0) -> `scontrol
+#     requeue`; the requeued job resumes at step 2.
+#
+# MARCO_DRY_RUN=1 prints the settings and the srun command instead of running them.
+set -euo pipefail
+
+die() { echo "posttrain.sh: error: $*" >&2; exit 2; }
+note() { echo "[posttrain $(date '+%F %T')] $*"; }
+
+(( $# == 2 )) || die "usage: posttrain.sh MODEL sft|opd (see slurm/*_sft.sbatch, slurm/*_opd.sbatch)"
+model=$1
+kind=$2
+[[ $kind == sft || $kind == opd ]] || die "kind '$kind': expected sft or opd"
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+config="$repo/slurm/config/$model.sh"
+[[ -f $config ]] || die "no model config $config"
+# shellcheck source=slurm/config/mini.sh
+source "$config"
+dry_run=${MARCO_DRY_RUN:-}
+
+# ---------------------------------------------------------------- settings and overrides
+upper=${kind^^}
+setting() {  # setting NAME: MARCO_<KIND>_<NAME>, else <KIND>_<NAME> from the model config
+    local var="${upper}_$1" override="MARCO_${upper}_$1"
+    [[ -n ${!var+x} ]] || die "$config sets no $var"
+    echo "${!override:-${!var}}"
+}
+tp=${MARCO_TP:-$TP}
+ep=${MARCO_EP:-$EP}
+nproc=${MARCO_NPROC_PER_NODE:-$GPUS_PER_NODE}
+[[ $nproc =~ ^[1-9][0-9]*$ ]] || die "MARCO_NPROC_PER_NODE=$nproc: expected a positive integer"
+output=${MARCO_OUTPUT:-$repo/runs}
+ckpt_root=${MARCO_CKPT_ROOT:-$output/checkpoints}
+data_root=${MARCO_DATA_ROOT:-/data/marco}
+python=${MARCO_PYTHON:-python3}
+tokenizer=${MARCO_TOKENIZER:-$data_root/tokenizer}   # Qwen3's (a local HF directory)
+save="$ckpt_root/$RUN/$kind"
+if [[ $kind == sft ]]; then
+    start_from=${MARCO_SFT_CHECKPOINT:-$ckpt_root/$RUN/stage${STAGES[-1]}}
+else
+    start_from=${MARCO_OPD_CHECKPOINT:-$ckpt_root/$RUN/sft}
+fi
+load=$start_from
+[[ -f $save/latest_checkpointed_iteration.txt ]] && load=$save   # requeued: resume itself
+
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+    mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?not set in a Slurm job}")
+    (( ${#hosts[@]} > 0 )) || die "scontrol show hostnames returned no host"
+    nnodes=${#hosts[@]}
+    master_addr=${hosts[0]}
+    master_port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+elif [[ -n $dry_run ]]; then
+    nnodes=${MARCO_NNODES:-$NODES}
+    [[ $nnodes =~ ^[1-9][0-9]*$ ]] || die "MARCO_NNODES=$nnodes: expected a positive integer"
+    master_addr='<first host>'
+    master_port=${MASTER_PORT:-29500}
+else
+    die "not inside a Slurm job (no SLURM_JOB_ID): submit with sbatch, or set MARCO_DRY_RUN=1"
+fi
+world=$((nnodes * nproc))
+(( world % tp == 0 )) || die "world size $world is not divisible by TP $tp"
+
+# ---------------------------------------------------------------- the training command
+cmd=(posttrain_marco.py "$kind" --load "$load" --save "$save"
+     --tensor-model-parallel-size "$tp" --expert-model-parallel-size "$ep"
+     --micro-batch-size "$(setting MICRO_BATCH)" --global-batch-size "$(setting GLOBAL_BATCH)"
+     --lr "$(setting LR)" --min-lr "$(setting MIN_LR)"
+     --use-distributed-optimizer --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$tokenizer"
+     --save-interval "$(setting SAVE_INTERVAL)" --eval-interval "$(setting EVAL_INTERVAL)"
+     --log-interval 1 --data-cache-path "$output/data_cache"
+     --tensorboard-dir "$output/tensorboard/$RUN/$kind" --log-json "$output/logs/$RUN/$kind.jsonl")
+if [[ $kind == sft ]]; then
+    total=$(setting ITERS)
+    # Marco's SFT: cosine from lr to min lr over the run (the flags' defaults are the recipe's).
+    cmd+=(--train-iters "$total" --seq-length "$(setting SEQ_LENGTH)"
+          --data-path "$data_root/$(setting DATA)" --valid-data-path "$data_root/$(setting VALID_DATA)")
+else
+    cascade=$(setting CASCADE)
+    [[ $cascade == /* ]] || cascade="$repo/$cascade"
+    total=$("$python" -c 'import sys, yaml
+print(sum(int(p["steps"]) for p in yaml.safe_load(open(sys.argv[1]))["phases"]))' "$cascade") \
+        || die "cannot read the cascade $cascade"
+    cmd+=(--cascade "$cascade" --rollout-decode-batch-size "$(setting DECODE_BATCH)"
+          --recompute-granularity full
+          --prompt-data "$data_root/$(setting PROMPTS)"
+          --eval-prompt-data "$data_root/$(setting EVAL_PROMPTS)")
+fi
+if [[ -n ${MARCO_EXTRA_ARGS:-} ]]; then
+    read -r -a extra <<< "$MARCO_EXTRA_ARGS"
+    cmd+=("${extra[@]}")
+fi
+
+run_env=(PYTHONUNBUFFERED=1 "MARCO_PYTHON=$python" "MARCO_REPO=$repo" "MARCO_NNODES=$nnodes"
+         "MARCO_NPROC_PER_NODE=$nproc" "MASTER_ADDR=$master_addr" "MASTER_PORT=$master_port"
+         "MARCO_DATA_ROOT=$data_root"
+         "CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+         "NCCL_DEBUG=${NCCL_DEBUG:-WARN}"
+         "TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+         "OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}")
+srun_cmd=(srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --wait=300)
+if [[ -n ${MARCO_SRUN_ARGS:-} ]]; then
+    read -r -a srun_extra <<< "$MARCO_SRUN_ARGS"
+    srun_cmd+=("${srun_extra[@]}")
+fi
+srun_cmd+=(bash "$repo/slurm/node.sh" "${cmd[@]}")
+
+if [[ -n $dry_run ]]; then
+    echo "# $model $kind: $nnodes nodes x $nproc processes = $world; TP $tp EP $ep;" \
+         "$total steps; --load $load; checkpoints $save"
+    printf 'export %q\n' "${run_env[@]}"
+    printf '%q ' "${srun_cmd[@]}"
+    echo
+    exit 0
+fi
+
+# ---------------------------------------------------------------- run, then requeue or finish
+iteration() {  # the integer in file $1, or -1 when there is none
+    local text=""
+    [[ -f $1 ]] && text=$(<"$1")
+    if [[ $text =~ ^[0-9]+$ ]]; then echo "$text"; else echo -1; fi
+}
+latest_file="$save/latest_checkpointed_iteration.txt"
+before=$(iteration "$latest_file")
+if (( before >= total )); then note "$model $kind is complete ($before of $total steps)"; exit 0; fi
+[[ $load == "$save" || -f $load/latest_checkpointed_iteration.txt ]] ||
+    die "$model $kind starts from $load, which holds no checkpoint (set MARCO_${upper}_CHECKPOINT)"
+mkdir -p "$save" "$output/logs/$RUN" "$output/tensorboard/$RUN"
+export "${run_env[@]}"
+note "$model $kind, job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes nodes x $nproc," \
+     "TP $tp EP $ep, from $load (iteration $before of $total)"
+rc=0
+"${srun_cmd[@]}" || rc=$?
+if (( rc != 0 )); then
+    note "training exited with status $rc: not requeued (fix, then resubmit; it resumes)"
+    exit "$rc"
+fi
+latest=$(iteration "$latest_file")
+if (( latest >= total )); then note "$model $kind finished at iteration $latest"; exit 0; fi
+if (( latest <= before )); then note "no progress since iteration $before: not requeued"; exit 1; fi
+note "stopped at iteration $latest of $total (signal): requeueing"
+scontrol requeue "$SLURM_JOB_ID"
+exit 0
