@@ -164,12 +164,13 @@ def test_cached_keys_are_rotated_once(models):
 
     model = models["moe"]
     pad = torch.zeros(2, 9, dtype=torch.bool)
-    steps = generation._CachedSteps(model, 2, 9, pad)
-    with generation._inference_layout(model), torch.no_grad():
-        steps.prefill(torch.tensor(make_prompts()[3:4] * 2))
-        steps.decode(torch.tensor([1, 2]))
-    assert steps.rope.hits == 2 * model.config.num_layers
-    assert generation._RopeOnce(steps.ctx).original is steps.rope.original  # put back
+    for inference_mode in (False, True):
+        with generation._inference_layout(model), generation._without_autograd(model, inference_mode):
+            steps = generation._CachedSteps(model, 2, 9, pad)
+            steps.prefill(torch.tensor(make_prompts()[3:4] * 2))
+            steps.decode(torch.tensor([1, 2]))
+        assert steps.rope.hits == 2 * model.config.num_layers, inference_mode
+    assert generation._RopeOnce(steps).original is steps.rope.original  # put back
 
 
 def test_inference_mode_gives_the_same_and_the_model_still_trains(models, moe_runs):
