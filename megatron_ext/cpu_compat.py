@@ -137,6 +137,15 @@ def _patch_torch_cuda() -> None:
     cuda.current_stream = lambda *a, **k: _NullStream()
     cuda.default_stream = lambda *a, **k: _NullStream()
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    # pipeline_parallel/utils.py (the combined 1F1B schedule of
+    # --overlap-moe-expert-parallel-comm) marks its phases with NVTX ranges.
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+    cuda.nvtx.mark = lambda *a, **k: None
+    # ... and hands freed inputs to its (null) streams: Tensor.record_stream(stream).
+    record_stream = torch.Tensor.record_stream
+    torch.Tensor.record_stream = lambda self, stream: (
+        None if isinstance(stream, _NullStream) else record_stream(self, stream))
     # timers.py / logging: memory statistics have no CUDA meaning here; the trainer reports
     # process RSS instead.
     cuda.memory_allocated = lambda *a, **k: 0

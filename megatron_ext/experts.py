@@ -7,12 +7,18 @@ checkpoints) and swaps the kernel for PyTorch's native grouped GEMM.
 
 Layout (as GroupedMLP): weight1 is [hidden, E_local * 2F] and weight2 [E_local * F, hidden],
 read as [E_local, hidden, 2F] and [E_local, F, hidden] per-expert blocks.
+
+`--recompute-granularity selective --recompute-modules moe_act` recomputes the SwiGLU (and the
+routing-probability scaling) in backward instead of keeping its output, as GroupedMLP does
+(Megatron-Core's CheckpointWithoutOutput): the expert activation memory drops from FC1 out +
+SwiGLU out to FC1 out per routed token.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.layers import (
     _initialize_affine_weight_cpu,
     _initialize_affine_weight_gpu,
@@ -35,7 +41,8 @@ class TorchGroupedMLP(GroupedMLP):
             raise ValueError("TorchGroupedMLP: gated experts must use SiLU (SwiGLU)")
         self.num_local_experts = num_local_experts
         self.expert_parallel = config.expert_model_parallel_size > 1
-        self.activation_recompute = False
+        self.activation_recompute = (config.recompute_granularity == "selective"
+                                     and "moe_act" in (config.recompute_modules or ()))
         self.ep_group = pg_collection.ep
         self.tp_group = pg_collection.expt_tp
         self.dp_group = pg_collection.expt_dp
@@ -80,6 +87,19 @@ class TorchGroupedMLP(GroupedMLP):
         gate, up = torch.chunk(x, 2, dim=-1)
         return F.silu(gate) * up
 
+    def _act(self, fc1: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """SwiGLU, scaled by the routing probabilities (fp32), back in the input dtype."""
+        return (self._glu(fc1) * probs).to(fc1.dtype)
+
+    def _act_then(self, fc1: torch.Tensor, probs: torch.Tensor, second):
+        """`second(act(fc1))`; with moe_act recompute the activation is not kept for backward."""
+        if not self.activation_recompute:
+            return second(self._act(fc1, probs))
+        checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
+        out = second(checkpoint.checkpoint(self._act, fc1, probs))
+        checkpoint.discard_output_and_register_recompute(out)
+        return out
+
     def forward(
         self,
         permuted_local_hidden_states: torch.Tensor,
@@ -95,14 +115,14 @@ class TorchGroupedMLP(GroupedMLP):
             # No token reached these experts: a zero-size product keeps every weight in the
             # autograd graph so gradient buffers stay consistent across ranks. The routing
             # probabilities are fp32: cast back before the second matmul (bf16 weights).
-            h = (self._glu(x @ self.weight1) * probs).to(x.dtype)
-            return (h @ self.weight2).to(x.dtype), None
+            out = self._act_then((x @ self.weight1).to(x.dtype), probs, lambda h: h @ self.weight2)
+            return out.to(x.dtype), None
         offsets = torch.cumsum(
             torch.as_tensor(tokens_per_expert, device=x.device), dim=0, dtype=torch.int32
         )
         fc1 = torch._grouped_mm(x, w1.to(x.dtype), offs=offsets)
-        h = (self._glu(fc1) * probs).to(x.dtype)
-        out = torch._grouped_mm(h, w2.to(x.dtype), offs=offsets)
+        out = self._act_then(fc1, probs,
+                             lambda h: torch._grouped_mm(h, w2.to(x.dtype), offs=offsets))
         return out, None
 
 

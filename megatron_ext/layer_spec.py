@@ -148,13 +148,15 @@ def _backend(expert_backend: str, use_te: bool | None):
 
 
 def marco_block_spec(
-    config: TransformerConfig, expert_backend: str, use_te: bool | None = None
+    config: TransformerConfig, expert_backend: str, use_te: bool | None = None,
+    vp_stage: int | None = None,
 ) -> TransformerBlockSubmodules:
-    """This pipeline stage's layers plus the final norm (Megatron's default would be
-    `WrappedTorchNorm`, which cannot run with sequence parallelism)."""
+    """This pipeline stage's (or virtual stage `vp_stage`'s) layers plus the final norm
+    (Megatron's default would be `WrappedTorchNorm`, which cannot run with sequence
+    parallelism)."""
     layer = marco_layer_spec(config, expert_backend, use_te)
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config),
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
         layer_norm=_backend(expert_backend, use_te).layer_norm(rms_norm=True),
     )
 

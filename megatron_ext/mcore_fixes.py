@@ -30,6 +30,11 @@ release's source):
                                 params without torch.no_grad(); with fp32 params the main param
                                 is a view of the model param (RuntimeError). Any TE/apex state.
                                 Read unchanged in 0.17.0, 0.18.0, 0.19.0.
+  checkpoint_without_output_fp8 tensor_parallel.CheckpointWithoutOutput(fp8=False) sets
+                                `self.fp8 = fp8 is not None` (True), then calls TE's
+                                FP8GlobalStateManager, unbound without TE: selective recompute
+                                of `layernorm` and `moe_act` raises NameError. Read unchanged in
+                                0.17.0, 0.18.0, 0.19.0.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ _CONDITIONS: dict[str, Callable[[Environment], bool]] = {
     "dist_optimizer_torch_adam_step": lambda e: (not (e.have_te or e.have_apex)
                                                  and _in(e.mcore_version, "0.16", "0.20")),
     "dist_optimizer_fp32_load": lambda e: _in(e.mcore_version, "0.16", "0.20"),
+    "checkpoint_without_output_fp8": lambda e: not e.have_te and _in(e.mcore_version, "0.16", "0.20"),
 }
 CPU_ADAPTATIONS = "cpu_compat"
 
@@ -205,8 +211,31 @@ def _dist_optimizer_fp32_load() -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# checkpoint_without_output_fp8: tensor_parallel/random.py CheckpointWithoutOutput.__init__(fp8=False)
+# does `self.fp8 = fp8 is not None`, so every caller that passes nothing (transformer_layer.py's
+# layernorm recompute, experts.py's moe_act recompute) gets fp8 = True, and
+# CheckpointWithoutOutputFunction.forward then evaluates FP8GlobalStateManager, a name bound
+# only when TransformerEngine imports. Without TE no FP8 can be on: fp8 False means no FP8.
+# --------------------------------------------------------------------------------------------
+def _checkpoint_without_output_fp8() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    cls = mcore_random.CheckpointWithoutOutput
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, fp8=False, *args, **kwargs):
+        original(self, fp8, *args, **kwargs)
+        if not fp8:
+            self.fp8 = False
+
+    cls.__init__ = __init__
+
+
 _INSTALLERS: dict[str, Callable[[], None]] = {
     "te_general_gemm_name": _te_general_gemm_name,
     "dist_optimizer_torch_adam_step": _dist_optimizer_torch_adam_step,
     "dist_optimizer_fp32_load": _dist_optimizer_fp32_load,
+    "checkpoint_without_output_fp8": _checkpoint_without_output_fp8,
 }

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.config import ModelOptions
+from megatron_ext.config import ModelOptions, MoEOptions
 from megatron_ext.layer_spec import marco_block_spec
 from megatron_ext.parallel import ParallelLayout
 from megatron_ext.presets import ModelPreset
@@ -99,6 +99,12 @@ def marco_config(
         sequence_parallel=layout.sequence_parallel,
         context_parallel_size=layout.context,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        # Megatron-LM's p2p setting for the interleaved schedule (its --overlap-p2p-communication
+        # default): one isend/irecv per direction, ordered by rank parity. The batched exchange
+        # (TransformerConfig's default) pairs the two directions' messages wrongly when the
+        # previous and the next stage are the same rank (PP = 2).
+        overlap_p2p_comm=layout.virtual_pipeline is not None,
+        batch_p2p_comm=layout.virtual_pipeline is None,
         tp_comm_overlap=options.tp_comm_overlap,
         # Precision: bf16 on GPU, fp32 on CPU; FP8 handled by TransformerEngine.
         params_dtype=params_dtype,
@@ -242,7 +248,11 @@ def load_model_from_checkpoint(path: str, expert_backend: str = "sequential",
     from megatron_ext import checkpointing
 
     preset = checkpointing.preset_from_checkpoint(path)
-    options = ModelOptions(params_dtype=params_dtype, expert_backend=expert_backend)
+    # The router as trained (--moe-router-score-function, --moe-router-enable-expert-bias).
+    router = checkpointing.read_model_info(path).get("run", {}).get("moe_router", {})
+    moe = MoEOptions(router_score_function=router.get("score_function", "softmax"),
+                     enable_expert_bias=router.get("expert_bias", False))
+    options = ModelOptions(params_dtype=params_dtype, expert_backend=expert_backend, moe=moe)
     model, _ = build_stage(preset, options)
     checkpointing.load_checkpoint(path, [model], load_rng=False)
     return model, preset

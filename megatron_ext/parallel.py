@@ -1,8 +1,10 @@
 """Process groups: validate the 4D layout, start torch.distributed, set up Megatron's groups.
 
-Data parallelism is what the world size leaves after tensor x pipeline parallelism. Expert
-parallelism is carved out of tensor x data parallel ranks (Megatron's "ep" dimension), so
-expert-parallel size x expert-tensor-parallel size must divide TP x DP.
+Data parallelism is what the world size leaves after tensor x context x pipeline
+parallelism. Expert parallelism is carved out of tensor x context x data parallel ranks
+(Megatron's "ep" dimension), so expert-parallel size x expert-tensor-parallel size must divide
+TP x CP x DP. Virtual pipeline stages (interleaved 1F1B) split each pipeline rank's layers into
+several model chunks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,6 +36,13 @@ class ParallelLayout:
     expert: int = 1
     expert_tensor: int = 1
     sequence_parallel: bool = False
+    context: int = 1                         # --context-parallel-size
+    virtual_pipeline: Optional[int] = None   # --num-virtual-stages-per-pipeline-rank
+
+    @property
+    def chunks(self) -> int:
+        """Model chunks per pipeline rank (virtual pipeline stages)."""
+        return self.virtual_pipeline or 1
 
     @classmethod
     def current(cls) -> "ParallelLayout":
@@ -44,6 +54,8 @@ class ParallelLayout:
             expert=parallel_state.get_expert_model_parallel_world_size(),
             expert_tensor=parallel_state.get_expert_tensor_parallel_world_size(),
             sequence_parallel=tp > 1,
+            context=parallel_state.get_context_parallel_world_size(),
+            virtual_pipeline=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         )
 
 
@@ -58,30 +70,41 @@ def world_size_from_env() -> int:
 def validate_layout(layout: ParallelLayout, preset: ModelPreset, world_size: int) -> int:
     """Check every divisibility rule before any model is built; returns the DP size."""
     tp, pp, ep, etp = layout.tensor, layout.pipeline, layout.expert, layout.expert_tensor
+    cp = layout.context
     for flag, size in (
         ("--tensor-model-parallel-size", tp),
         ("--pipeline-model-parallel-size", pp),
         ("--expert-model-parallel-size", ep),
         ("--expert-tensor-parallel-size", etp),
+        ("--context-parallel-size", cp),
     ):
         if size < 1:
             raise LayoutError(f"{flag} must be >= 1, got {size}")
-    if world_size % (tp * pp):
+    if world_size % (tp * cp * pp):
         raise LayoutError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--context-parallel-size {cp} x --pipeline-model-parallel-size {pp}"
+            if cp > 1 else
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
             f"--pipeline-model-parallel-size {pp}"
         )
-    dp = world_size // (tp * pp)
-    if (tp * dp) % (ep * etp):
+    dp = world_size // (tp * cp * pp)
+    if (tp * cp * dp) % (ep * etp):
+        ranks = f"({tp} x {cp} x {dp} = {tp * cp * dp})" if cp > 1 else f"({tp} x {dp} = {tp * dp})"
         raise LayoutError(
             f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} must divide "
-            f"tensor x data parallel ranks ({tp} x {dp} = {tp * dp}) of world size {world_size}"
+            f"tensor x {'context x ' if cp > 1 else ''}data parallel ranks {ranks} of world "
+            f"size {world_size}"
         )
     if preset.num_layers % pp:
         raise LayoutError(
             f"{preset.num_layers} layers of preset {preset.name!r} are not divisible by "
             f"--pipeline-model-parallel-size {pp}"
         )
+    _validate_virtual_pipeline(layout, preset)
+    if cp > 1 and preset.seq_length % (2 * cp):
+        raise LayoutError(f"--seq-length {preset.seq_length} must be a multiple of 2 x "
+                          f"--context-parallel-size {cp} (load-balanced causal chunks)")
     if preset.num_attention_heads % tp or preset.num_query_groups % tp:
         raise LayoutError(
             f"{preset.num_attention_heads} attention heads / {preset.num_query_groups} key-value "
@@ -113,6 +136,21 @@ def validate_layout(layout: ParallelLayout, preset: ModelPreset, world_size: int
             f"--expert-model-parallel-size {ep} given for dense preset {preset.name!r}"
         )
     return dp
+
+
+def _validate_virtual_pipeline(layout: ParallelLayout, preset: ModelPreset) -> None:
+    vpp, pp = layout.virtual_pipeline, layout.pipeline
+    if vpp is None:
+        return
+    if vpp < 1:
+        raise LayoutError(f"--num-virtual-stages-per-pipeline-rank must be >= 1, got {vpp}")
+    if pp < 2:
+        raise LayoutError("--num-virtual-stages-per-pipeline-rank needs "
+                          "--pipeline-model-parallel-size >= 2 (interleaved pipeline schedule)")
+    if preset.num_layers % (pp * vpp):
+        raise LayoutError(
+            f"{preset.num_layers} layers of preset {preset.name!r} are not divisible by "
+            f"--pipeline-model-parallel-size {pp} x --num-virtual-stages-per-pipeline-rank {vpp}")
 
 
 def _free_port() -> int:
@@ -147,6 +185,8 @@ def init_distributed(layout: ParallelLayout, seed: int, timeout_minutes: int = 3
         pipeline_model_parallel_size=layout.pipeline,
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor,
+        context_parallel_size=layout.context,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
         distributed_timeout_minutes=timeout_minutes,
     )
     # Same seed on every rank: CPU initialisation builds each full weight and keeps this rank's

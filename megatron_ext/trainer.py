@@ -516,7 +516,10 @@ class Trainer:
                 self.preset,
                 tokenizer=data.tokenizer_info(self.cfg.data.tokenizer_type,
                                               self.cfg.data.tokenizer_model),
-                run={"kind": self.task.kind},
+                run={"kind": self.task.kind,
+                     # Routing that Hugging Face's qwen3_moe cannot express (exporters check).
+                     "moe_router": {"score_function": self.cfg.model_options.moe.router_score_function,
+                                    "expert_bias": self.cfg.model_options.moe.enable_expert_bias}},
             ),
             optimizer_fully_reshardable=ck.optim_fully_reshardable,
             directory=self.save_dir,

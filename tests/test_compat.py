@@ -16,7 +16,8 @@ from conftest import REPO, subprocess_env
 from megatron_ext import mcore_fixes
 from megatron_ext.mcore_fixes import Environment
 
-ALL_MCORE = ["te_general_gemm_name", "dist_optimizer_torch_adam_step", "dist_optimizer_fp32_load"]
+ALL_MCORE = ["te_general_gemm_name", "dist_optimizer_torch_adam_step", "dist_optimizer_fp32_load",
+             "checkpoint_without_output_fp8"]
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -27,8 +28,9 @@ ALL_MCORE = ["te_general_gemm_name", "dist_optimizer_torch_adam_step", "dist_opt
     (Environment(True, False, False, "0.16.0rc0"), ALL_MCORE),
     # A GPU with TE: TE's FusedAdam has no per-parameter 'step'; the name is bound.
     (Environment(True, True, False, "0.16.1"), ["dist_optimizer_fp32_load"]),
-    # apex's FusedAdam but no TE: the name is still missing.
-    (Environment(True, False, True, "0.16.1"), ["te_general_gemm_name", "dist_optimizer_fp32_load"]),
+    # apex's FusedAdam but no TE: the TE names are still missing.
+    (Environment(True, False, True, "0.16.1"),
+     ["te_general_gemm_name", "dist_optimizer_fp32_load", "checkpoint_without_output_fp8"]),
     # 0.17 binds te_general_gemm = None itself; the optimizer code is unchanged there.
     (Environment(True, False, False, "0.17.0"), ALL_MCORE[1:]),
     # Releases outside those read: nothing is assumed about them.
@@ -46,6 +48,9 @@ def test_installed_here_is_what_the_plan_says(megatron_single_rank):
     assert env.cuda is False and env.have_te is False  # this CPU suite's machine
     assert mcore_fixes.installed() == sorted(mcore_fixes.plan(env))
     assert moe_utils.te_general_gemm is None
+    from megatron.core.tensor_parallel import CheckpointWithoutOutput
+
+    assert CheckpointWithoutOutput().fp8 is False and CheckpointWithoutOutput(fp8="e4m3").fp8
 
 
 _GPU_WITHOUT_TE = """
@@ -182,3 +187,35 @@ def test_checkpoints_of_the_two_specs_load_into_each_other(megatron_single_rank,
     deeper = build(False, seed=4, p=override(preset, num_layers=2))
     with pytest.raises(CheckpointError, match="does not match this model"):
         checkpointing.load_checkpoint(str(tmp_path / "local"), [deeper], load_rng=False)
+
+
+# ----------------------------------------------------------------------------- bench/gpu_check.sh
+def test_gpu_check_script_is_clean_and_dry_runs_on_cpu(tmp_path):
+    import shutil
+
+    script = str(REPO / "bench" / "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    lint = subprocess.run([shutil.which("shellcheck"), "--severity=style", script],
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "megatron_core-0.16.1-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", script, str(out), "--wheels", str(wheels), "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    steps = [line.split("]")[0][3:].split(",")[0] for line in lines if line.startswith("+ [")]
+    assert steps == ["environment", "install-wheels", "install-project", "imports", "gpu-tests",
+                     "nano-slice", "summary"]
+    assert any("pip install" in line and "--no-index --no-deps" in line
+               and "megatron_core-0.16.1-cp312" in line for line in lines)
+    assert any("-m pytest -m gpu tests/test_gpu.py" in line for line in lines)
+    assert any("bench_gpu_nano_slice.py" in line and "--rows sequential torch-grouped hf" in line
+               for line in lines)
+    limits = [int(line.split("<= ")[1].split("s]")[0]) for line in lines if "<= " in line]
+    assert sum(limits) <= 8 * 60, limits
+    assert not out.exists()  # a dry run writes nothing
+    bad = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage: bash bench/gpu_check.sh OUTDIR" in bad.stderr
