@@ -659,7 +659,10 @@ class OPDTask:
         from megatron_ext import trainer as trainer_module
 
         batch = trainer_module._to_device(next(data_iterator))
-        output = model(batch["tokens"], batch["position_ids"], None)
+        # Right padding routes through the MoE layers too: kept out of the router's load-balancing
+        # and z-losses, so the padding a layout adds (multiples of TP) changes nothing.
+        padding = batch["position_ids"] >= batch["lengths"][:, None]
+        output = model(batch["tokens"], batch["position_ids"], None, padding_mask=padding)
         teacher = None
         if self.settings.loss in losses.FULL_VOCAB:
             t0 = _now()
