@@ -120,7 +120,7 @@ def main(argv=None) -> int:
           f"{best['HF'] / best['ours']:.2f}x the step rate (issue target: 1.5x)")
     if opts.profile:
         for name, step in contenders.items():
-            print_profile(name, lambda: step(batches[0]))
+            print_profile(name, lambda step=step: step(batches[0]))
     return 0
 
 

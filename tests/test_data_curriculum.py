@@ -243,7 +243,8 @@ def test_conflicting_and_malformed_data_flags(prefixes, tok):
                                       train_iters=5, seed=1)
 
     a = prefixes["a"]
-    assert _error(build, "--mock-data", "--data-path", a) == "--mock-data: not with --data-path or --curriculum"
+    assert _error(build, "--mock-data", "--data-path", a) == (
+        "--mock-data: not with --data-path or --curriculum")
     assert _error(build, "--data-path", "0.5", a, "x") == (
         "--data-path: expected one prefix or 'weight prefix' pairs, got 3 values")
     assert _error(build, "--data-path", "w", a, "1", a).startswith("--data-path: 'w' is not a weight")

@@ -163,7 +163,8 @@ def test_bad_tokenizer_is_one_clear_line(tmp_path, capsys):
         ("GPT2BPETokenizer", None, "expected one of SentencePieceTokenizer, HuggingFaceTokenizer"),
     ]
     (tmp_path / "garbage.model").write_bytes(b"not a model")
-    cases.append(("SentencePieceTokenizer", tmp_path / "garbage.model", "cannot load as SentencePieceTokenizer"))
+    cases.append(("SentencePieceTokenizer", tmp_path / "garbage.model",
+                  "cannot load as SentencePieceTokenizer"))
     for kind, path, expected in cases:
         with pytest.raises(DataConfigError) as e:
             build_tokenizer(kind, path)

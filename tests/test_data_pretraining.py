@@ -77,7 +77,8 @@ def test_stage_boundaries_and_shares(tiny):
         want = {s: w / sum(spec.weights.values()) for s, w in spec.weights.items()}
         assert set(counts) == set(want), f"stage {k}: sources {sorted(counts)}"
         for src, w in want.items():
-            assert abs(counts[src] / total - w) < 0.01, f"stage {k} {src}: {counts[src] / total:.4f} vs {w:.4f}"
+            share = counts[src] / total
+            assert abs(share - w) < 0.01, f"stage {k} {src}: {share:.4f} vs {w:.4f}"
         # Consumed tokens per source: the same counts, cumulative over stages.
         after = tiny.consumed_tokens_by_source(st.end_step - 1)
         for src in set(after) | set(before):
@@ -94,7 +95,9 @@ def test_switch_happens_at_the_boundary_step(tiny):
     first_steps = {s for step in range(801, 811) for s in tiny.batch_sources(step)}
     assert first_steps & new
     # Stage 1 -> 2: English share drops from 42 % to 19 % right at step 469.
-    en = lambda steps: sum(tiny.batch_sources(s).count("en") for s in steps) / (len(steps) * GBS)
+    def en(steps):
+        return sum(tiny.batch_sources(s).count("en") for s in steps) / (len(steps) * GBS)
+
     assert abs(en(range(419, 469)) - 0.42) < 0.03 and abs(en(range(469, 519)) - 0.19) < 0.03
 
 

@@ -21,11 +21,13 @@ def test_valid_layouts_give_data_parallel_size():
     [
         (ParallelLayout(tensor=2, sequence_parallel=True), TINY, 3, "world size 3 is not divisible"),
         (ParallelLayout(expert=3), TINY, 3, "16 experts are not divisible by --expert-model-parallel-size 3"),
-        (ParallelLayout(pipeline=3), TINY, 3, "4 layers of preset 'tiny' are not divisible by --pipeline-model-parallel-size 3"),
+        (ParallelLayout(pipeline=3), TINY, 3,
+         "4 layers of preset 'tiny' are not divisible by --pipeline-model-parallel-size 3"),
         (ParallelLayout(tensor=8, sequence_parallel=True), override(TINY, num_attention_heads=12), 8,
          "attention heads"),
         (ParallelLayout(tensor=2), TINY, 2, "needs --sequence-parallel"),
-        (ParallelLayout(expert=4), TINY, 2, "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 1 must divide"),
+        (ParallelLayout(expert=4), TINY, 2,
+         "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 1 must divide"),
         (ParallelLayout(expert=2), get_preset("tiny-dense"), 2, "dense preset"),
     ],
 )
@@ -39,9 +41,11 @@ def test_each_violation_is_named(layout, preset, world, message):
     [
         (["--preset", "giant"], {}, "--preset: unknown preset 'giant'"),
         (["--tensor-model-parallel-size", "3"], {"WORLD_SIZE": "4"}, "world size 4 is not divisible"),
-        (["--expert-model-parallel-size", "3"], {"WORLD_SIZE": "3"}, "not divisible by --expert-model-parallel-size 3"),
+        (["--expert-model-parallel-size", "3"], {"WORLD_SIZE": "3"},
+         "not divisible by --expert-model-parallel-size 3"),
         (["--fp8-format", "hybrid"], {}, "FP8 needs TransformerEngine"),
-        (["--load", "/nonexistent/ckpt", "--mock-data"], {}, "--load /nonexistent/ckpt: no such checkpoint directory"),
+        (["--load", "/nonexistent/ckpt", "--mock-data"], {},
+         "--load /nonexistent/ckpt: no such checkpoint directory"),
     ],
 )
 def test_bad_input_exits_with_one_line(argv, env, message):
