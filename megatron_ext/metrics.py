@@ -120,8 +120,9 @@ def format_validation_line(step: int, scalars: dict[str, float]) -> str:
     """Mean validation loss over the sets, plus the best and worst set by name."""
     losses = {k.rsplit("/", 1)[-1]: v for k, v in scalars.items() if k.startswith("validation/lm_loss/")}
     line = f"[{time.strftime('%H:%M:%S')}] step {step:6d} | validation"
-    if not losses:
-        return line + " | no validation data"
+    if not losses:  # a task's own evaluation (e.g. on-policy distillation's held-out KL)
+        shown = [f"{k} {v:.4f}" for k, v in scalars.items() if isinstance(v, (int, float))][:4]
+        return line + (" | " + " | ".join(shown) if shown else " | no validation data")
     best, worst = min(losses, key=losses.get), max(losses, key=losses.get)
     return (
         f"{line} lm loss {sum(losses.values()) / len(losses):.4f} over {len(losses)} sets"
