@@ -25,6 +25,9 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.data.args import TOKENIZER_MODEL_HELP, add_tokenizer_args  # noqa: E402
+from megatron_ext.data.jsonl import add_output_args  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -36,18 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=8192,
                    help="skip (and count) conversations longer than this many tokens; a "
                         "conversation of N tokens fits --seq-length N (default 8192)")
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
-    g.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece .model file or local Hugging Face tokenizer directory "
-                        "(default: data/tokenizer/marco_tiny_spm.model); needs <|im_start|> and "
-                        "<|im_end|> as single tokens")
-    g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_tokenizer_args(p.add_argument_group("tokenizer"), model_help=TOKENIZER_MODEL_HELP
+                       + "; needs <|im_start|> and <|im_end|> as single tokens")
+    add_output_args(p)
     return p
 
 

@@ -19,6 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from megatron_ext.cli import run_tool  # noqa: E402
+from megatron_ext.data.args import add_tokenizer_args  # noqa: E402
+from megatron_ext.data.jsonl import add_output_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,18 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a line that is not JSON or lacks a key: stop with its file:line, or "
                         "skip it (and list it)")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
-    g.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece .model file or local Hugging Face tokenizer directory "
-                        "(default: data/tokenizer/marco_tiny_spm.model)")
+    add_tokenizer_args(g)
     g.add_argument("--append-eod", action="store_true",
                    help="append the end-of-document token to every document")
-    g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_args(p)
     return p
 
 

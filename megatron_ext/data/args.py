@@ -14,6 +14,10 @@ from typing import Optional
 
 from megatron_ext.data.errors import DataConfigError
 
+TOKENIZER_TYPES = ["SentencePieceTokenizer", "HuggingFaceTokenizer"]
+TOKENIZER_MODEL_HELP = ("SentencePiece .model file or local Hugging Face tokenizer directory "
+                        "(default: data/tokenizer/marco_tiny_spm.model)")
+
 
 @dataclass(frozen=True)
 class DataOptions:
@@ -61,15 +65,23 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(configs/curriculum/)")
     g.add_argument("--mock-data", action="store_true",
                    help="Megatron-Core's MockGPTDataset instead of real data")
-    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
-    g.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece .model file or local Hugging Face tokenizer directory "
-                        "(default: data/tokenizer/marco_tiny_spm.model)")
-    g.add_argument("--data-cache-path", default=None,
-                   help="where dataset indices and the prepared sample corpus are cached "
-                        "(default: $MARCO_CACHE or ~/.cache/marco-megatron)")
+    add_tokenizer_args(g, cache_help="where dataset indices and the prepared sample corpus are cached "
+                                     "(default: $MARCO_CACHE or ~/.cache/marco-megatron)")
     return parser
+
+
+def add_tokenizer_args(group, *, model_help: str = TOKENIZER_MODEL_HELP, cache_help: Optional[str] = None,
+                       if_missing: bool = False) -> None:
+    """--tokenizer-type and --tokenizer-model, and --data-cache-path when `cache_help` is given.
+    `if_missing`: leave out the flags the parser already defines (e.g. through add_data_args),
+    for flag sets that also stand alone (SFT data, OPD)."""
+    have = set(group._option_string_actions) if if_missing else set()
+    if "--tokenizer-type" not in have:
+        group.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES)
+    if "--tokenizer-model" not in have:
+        group.add_argument("--tokenizer-model", default=None, help=model_help)
+    if cache_help is not None and "--data-cache-path" not in have:
+        group.add_argument("--data-cache-path", default=None, help=cache_help)
 
 
 def check_data_options(args: DataOptions) -> None:

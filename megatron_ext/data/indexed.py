@@ -53,7 +53,7 @@ def check_indexed_dataset(prefix: str, where: str, vocab_size: int | None = None
     try:
         dtype = np.dtype(DType.dtype_from_code(code))
     except ValueError:
-        raise DataConfigError(f"{where}: corrupt index {idx}: unknown token dtype code {code}")
+        raise DataConfigError(f"{where}: corrupt index {idx}: unknown token dtype code {code}") from None
     expected = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
     if idx_size != expected or n_doc < 1:
         raise DataConfigError(
@@ -80,3 +80,61 @@ def check_indexed_dataset(prefix: str, where: str, vocab_size: int | None = None
                     f"{where}: {prefix} holds token id {top}, beyond the tokenizer's {vocab_size} "
                     "ids: prepared with another tokenizer?")
     return IndexedInfo(prefix, dtype, n_doc - 1, n_seq, int(bin_size // dtype.itemsize))
+
+
+class IndexedOutputs:
+    """Megatron indexed datasets (and side files) written under temporary names.
+
+    `add(name, prefix, dtype)` opens an IndexedDatasetBuilder at `prefix`.tmp-PID.bin;
+    `write_text(path, text)` writes path.tmp-PID. `publish()` finalizes the datasets and renames
+    everything into place: datasets by name, each .idx after its .bin (an .idx marks a complete
+    pair), then the side files (the last one can mark a complete set). Leaving the `with`
+    block removes whatever was not published: a failed run leaves nothing half-written.
+    """
+
+    def __init__(self):
+        self.tag = f".tmp-{os.getpid()}"
+        self.builders: dict = {}  # name -> (IndexedDatasetBuilder, final prefix)
+        self.texts: list[str] = []
+
+    def __contains__(self, name) -> bool:
+        return name in self.builders
+
+    def __getitem__(self, name):
+        return self.builders[name][0]
+
+    def add(self, name, prefix: str, dtype):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.builders[name] = (IndexedDatasetBuilder(f"{prefix}{self.tag}.bin", dtype=dtype), prefix)
+        return self.builders[name][0]
+
+    def write_text(self, path: str, text: str) -> None:
+        with open(f"{path}{self.tag}", "w") as f:
+            f.write(text)
+        self.texts.append(path)
+
+    def finalize(self) -> None:
+        """Write the indices (before `write_text` of files that describe the datasets)."""
+        for builder, prefix in self.builders.values():
+            builder.finalize(f"{prefix}{self.tag}.idx")
+
+    def publish(self) -> dict:
+        """Rename into place (after `finalize`); returns {name: final prefix}."""
+        for _, (_, prefix) in sorted(self.builders.items()):
+            os.replace(f"{prefix}{self.tag}.bin", f"{prefix}.bin")
+            os.replace(f"{prefix}{self.tag}.idx", f"{prefix}.idx")
+        for path in self.texts:
+            os.replace(f"{path}{self.tag}", path)
+        return {name: prefix for name, (_, prefix) in sorted(self.builders.items())}
+
+    def __enter__(self) -> "IndexedOutputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for builder, _ in self.builders.values():
+            builder.data_file.close()
+        leftovers = [f"{p}{self.tag}{ext}" for _, p in self.builders.values() for ext in (".bin", ".idx")]
+        for path in leftovers + [f"{p}{self.tag}" for p in self.texts]:
+            if os.path.exists(path):
+                os.remove(path)

@@ -48,7 +48,8 @@ class ValidationPlan:
 
 
 def _dist():
-    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def _split_docs(num_docs: int, fractions: list[float]) -> list[int]:
@@ -237,17 +238,10 @@ def _check(prefix: str, where: str, tokenizer):
 
 def _sample_corpus(args: DataOptions, tokenizer) -> dict:
     """Prepare the bundled corpus once per node (local rank 0 first, then the others)."""
-    from megatron_ext.data.sample import prepare_sample_corpus
+    from megatron_ext.data.sample import once_per_node, prepare_sample_corpus
 
-    prepare = functools.partial(prepare_sample_corpus, args.data_cache_path,
-                                args.tokenizer_model, args.tokenizer_type)
-    dist = _dist()
-    if dist is None:
-        return prepare()
-    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    info = prepare() if first else None
-    dist.barrier()
-    return info if first else prepare()
+    return once_per_node(functools.partial(prepare_sample_corpus, args.data_cache_path,
+                                           args.tokenizer_model, args.tokenizer_type))
 
 
 def build_pretraining_data(args: DataOptions, tokenizer, *, global_batch_size: int,

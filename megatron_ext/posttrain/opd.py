@@ -248,6 +248,8 @@ def load_cascade(path: str) -> Cascade:
 def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The OPD flags (slime's names where they exist); defaults marked 'cascade' come from the
     cascade file's `settings`, else the value shown."""
+    from megatron_ext.data.args import add_tokenizer_args
+
     g = parser.add_argument_group("on-policy distillation")
     g.add_argument("--cascade", metavar="FILE",
                    help="YAML cascade: phases of (name, teacher, steps, lr, overrides), each "
@@ -296,17 +298,8 @@ def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "KL (cascade, else 0.5)")
     g.add_argument("--opd-chunk-tokens", type=int,
                    help="full-vocabulary losses: tokens per chunk (memory bound; cascade, else 1024)")
-    have = set(parser._option_string_actions)
-    if "--tokenizer-type" not in have:
-        g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                       choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
-    if "--tokenizer-model" not in have:
-        g.add_argument("--tokenizer-model", default=None,
-                       help="SentencePiece .model file or local Hugging Face tokenizer directory "
-                            "(default: data/tokenizer/marco_tiny_spm.model)")
-    if "--data-cache-path" not in have:
-        g.add_argument("--data-cache-path", default=None,
-                       help="where the bundled SFT sample is prepared for --eval-assistant-data")
+    add_tokenizer_args(g, cache_help="where the bundled SFT sample is prepared for --eval-assistant-data",
+                       if_missing=True)
     # Filled by resolve_opd_args: the cascade's total steps, rollout x samples, prompt + response.
     parser.set_defaults(train_iters=None, global_batch_size=None, seq_length=None)
     return parser

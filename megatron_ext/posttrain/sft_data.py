@@ -40,12 +40,9 @@ gets alone (tests/test_sft_data.py checks the loss to 1e-6).
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
-import multiprocessing
 import os
-import shutil
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -55,6 +52,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_ext.data.args import add_tokenizer_args
+from megatron_ext.data.jsonl import EncodeStats, check_io, encoded_lines
 from megatron_ext.errors import DataConfigError
 from megatron_ext.posttrain.chat import ChatTokenizer, parse_chat_line, render_conversation
 
@@ -110,18 +109,8 @@ def add_sft_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "row, right-padded")
     g.add_argument("--sft-max-conversations", type=int, default=0, metavar="N",
                    help="at most N conversations in one packed sequence (0: as many as fit)")
-    have = set(parser._option_string_actions)
-    if "--tokenizer-type" not in have:
-        g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                       choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
-    if "--tokenizer-model" not in have:
-        g.add_argument("--tokenizer-model", default=None,
-                       help="SentencePiece .model file or local Hugging Face tokenizer directory "
-                            "(default: data/tokenizer/marco_tiny_spm.model)")
-    if "--data-cache-path" not in have:
-        g.add_argument("--data-cache-path", default=None,
-                       help="where the prepared SFT sample is cached "
-                            "(default: $MARCO_CACHE or ~/.cache/marco-megatron)")
+    add_tokenizer_args(g, cache_help="where the prepared SFT sample is cached "
+                                     "(default: $MARCO_CACHE or ~/.cache/marco-megatron)", if_missing=True)
     return parser
 
 
@@ -140,20 +129,16 @@ def check_sft_data_options(opts: SFTDataOptions) -> None:
 
 # ====================================================================== preprocessing
 @dataclass
-class ChatPreprocessStats:
+class ChatPreprocessStats(EncodeStats):
     conversations: int = 0
-    tokens: int = 0
     target_tokens: int = 0
-    input_bytes: int = 0
-    seconds: float = 0.0
     skipped_long: list[str] = field(default_factory=list)  # FILE:LINE (N tokens)
     prefix: str = ""
 
     def summary(self) -> str:
-        s = max(self.seconds, 1e-9)
         return (f"{self.conversations} conversations, {self.tokens} tokens ({self.target_tokens} "
-                f"assistant targets) from {self.input_bytes / 1e6:.2f} MB in {self.seconds:.2f} s: "
-                f"{self.tokens / s:,.0f} tokens/s; skipped {len(self.skipped_long)} over --max-length")
+                f"assistant targets) {self.source()}: {self.per_second(self.tokens):,.0f} tokens/s; "
+                f"skipped {len(self.skipped_long)} over --max-length")
 
 
 _W: dict = {}  # per-process worker state
@@ -178,121 +163,50 @@ def _encode_line(raw: bytes, where: str):
     return ("ok", np.asarray(ids, dtype=_W["dtype"]), np.asarray(mask, dtype=np.uint8))
 
 
-def _encode_chunk(chunk):
-    path, lines = chunk
-    return path, [(n, len(raw), _encode_line(raw, f"{path}:{n}")) for n, raw in lines]
-
-
-def _read_chunks(inputs: list[str], chunk_bytes: int, bar):
-    """(path, [(line number, raw line)]) with about chunk_bytes per chunk; blank lines skipped."""
-    for path in inputs:
-        with open(path, "rb") as raw:
-            fh = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-            lines, size, last = [], 0, 0
-            try:
-                for n, line in enumerate(fh, 1):
-                    if line.strip():
-                        lines.append((n, line))
-                        size += len(line)
-                    if size >= chunk_bytes:
-                        yield path, lines
-                        lines, size = [], 0
-                        if bar is not None:
-                            bar.update(raw.tell() - last)
-                            last = raw.tell()
-            except (OSError, EOFError) as e:
-                raise DataConfigError(f"--input {path}: cannot read ({e})") from None
-            if lines:
-                yield path, lines
-            if bar is not None:
-                bar.update(os.path.getsize(path) - last)
-
-
 def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentencePieceTokenizer",
                     tokenizer_model=None, max_length: int = 8192, workers: int = 1,
                     progress: bool = True, chunk_bytes: int = 1 << 18) -> ChatPreprocessStats:
     """Chat jsonl files -> PREFIX_tokens_document, PREFIX_loss_mask_document, PREFIX_chat.json."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron_ext.data.indexed import IndexedOutputs, token_dtype
 
-    from megatron_ext.data.indexed import token_dtype
-
-    inputs = [str(p) for p in inputs]
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise DataConfigError(f"--input {path}: no such file")
-    if workers < 1:
-        raise DataConfigError(f"--workers {workers}: must be >= 1")
+    inputs = check_io(inputs, out_prefix, workers)
     if max_length is not None and max_length < 1:
         raise DataConfigError(f"--max-length {max_length}: must be >= 1")
-    out_dir = os.path.dirname(os.path.abspath(out_prefix))
-    if not os.path.isdir(out_dir):
-        raise DataConfigError(f"--output-prefix {out_prefix}: directory {out_dir} does not exist")
     tok = ChatTokenizer.from_args(tokenizer_type, tokenizer_model)
     dtype = token_dtype(tok.vocab_size)
     _W.update(key=(tokenizer_type, tokenizer_model), tok=tok)
     init = (tokenizer_type, tokenizer_model, max_length, dtype)
 
-    stats, tag = ChatPreprocessStats(prefix=out_prefix), f".tmp-{os.getpid()}"
-    finals = {TOKENS: f"{out_prefix}{TOKENS}", LOSS_MASK: f"{out_prefix}{LOSS_MASK}"}
-    builders = {TOKENS: IndexedDatasetBuilder(f"{finals[TOKENS]}{tag}.bin", dtype=dtype),
-                LOSS_MASK: IndexedDatasetBuilder(f"{finals[LOSS_MASK]}{tag}.bin", dtype=np.uint8)}
-    bar = pool = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True,
-                   desc="preprocess chat", dynamic_ncols=True, disable=None)
+    stats = ChatPreprocessStats(prefix=out_prefix)
     t0 = time.perf_counter()
-    try:
-        chunks = _read_chunks(inputs, chunk_bytes, bar)
-        if workers == 1:
-            _init_worker(*init)
-            results = map(_encode_chunk, chunks)
-        else:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(workers, _init_worker, init)
-            results = pool.imap(_encode_chunk, chunks)
-        for path, encoded in results:
-            for n, nbytes, res in encoded:
-                stats.input_bytes += nbytes
-                if res[0] == "bad":
-                    raise DataConfigError(res[1])
-                if res[0] == "long":
-                    stats.skipped_long.append(f"{path}:{n} ({res[1]} tokens)")
-                    continue
-                _, ids, mask = res
-                builders[TOKENS].add_document(ids, [ids.size])
-                builders[LOSS_MASK].add_document(mask, [mask.size])
-                stats.conversations += 1
-                stats.tokens += ids.size
-                stats.target_tokens += int(mask.sum())
+    with IndexedOutputs() as outputs, encoded_lines(
+            inputs, _encode_line, _init_worker, init, workers=workers, chunk_bytes=chunk_bytes,
+            progress=progress, desc="preprocess chat") as lines:
+        tokens = outputs.add(TOKENS, f"{out_prefix}{TOKENS}", dtype)
+        loss_mask = outputs.add(LOSS_MASK, f"{out_prefix}{LOSS_MASK}", np.uint8)
+        for path, n, nbytes, res in lines:
+            stats.input_bytes += nbytes
+            if res[0] == "bad":
+                raise DataConfigError(res[1])
+            if res[0] == "long":
+                stats.skipped_long.append(f"{path}:{n} ({res[1]} tokens)")
+                continue
+            _, ids, mask = res
+            tokens.add_document(ids, [ids.size])
+            loss_mask.add_document(mask, [mask.size])
+            stats.conversations += 1
+            stats.tokens += ids.size
+            stats.target_tokens += int(mask.sum())
         if not stats.conversations:
             raise DataConfigError(f"--input {' '.join(inputs)}: no conversation to write ("
                                   f"{len(stats.skipped_long)} longer than --max-length {max_length})")
-        for key, builder in builders.items():
-            builder.finalize(f"{finals[key]}{tag}.idx")
+        outputs.finalize()
         info = {"format": FORMAT, "conversations": stats.conversations, "tokens": stats.tokens,
                 "target_tokens": stats.target_tokens, "max_length": max_length,
                 "skipped_over_max_length": len(stats.skipped_long), "inputs": inputs,
                 "tokenizer": tokenizer_identity(tok, tokenizer_type)}
-        Path(f"{out_prefix}{INFO}{tag}").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        for key in (TOKENS, LOSS_MASK):
-            os.replace(f"{finals[key]}{tag}.bin", f"{finals[key]}.bin")
-            os.replace(f"{finals[key]}{tag}.idx", f"{finals[key]}.idx")
-        os.replace(f"{out_prefix}{INFO}{tag}", f"{out_prefix}{INFO}")  # last: marks a complete set
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if bar is not None:
-            bar.close()
-        for key, builder in builders.items():
-            builder.data_file.close()
-            for ext in (".bin", ".idx"):
-                if os.path.exists(f"{finals[key]}{tag}{ext}"):
-                    os.remove(f"{finals[key]}{tag}{ext}")
-        if os.path.exists(f"{out_prefix}{INFO}{tag}"):
-            os.remove(f"{out_prefix}{INFO}{tag}")
+        outputs.write_text(f"{out_prefix}{INFO}", json.dumps(info, indent=1, sort_keys=True) + "\n")
+        outputs.publish()  # INFO last: marks a complete set
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -603,11 +517,6 @@ class SFTData:
 
 
 # ====================================================================== building
-def _dist():
-    d = torch.distributed
-    return d if d.is_available() and d.is_initialized() else None
-
-
 def _split_docs(n: int, fractions: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """Train and valid conversation indices of a prefix: contiguous shares of a fixed permutation
     (independent of --seed, so the held-out set stays the same across runs)."""
@@ -630,15 +539,10 @@ def _sample(opts: SFTDataOptions) -> dict:
     """Prepare the bundled SFT sample once per node (local rank 0 first, then the others)."""
     import functools
 
-    prepare = functools.partial(prepare_sft_sample, opts.data_cache_path, opts.tokenizer_type,
-                                opts.tokenizer_model)
-    dist = _dist()
-    if dist is None:
-        return prepare()
-    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    info = prepare() if first else None
-    dist.barrier()
-    return info if first else prepare()
+    from megatron_ext.data.sample import once_per_node
+
+    return once_per_node(functools.partial(prepare_sft_sample, opts.data_cache_path, opts.tokenizer_type,
+                                           opts.tokenizer_model))
 
 
 def build_sft_data(opts, tokenizer, *, global_batch_size: int, seq_length: int, train_iters: int,
@@ -707,10 +611,6 @@ def build_sft_data(opts, tokenizer, *, global_batch_size: int, seq_length: int, 
 
 
 # ====================================================================== the bundled sample
-def default_cache_root() -> Path:
-    return Path(os.environ.get("MARCO_CACHE") or Path.home() / ".cache" / "marco-megatron")
-
-
 def _sample_key(tokenizer_type: str, tok: ChatTokenizer) -> str:
     h = hashlib.sha256(f"{_SAMPLE_FORMAT} {tokenizer_type}\n".encode())
     h.update((SAMPLE_DIR / "manifest.json").read_bytes())
@@ -722,31 +622,21 @@ def prepare_sft_sample(cache_dir=None, tokenizer_type: str = "SentencePieceToken
                        tokenizer_model=None) -> dict:
     """Tokenize data/sft/{train,valid}.jsonl.gz once into the cache; returns {"dir", "train":
     prefix, "valid": prefix, "conversations": {split: n}} with absolute prefixes."""
+    from megatron_ext.data.sample import default_cache_root, prepared_dir
+
     if not (SAMPLE_DIR / "manifest.json").is_file():
         raise DataConfigError(f"SFT sample: {SAMPLE_DIR}/manifest.json is missing")
     tok = ChatTokenizer.from_args(tokenizer_type, tokenizer_model)
     root = Path(cache_dir) if cache_dir else default_cache_root()
-    out = root / "sft_sample" / _sample_key(tokenizer_type, tok)
-    done = out / "prepared.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    info = {"dir": str(out), "conversations": {}}
-    try:
+
+    def fill(tmp: Path, out: Path) -> dict:
+        info = {"dir": str(out), "conversations": {}}
         for split in ("train", "valid"):
             stats = preprocess_chat([SAMPLE_DIR / f"{split}.jsonl.gz"], str(tmp / f"sft_{split}"),
                                     tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                                     max_length=None, workers=1, progress=False)
             info[split] = str(out / f"sft_{split}")
             info["conversations"][split] = stats.conversations
-        (tmp / "prepared.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first: its copy is identical
-            if not done.is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return json.loads(done.read_text())
+        return info
+
+    return prepared_dir(root / "sft_sample" / _sample_key(tokenizer_type, tok), fill)
