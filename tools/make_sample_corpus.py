@@ -17,7 +17,6 @@ import argparse
 import concurrent.futures as cf
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -28,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from megatron_ext.data.jsonl import gz_jsonl, gzip_bytes  # noqa: E402
 
 # Marco language code -> (Debian package, man page root inside the package).
 LANGUAGES = {
@@ -144,14 +146,6 @@ def truncate(text: str, max_bytes: int) -> str:
     return head[:cut].rstrip() if cut > 0 else head
 
 
-def gz_jsonl(records: list[dict]) -> bytes:
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
-        for rec in records:
-            gz.write((json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n").encode())
-    return buf.getvalue()
-
-
 def build(args) -> None:
     langs = args.languages or list(LANGUAGES)
     unknown = [lang for lang in langs if lang not in LANGUAGES]
@@ -221,10 +215,7 @@ def build(args) -> None:
             digest = hashlib.sha256(data).hexdigest()
             if digest not in by_hash:
                 by_hash[digest] = f"licenses/{sources[pkg]}.copyright.gz"
-                buf = io.BytesIO()
-                with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
-                    gz.write(data)
-                (stage / by_hash[digest]).write_bytes(buf.getvalue())
+                (stage / by_hash[digest]).write_bytes(gzip_bytes(data))
             manifest.setdefault("copyright_files", {})[pkg] = by_hash[digest]
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         # Swap generated files into place (README.md and other hand-written files stay).
