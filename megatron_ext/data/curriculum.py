@@ -104,11 +104,11 @@ def load_curriculum(path) -> Curriculum:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
     except OSError as e:
-        raise DataConfigError(f"--curriculum {path}: cannot read ({e.strerror or e})")
+        raise DataConfigError(f"--curriculum {path}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise DataConfigError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})")
+        raise DataConfigError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(doc, dict):
         raise DataConfigError(f"{path}: expected a mapping with 'sources' and 'stages'")
     unknown = set(doc) - {"data_root", "sources", "validation", "stages", "description"}

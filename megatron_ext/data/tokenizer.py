@@ -37,7 +37,8 @@ def build_tokenizer(tokenizer_type: str = "SentencePieceTokenizer", tokenizer_mo
         eod = tok.eod
     except Exception as e:  # the libraries raise anything from RuntimeError to OSError
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise DataConfigError(f"--tokenizer-model {path}: cannot load as {tokenizer_type}: {reason}")
+        raise DataConfigError(
+            f"--tokenizer-model {path}: cannot load as {tokenizer_type}: {reason}") from None
     if eod is None or not 0 <= eod < tok.vocab_size:
         raise DataConfigError(f"--tokenizer-model {path}: no end-of-document (EOS) token")
     return tok
