@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_ext.data.jsonl import EncodeStats, check_io, encoded_lines
 from megatron_ext.data.errors import DataConfigError
+from megatron_ext.data.jsonl import EncodeStats, check_io, encoded_lines
 
 _LANG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _W: dict = {}  # per-process worker state: tokenizer and options
