@@ -24,6 +24,7 @@ from megatron_ext.config import (
     MoEOptions,
     OptimizerOptions,
     RunConfig,
+    megatron_names,
 )
 from megatron_ext.errors import ConfigError, LayoutError
 from megatron_ext.layer_spec import default_expert_backend, te_usable, torch_grouped_problem
@@ -298,27 +299,25 @@ def _model_options(args: argparse.Namespace, m: ModelPreset, layout: ParallelLay
         raise ConfigError(f"--fp8-format {args.fp8_format}: FP8 runs in TransformerEngine's experts "
                           f"only; --moe-expert-backend {backend} would ignore it (use te)")
     dispatcher = args.moe_token_dispatcher_type or ("alltoall" if layout.expert > 1 else "allgather")
-    return ModelOptions(
-        params_dtype=params_dtype,
-        expert_backend=backend,
-        moe=MoEOptions(
-            aux_loss_coeff=args.moe_aux_loss_coeff,
-            z_loss_coeff=args.moe_z_loss_coeff,
-            token_dispatcher=dispatcher,
-            **_moe_levers(args, layout, params_dtype, dispatcher),
-        ),
-        fp8_format=args.fp8_format,
-        fp8_recipe=args.fp8_recipe,
-        init_method_std=args.init_method_std,
-        recompute_granularity=args.recompute_granularity,
-        **_model_levers(args, m, layout, backend),
-    )
+    _check_moe_levers(args, layout, params_dtype, dispatcher)
+    _check_model_levers(args, m, layout, backend)
+    moe = MoEOptions(z_loss_coeff=args.moe_z_loss_coeff, token_dispatcher=dispatcher,
+                     **_megatron_flags(args, MoEOptions))
+    modules = args.recompute_modules
+    return ModelOptions(params_dtype=params_dtype, expert_backend=backend, moe=moe,
+                        fp8_format=args.fp8_format, recompute_modules=tuple(modules) if modules else None,
+                        **_megatron_flags(args, ModelOptions))
 
 
-def _moe_levers(args: argparse.Namespace, layout: ParallelLayout, params_dtype: torch.dtype,
-                dispatcher: str) -> dict:
-    """MoEOptions fields of the router/dispatch levers, checked (Megatron-Core's rules, as one
-    line naming the flag instead of an assertion at model build)."""
+def _megatron_flags(args: argparse.Namespace, options_class) -> dict:
+    """The fields of `options_class` that take their Megatron-LM flag's value unchanged."""
+    return {name: getattr(args, flag) for name, flag in megatron_names(options_class).items()}
+
+
+def _check_moe_levers(args: argparse.Namespace, layout: ParallelLayout, params_dtype: torch.dtype,
+                      dispatcher: str) -> None:
+    """The router/dispatch levers against Megatron-Core's rules (one line naming the flag
+    instead of an assertion at model build)."""
     if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
         raise ConfigError("--moe-router-enable-expert-bias needs --moe-router-score-function "
                           "sigmoid (Megatron-Core's aux-loss-free routing)")
@@ -336,18 +335,6 @@ def _moe_levers(args: argparse.Namespace, layout: ParallelLayout, params_dtype: 
                           "permutation kernels), which is not available here")
     if args.overlap_moe_expert_parallel_comm:
         _check_ep_overlap(args, layout, params_dtype, dispatcher)
-    return dict(
-        router_score_function=args.moe_router_score_function,
-        router_dtype=args.moe_router_dtype,
-        load_balancing_type=args.moe_router_load_balancing_type,
-        enable_expert_bias=args.moe_router_enable_expert_bias,
-        bias_update_rate=args.moe_router_bias_update_rate,
-        expert_capacity_factor=capacity,
-        pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        token_drop_policy=args.moe_token_drop_policy,
-        permute_fusion=args.moe_permute_fusion,
-        overlap_ep_comm=args.overlap_moe_expert_parallel_comm,
-    )
 
 
 def _check_ep_overlap(args, layout: ParallelLayout, params_dtype: torch.dtype, dispatcher: str):
@@ -366,9 +353,9 @@ def _check_ep_overlap(args, layout: ParallelLayout, params_dtype: torch.dtype, d
                           "--num-virtual-stages-per-pipeline-rank")
 
 
-def _model_levers(args: argparse.Namespace, m: ModelPreset, layout: ParallelLayout,
-                  backend: str) -> dict:
-    """ModelOptions fields of the recompute/kernel levers, checked."""
+def _check_model_levers(args: argparse.Namespace, m: ModelPreset, layout: ParallelLayout,
+                        backend: str) -> None:
+    """The recompute/kernel levers against Megatron-Core's rules."""
     modules = args.recompute_modules
     if modules and args.recompute_granularity != "selective":
         raise ConfigError("--recompute-modules needs --recompute-granularity selective")
@@ -389,12 +376,6 @@ def _model_levers(args: argparse.Namespace, m: ModelPreset, layout: ParallelLayo
         if layout.tensor < 2 or not layout.sequence_parallel:
             raise ConfigError("--tp-comm-overlap needs --tensor-model-parallel-size > 1 with "
                               "--sequence-parallel")
-    return dict(
-        recompute_modules=tuple(modules) if modules else None,
-        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
-        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
-        tp_comm_overlap=args.tp_comm_overlap,
-    )
 
 
 def _virtual_stages(args: argparse.Namespace, m: ModelPreset) -> Optional[int]:
@@ -478,8 +459,7 @@ def _optim(args: argparse.Namespace, on_gpu: bool) -> OptimizerOptions:
         lr_wsd_decay_style=args.lr_wsd_decay_style, lr_wsd_decay_iters=args.lr_wsd_decay_iters,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-        use_distributed_optimizer=(on_gpu if args.use_distributed_optimizer is None
-                                   else args.use_distributed_optimizer),
+        use_distributed_optimizer=distributed,
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
         override_opt_param_scheduler=args.override_opt_param_scheduler,

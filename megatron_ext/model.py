@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.config import ModelOptions, MoEOptions
+from megatron_ext.config import ModelOptions, MoEOptions, megatron_names
 from megatron_ext.layer_spec import marco_block_spec
 from megatron_ext.parallel import ParallelLayout
-from megatron_ext.presets import ModelPreset
+from megatron_ext.presets import TRANSFORMER_SHAPE, ModelPreset
 
 
 def marco_config(
@@ -50,30 +50,16 @@ def marco_config(
             # softmax over the top-k logits == softmax over all experts renormalised on the
             # top-k (qwen3_moe's norm_topk_prob=True); the router runs in fp32 by default.
             moe_router_pre_softmax=False,
-            moe_router_score_function=moe.router_score_function,
-            moe_router_dtype=moe.router_dtype,
-            moe_router_load_balancing_type=moe.load_balancing_type,
-            moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_z_loss_coeff=moe.z_loss_coeff or None,
-            moe_router_enable_expert_bias=moe.enable_expert_bias,
-            moe_router_bias_update_rate=moe.bias_update_rate,
-            moe_expert_capacity_factor=moe.expert_capacity_factor,
-            moe_pad_expert_input_to_capacity=moe.pad_expert_input_to_capacity,
-            moe_token_drop_policy=moe.token_drop_policy,
             moe_token_dispatcher_type=moe.token_dispatcher,
             moe_grouped_gemm=expert_backend != "sequential",
             moe_per_layer_logging=True,
-            moe_permute_fusion=moe.permute_fusion,
             moe_router_fusion=False,
-            overlap_moe_expert_parallel_comm=moe.overlap_ep_comm,
+            **_megatron_fields(moe),  # aux-loss coefficient, router and dispatch levers
         )
     return TransformerConfig(
-        num_layers=preset.num_layers,
-        hidden_size=preset.hidden_size,
-        num_attention_heads=preset.num_attention_heads,
-        num_query_groups=preset.num_query_groups,
-        kv_channels=preset.kv_channels,
-        ffn_hidden_size=preset.ffn_hidden_size,
+        # The preset's layers, widths and heads (presets.TRANSFORMER_SHAPE, TransformerConfig's names).
+        **{name: getattr(preset, name) for name in TRANSFORMER_SHAPE},
         # Qwen3: RMSNorm (eps 1e-6) with q/k norms, SwiGLU, no biases, no dropout.
         normalization="RMSNorm",
         layernorm_epsilon=preset.norm_epsilon,
@@ -84,7 +70,6 @@ def marco_config(
         add_qkv_bias=False,
         attention_dropout=0.0,
         hidden_dropout=0.0,
-        init_method_std=options.init_method_std,
         # The loss is a token mean over the whole global batch (not a mean of micro-batch
         # means): the same under any micro-batching or data-parallel size even when micro-
         # batches hold different numbers of target tokens (SFT assistant tokens, OPD
@@ -92,43 +77,43 @@ def marco_config(
         # finalize_model_grads and rescales the router's aux/z losses to match.
         calculate_per_token_loss=True,
         # Parallelism.
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        expert_model_parallel_size=layout.expert,
-        expert_tensor_parallel_size=layout.expert_tensor,
+        **layout.megatron_sizes(),
         sequence_parallel=layout.sequence_parallel,
-        context_parallel_size=layout.context,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
         # Megatron-LM's p2p setting for the interleaved schedule (its --overlap-p2p-communication
         # default): one isend/irecv per direction, ordered by rank parity. The batched exchange
         # (TransformerConfig's default) pairs the two directions' messages wrongly when the
         # previous and the next stage are the same rank (PP = 2).
         overlap_p2p_comm=layout.virtual_pipeline is not None,
         batch_p2p_comm=layout.virtual_pipeline is None,
-        tp_comm_overlap=options.tp_comm_overlap,
         # Precision: bf16 on GPU, fp32 on CPU; FP8 handled by TransformerEngine.
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
         fp8=options.fp8_format,
-        fp8_recipe=options.fp8_recipe,
         # Fused kernels need CUDA; on CPU the plain PyTorch paths run.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=options.cross_entropy_loss_fusion,
-        cross_entropy_fusion_impl=options.cross_entropy_fusion_impl,
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
         perform_initialization=perform_initialization,
-        recompute_granularity=recompute_granularity,
         recompute_modules=list(options.recompute_modules) if options.recompute_modules else None,
         recompute_method="uniform" if recompute_granularity == "full" else None,
         recompute_num_layers=1 if recompute_granularity == "full" else None,
+        # The flags Megatron names the same (fp8 recipe, init std, recompute granularity,
+        # cross-entropy fusion, TP communication overlap: config.megatron_names).
+        **_megatron_fields(options),
         **moe_fields,
     )
+
+
+def _megatron_fields(options) -> dict:
+    """{TransformerConfig field: value} of the options fields that pass through unchanged
+    (config.megatron_names: the fp8 recipe, init std, recompute granularity, kernel and MoE
+    router/dispatch levers)."""
+    return {name: getattr(options, field) for field, name in megatron_names(type(options)).items()}
 
 
 def build_model(

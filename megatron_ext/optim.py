@@ -16,17 +16,22 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_ext.config import OptimizerOptions
 from megatron_ext.errors import ConfigError
 
-# Scheduler state key -> (flag, what it is); weight decay is constant here, so its increment
-# horizon is not compared.
-_SCHEDULE_FLAGS = {
-    "max_lr": "--lr",
-    "min_lr": "--min-lr",
-    "lr_warmup_steps": "--lr-warmup-iters",
-    "lr_decay_steps": "--lr-decay-iters",
-    "lr_decay_style": "--lr-decay-style",
-    "start_wd": "--weight-decay",
-    "end_wd": "--weight-decay",
+# The scheduler's settings taken from the flags: its argument (and state key) -> the
+# OptimizerOptions field (flag --lr, --min-lr, ...). On resume these are compared with the
+# checkpoint's; weight decay is constant here, so its increment horizon is not compared.
+_SCHEDULE_FIELDS = {
+    "max_lr": "lr",
+    "min_lr": "min_lr",
+    "lr_warmup_steps": "lr_warmup_iters",
+    "lr_decay_steps": "lr_decay_iters",
+    "lr_decay_style": "lr_decay_style",
+    "start_wd": "weight_decay",
+    "end_wd": "weight_decay",
 }
+
+# OptimizerOptions fields that Megatron's OptimizerConfig takes under the same name.
+_OPTIMIZER_CONFIG_FIELDS = ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                            "clip_grad", "use_distributed_optimizer", "overlap_param_gather")
 
 
 def wrap_ddp(model, config: TransformerConfig, opts: OptimizerOptions) -> DistributedDataParallel:
@@ -49,17 +54,9 @@ def build_optimizer(model_chunks: list, opts: OptimizerOptions,
                     params_dtype: torch.dtype) -> MegatronOptimizer:
     config = OptimizerConfig(
         optimizer="adam",
-        lr=opts.lr,
-        min_lr=opts.min_lr,
-        weight_decay=opts.weight_decay,
-        adam_beta1=opts.adam_beta1,
-        adam_beta2=opts.adam_beta2,
-        adam_eps=opts.adam_eps,
-        clip_grad=opts.clip_grad,
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
-        use_distributed_optimizer=opts.use_distributed_optimizer,
-        overlap_param_gather=opts.overlap_param_gather,
+        **{name: getattr(opts, name) for name in _OPTIMIZER_CONFIG_FIELDS},
     )
     return get_megatron_optimizer(config, model_chunks)
 
@@ -70,8 +67,9 @@ class MarcoScheduler(OptimizerParamScheduler):
     def load_state_dict(self, state_dict: dict) -> None:
         if not (self.override_opt_param_scheduler or self.use_checkpoint_opt_param_scheduler):
             mine = self.state_dict()
-            for key, flag in _SCHEDULE_FLAGS.items():
+            for key, field in _SCHEDULE_FIELDS.items():
                 if key in state_dict and state_dict[key] != mine[key]:
+                    flag = "--" + field.replace("_", "-")
                     raise ConfigError(
                         f"{flag} {mine[key]} differs from the checkpoint's {state_dict[key]} "
                         f"({key}); pass --override-opt-param-scheduler to take the flags or "
@@ -96,13 +94,7 @@ def build_scheduler(optimizer: MegatronOptimizer, opts: OptimizerOptions,
     return MarcoScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=opts.lr,
-        min_lr=opts.min_lr,
-        lr_warmup_steps=opts.lr_warmup_iters,
-        lr_decay_steps=opts.lr_decay_iters,
-        lr_decay_style=opts.lr_decay_style,
-        start_wd=opts.weight_decay,
-        end_wd=opts.weight_decay,
+        **{key: getattr(opts, field) for key, field in _SCHEDULE_FIELDS.items()},
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=opts.use_checkpoint_opt_param_scheduler,

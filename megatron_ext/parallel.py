@@ -39,6 +39,11 @@ class ParallelLayout:
     context: int = 1                         # --context-parallel-size
     virtual_pipeline: Optional[int] = None   # --num-virtual-stages-per-pipeline-rank
 
+    def megatron_sizes(self) -> dict:
+        """The sizes by Megatron-Core's names: `initialize_model_parallel`'s arguments, which
+        are also TransformerConfig's fields."""
+        return {name: getattr(self, field) for field, name in _MEGATRON_SIZE_NAMES.items()}
+
     @property
     def chunks(self) -> int:
         """Model chunks per pipeline rank (virtual pipeline stages)."""
@@ -57,6 +62,16 @@ class ParallelLayout:
             context=parallel_state.get_context_parallel_world_size(),
             virtual_pipeline=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         )
+
+
+_MEGATRON_SIZE_NAMES = {
+    "tensor": "tensor_model_parallel_size",
+    "pipeline": "pipeline_model_parallel_size",
+    "expert": "expert_model_parallel_size",
+    "expert_tensor": "expert_tensor_parallel_size",
+    "context": "context_parallel_size",
+    "virtual_pipeline": "virtual_pipeline_model_parallel_size",
+}
 
 
 def is_rank_zero() -> bool:
@@ -181,14 +196,7 @@ def init_distributed(layout: ParallelLayout, seed: int, timeout_minutes: int = 3
         )
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        expert_model_parallel_size=layout.expert,
-        expert_tensor_parallel_size=layout.expert_tensor,
-        context_parallel_size=layout.context,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        distributed_timeout_minutes=timeout_minutes,
-    )
+        **layout.megatron_sizes(), distributed_timeout_minutes=timeout_minutes)
     # Same seed on every rank: CPU initialisation builds each full weight and keeps this rank's
     # shard, so tensor-parallel ranks must draw identical master weights.
     random.seed(seed)

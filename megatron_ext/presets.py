@@ -45,28 +45,17 @@ class ModelPreset:
         return self.ffn_hidden_size // self.moe_ffn_hidden_size
 
 
-_QWEN3_06B_SHAPE = dict(
-    num_layers=28,
-    hidden_size=1024,
-    num_attention_heads=16,
-    num_query_groups=8,
-    kv_channels=128,
-    ffn_hidden_size=3072,
-    vocab_size=151_936,
-    max_position_embeddings=32_768,
-)
+# The transformer's shape, by TransformerConfig's names (model.marco_config passes them on).
+TRANSFORMER_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "kv_channels", "ffn_hidden_size")
+_SHAPE_FIELDS = (*TRANSFORMER_SHAPE, "vocab_size", "max_position_embeddings")
 
-_TINY_SHAPE = dict(
-    num_layers=4,
-    hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=2,
-    kv_channels=32,
-    ffn_hidden_size=512,  # N = 512 / 128 = 4 expert slices
-    vocab_size=8192,  # the shipped SentencePiece tokenizer (data/tokenizer)
-    max_position_embeddings=2048,
-    seq_length=256,
-)
+# The shapes the presets share, one column per _SHAPE_FIELDS entry. Tiny: FFN 512 = 4 expert
+# slices of 128; vocabulary: the shipped SentencePiece tokenizer (data/tokenizer).
+#                                           layers hidden heads kv-heads head-dim FFN   vocab    positions
+_QWEN3_06B_SHAPE = dict(zip(_SHAPE_FIELDS, (28,    1024,  16,   8,       128,     3072, 151_936, 32_768)))
+_TINY_SHAPE = dict(zip(_SHAPE_FIELDS,      (4,     128,   4,    2,       32,      512,  8192,    2048)),
+                   seq_length=256)
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
