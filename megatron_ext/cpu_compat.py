@@ -78,24 +78,24 @@ class _CudaToCpuMode(TorchFunctionMode):
 # distributed/param_and_grad_buffer.py (communication streams), utils.py (GlobalMemoryBuffer,
 # nvtx ranges), timers.py (torch.cuda.synchronize).
 # --------------------------------------------------------------------------------------------
-class _NullStream:
-    def __init__(self, *args, **kwargs):
-        pass
+def _noop(*args, **kwargs) -> None:
+    return None
 
-    def wait_stream(self, *args, **kwargs):
-        pass
 
-    def wait_event(self, *args, **kwargs):
-        pass
+class _NullSync:
+    """What a null stream and a null event share: made from any arguments, always complete."""
 
-    def record_event(self, event=None):
-        return event or _NullEvent()
-
-    def synchronize(self):
-        pass
+    __init__ = synchronize = _noop
 
     def query(self):
         return True
+
+
+class _NullStream(_NullSync):
+    wait_stream = wait_event = _noop
+
+    def record_event(self, event=None):
+        return event or _NullEvent()
 
     def __enter__(self):
         return self
@@ -104,21 +104,8 @@ class _NullStream:
         return False
 
 
-class _NullEvent:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def wait(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
+class _NullEvent(_NullSync):
+    record = wait = _noop
 
     def elapsed_time(self, other):
         return 0.0
