@@ -169,6 +169,10 @@ def marco_layer_spec(
     fused_norm = backend.fuse_layernorm_and_linear()
     is_moe = config.num_moe_experts is not None
     qk_norm = backend.layer_norm(rms_norm=True, for_qk=True)
+    norm = backend.layer_norm(rms_norm=True)
+    # The column-parallel linear after a pre-norm: TE fuses the norm into it.
+    norm_linear = (backend.column_parallel_layer_norm_linear() if fused_norm
+                   else backend.column_parallel_linear())
 
     if is_moe:
         mlp = get_moe_module_spec_for_backend(
@@ -179,29 +183,18 @@ def marco_layer_spec(
     else:
         mlp = ModuleSpec(
             module=MLP,
-            submodules=MLPSubmodules(
-                linear_fc1=(
-                    backend.column_parallel_layer_norm_linear()
-                    if fused_norm
-                    else backend.column_parallel_linear()
-                ),
-                linear_fc2=backend.row_parallel_linear(),
-            ),
+            submodules=MLPSubmodules(linear_fc1=norm_linear, linear_fc2=backend.row_parallel_linear()),
         )
 
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp if fused_norm else backend.layer_norm(rms_norm=True),
+            input_layernorm=IdentityOp if fused_norm else norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=(
-                        backend.column_parallel_layer_norm_linear()
-                        if fused_norm
-                        else backend.column_parallel_linear()
-                    ),
+                    linear_qkv=norm_linear,
                     core_attention=backend.core_attention(),
                     linear_proj=backend.row_parallel_linear(),
                     q_layernorm=qk_norm,
@@ -210,9 +203,7 @@ def marco_layer_spec(
             ),
             self_attn_bda=get_bias_dropout_add,
             # TE fuses the pre-MLP norm into the dense FC1; the MoE router needs it separate.
-            pre_mlp_layernorm=(
-                IdentityOp if (fused_norm and not is_moe) else backend.layer_norm(rms_norm=True)
-            ),
+            pre_mlp_layernorm=IdentityOp if (fused_norm and not is_moe) else norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             # Weight keys as TE's fused layers name them, so CPU and GPU checkpoints match
