@@ -246,7 +246,7 @@ def test_conflicting_and_malformed_data_flags(prefixes, tok):
     assert _error(build, "--mock-data", "--data-path", a) == (
         "--mock-data: not with --data-path or --curriculum")
     assert _error(build, "--data-path", "0.5", a, "x") == (
-        "--data-path: expected one prefix or 'weight prefix' pairs, got 3 values")
+        "--data-path: expected prefixes only or 'weight prefix' pairs, got 3 values with weight '0.5'")
     assert _error(build, "--data-path", "w", a, "1", a).startswith("--data-path: 'w' is not a weight")
     assert _error(build, "--data-path", "0", a, "0", a) == "--data-path: all weights are zero"
     assert _error(build, "--data-path", "-1", a, "1", a) == f"--data-path: weight -1 of {a} must be >= 0"

@@ -116,6 +116,10 @@ def parse_data_path(values, flag: str) -> tuple[list[str], Optional[list[float]]
             raise DataConfigError(f"{flag}: '{bad}' is not a weight; give either prefixes only "
                                   f"or 'w1 prefix1 w2 prefix2 ...'")
     if not pairs:
+        numbers = [v for v in values if _weight(v) is not None]
+        if numbers:  # an odd list with weights in it: a weight or a prefix is missing
+            raise DataConfigError(f"{flag}: expected prefixes only or 'weight prefix' pairs, got "
+                                  f"{len(values)} values with weight '{numbers[0]}'")
         return values, None
     prefixes, weights = [], []
     for w, p in zip(values[::2], values[1::2]):
