@@ -133,25 +133,31 @@ def build_parser(
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", help="checkpoint directory")
     g.add_argument("--save-interval", type=int, help="save every N steps (and at the end)")
-    g.add_argument("--load", help="resume from this checkpoint directory")
-    g.add_argument("--no-load-optim", action="store_true", help="load model weights only")
-    g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--finetune", action="store_true",
-                   help="load model weights only and start at iteration 0 with a fresh optimizer, "
-                        "schedule and RNG (as Megatron-LM)")
-    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
-                   help="save the distributed optimizer's state so that it loads at any "
-                        "TP/PP/EP layout (slower saves); default: reshardable over DP only")
     g.add_argument("--exit-interval", type=int,
                    help="stop (after saving) once the iteration is a multiple of this")
-    g.add_argument("--overwrite-save", action="store_true",
-                   help="let --save hold checkpoints this run does not resume (another run's, "
-                        "or later ones than --load's): they are deleted once this run's first "
-                        "checkpoint is complete (docs/reliability.md)")
+    g.add_argument("--load", help="resume from this checkpoint directory")
+    _add_switches(g, {
+        "--no-load-optim": "load model weights only",
+        "--no-load-rng": None,
+        "--finetune": "load model weights only and start at iteration 0 with a fresh optimizer, "
+                      "schedule and RNG (as Megatron-LM)",
+        "--dist-ckpt-optim-fully-reshardable": "save the distributed optimizer's state so that it "
+                                               "loads at any TP/PP/EP layout (slower saves); "
+                                               "default: reshardable over DP only",
+        "--overwrite-save": "let --save hold checkpoints this run does not resume (another run's, "
+                            "or later ones than --load's): they are deleted once this run's first "
+                            "checkpoint is complete (docs/reliability.md)",
+    })
 
     _add_lever_args(p)
     add_data_args(p)
     return p
+
+
+def _add_switches(group, switches: dict[str, Optional[str]]) -> None:
+    """On/off flags (off unless given), flag -> help."""
+    for flag, help in switches.items():
+        group.add_argument(flag, action="store_true", help=help)
 
 
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe")
