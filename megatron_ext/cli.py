@@ -6,12 +6,19 @@
                       written (exit 2). Anything else is a bug and keeps its traceback.
   atomic_directory    all-or-nothing output directories: written as a temporary sibling and
                       renamed at the end; temporaries left by killed runs are cleaned first.
+  tool_parser, hf_to_mcore_parser, add_dtype_flag
+                      the parser a tool starts from (its docstring's first paragraph as the
+                      description), with the flags of the HF -> Megatron converters, and the
+                      checkpoint --dtype flag the converters share.
   require_*, torch_dtype, human_bytes
-                      the checks and formats several tools share.
+                      the checks and formats several tools share; require_recorded_sha256 is
+                      the check that a file a checkpoint records (its tokenizer) is unchanged.
 
 A tool:
 
-    def build_parser(): ...
+    def build_parser():
+        p = tool_parser(__doc__)
+        ...
     def run(args) -> int: ...           # raises MarcoError subclasses for bad input
     def main(argv=None) -> int:
         return run_tool(run, build_parser(), argv, output="save")
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -31,9 +39,10 @@ from typing import Callable, Optional
 
 from megatron_ext.errors import MarcoError, UsageError, report
 
-__all__ = ["DTYPES", "UsageError", "atomic_directory", "fail", "human_bytes", "quiet_imports",
-           "remove_stale_temporaries", "require_empty_output", "require_single_process",
-           "run_tool", "torch_dtype"]
+__all__ = ["DTYPES", "UsageError", "add_dtype_flag", "atomic_directory", "fail", "hf_to_mcore_parser",
+           "human_bytes", "quiet_imports", "remove_stale_temporaries", "require_empty_output",
+           "require_recorded_sha256", "require_single_process", "run_tool", "tool_parser",
+           "torch_dtype"]
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -75,6 +84,30 @@ def run_tool(main: Callable[[argparse.Namespace], Optional[int]], parser: argpar
     return 0 if status is None else status
 
 
+def tool_parser(doc: str, *, show_defaults: bool = True) -> argparse.ArgumentParser:
+    """The parser a tool starts from: the first paragraph of its docstring `doc` as the
+    description; --help shows the defaults unless `show_defaults` is False."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter if show_defaults else argparse.HelpFormatter
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=formatter)
+
+
+def hf_to_mcore_parser(doc: str, *, hf_dir: str, preset: str) -> argparse.ArgumentParser:
+    """`tool_parser` with the flags of the tools that write a Megatron checkpoint from a Hugging
+    Face directory (import, upcycling): --hf-dir (`hf_dir` names the model kind), --save and
+    --preset (`preset`: its help); the tool adds its own."""
+    p = tool_parser(doc)
+    p.add_argument("--hf-dir", required=True, help=f"{hf_dir} directory (config.json + "
+                   "model.safetensors, or shards with model.safetensors.index.json)")
+    p.add_argument("--save", required=True, help="output checkpoint root")
+    p.add_argument("--preset", help=preset)
+    return p
+
+
+def add_dtype_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """--dtype auto|fp32|bf16 of the checkpoint converters (read with `torch_dtype`)."""
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=help)
+
+
 def require_single_process(why: str = "the output loads at any parallel layout") -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError(f"run as a single process (not under torchrun); {why}")
@@ -86,6 +119,17 @@ def require_empty_output(path: str, flag: str, overwrite: bool) -> None:
         raise UsageError(f"{flag} {path} exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise UsageError(f"{flag} {path} exists and is not empty; pass --overwrite to replace it")
+
+
+def require_recorded_sha256(path: str, digest: Optional[str], remedy: str) -> None:
+    """The tokenizer file a checkpoint records must still hash to the sha256 recorded with it
+    (when one is: the trainer records it, the converters record directories): other bytes could
+    give other token ids than those the model was trained on. `remedy`: what the user can do."""
+    if digest and os.path.isfile(path):
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != digest:
+                raise UsageError(f"the checkpoint's tokenizer {path} changed since training "
+                                 f"(sha256 differs); {remedy}")
 
 
 def torch_dtype(choice: str, found):

@@ -29,11 +29,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from megatron_ext.cli import UsageError, atomic_directory, run_tool  # noqa: E402
+from megatron_ext.cli import UsageError, atomic_directory, run_tool, tool_parser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = tool_parser(__doc__, show_defaults=False)
     p.add_argument("--load", required=True, help="Marco MoE checkpoint (root or iteration dir)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--corpus", nargs="+",

@@ -31,15 +31,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import UsageError, atomic_directory, fail, quiet_imports  # noqa: E402
+from megatron_ext.cli import UsageError, atomic_directory, fail, quiet_imports, tool_parser  # noqa: E402
 from megatron_ext.errors import MarcoError  # noqa: E402
 from megatron_ext.evaluation import harness  # noqa: E402
 from megatron_ext.evaluation.harness import Plan  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tool_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="Megatron checkpoint root (latest iteration) or iter_N directory")
     src.add_argument("--hf-dir", help="exported Hugging Face directory (lm-eval's `hf` model)")

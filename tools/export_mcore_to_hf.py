@@ -21,24 +21,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from megatron_ext.cli import (  # noqa: E402
-    DTYPES,
-    UsageError,
-    atomic_directory,
-    human_bytes,
-    require_single_process,
-    run_tool,
-    torch_dtype,
-)
+from megatron_ext import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.tool_parser(__doc__)
     p.add_argument("--load", required=True, help="checkpoint root (latest iteration) or iter_N dir")
     p.add_argument("--out", required=True, help="output Hugging Face directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weights dtype (auto: the checkpoint's)")
+    cli.add_dtype_flag(p, help="weights dtype (auto: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard (bytes, or with KB/MB/GB/KiB/MiB/GiB)")
     p.add_argument("--tokenizer-dir", help="tokenizer to ship instead of the one the checkpoint "
@@ -57,20 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise UsageError(f"--max-shard-size {text}: expected bytes or e.g. 500MB, 5GB, 2GiB")
+        raise cli.UsageError(f"--max-shard-size {text}: expected bytes or e.g. 500MB, 5GB, 2GiB")
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
     size = int(float(m.group(1)) * scale)
     if size <= 0:
-        raise UsageError(f"--max-shard-size {text} must be positive")
+        raise cli.UsageError(f"--max-shard-size {text} must be positive")
     return size
 
 
 def resolve_tokenizer(args, info: dict):
     """('hf'|'spm', path) to ship, or None; fails early on a bad --tokenizer-dir."""
-    import hashlib
-
     from megatron_ext.convert.tokenizer_export import find_tokenizer
 
     if args.no_tokenizer:
@@ -86,12 +74,7 @@ def resolve_tokenizer(args, info: dict):
         print(f"warning: the checkpoint's tokenizer {path} is not there; exporting without "
               "tokenizer files (give --tokenizer-dir)", file=sys.stderr, flush=True)
         return None
-    digest = recorded.get("sha256")
-    if digest and os.path.isfile(path):
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != digest:
-                raise UsageError(f"the checkpoint's tokenizer {path} changed since training "
-                                 "(sha256 differs); give --tokenizer-dir or --no-tokenizer")
+    cli.require_recorded_sha256(path, recorded.get("sha256"), "give --tokenizer-dir or --no-tokenizer")
     return find_tokenizer(path, "tokenizer recorded in marco_model.json:")
 
 
@@ -144,11 +127,11 @@ def write_export(tmp: str, reader, preset, dtype, tokenizer, args) -> dict:
 def run(args) -> int:
     out = os.path.abspath(args.out)
     parse_size(args.max_shard_size)
-    require_single_process("it reads any checkpoint layout by itself")
+    cli.require_single_process("it reads any checkpoint layout by itself")
     if os.path.exists(out) and not args.overwrite:
-        raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
+        raise cli.UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {args.out} exists and is not a directory")
+        raise cli.UsageError(f"--out {args.out} exists and is not a directory")
     from megatron_ext import checkpointing
     from megatron_ext.convert.mcore_reader import McoreCheckpointReader
 
@@ -157,17 +140,17 @@ def run(args) -> int:
     preset = checkpointing.preset_from_checkpoint(ckpt)
     tokenizer = resolve_tokenizer(args, info)
     reader = McoreCheckpointReader(ckpt, preset, allow_non_finite=args.allow_non_finite)
-    dtype = torch_dtype(args.dtype, reader.dtype)
-    with atomic_directory(out, "export") as tmp:
+    dtype = cli.torch_dtype(args.dtype, reader.dtype)
+    with cli.atomic_directory(out, "export") as tmp:
         summary = write_export(tmp, reader, preset, dtype, tokenizer, args)
     tok = ", tokenizer " + " ".join(summary["tokenizer"]) if summary["tokenizer"] else ", no tokenizer"
     print(f"wrote {out}: {summary['config']} ({preset.name}), {summary['shards']} shard(s), "
-          f"{human_bytes(summary['bytes'])} {str(dtype).replace('torch.', '')}{tok}", flush=True)
+          f"{cli.human_bytes(summary['bytes'])} {str(dtype).replace('torch.', '')}{tok}", flush=True)
     return 0
 
 
 def main(argv=None) -> int:
-    return run_tool(run, build_parser(), argv, output="out")
+    return cli.run_tool(run, build_parser(), argv, output="out")
 
 
 if __name__ == "__main__":

@@ -19,27 +19,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from megatron_ext.cli import (  # noqa: E402
-    DTYPES,
-    UsageError,
-    atomic_directory,
-    require_empty_output,
-    require_single_process,
-    run_tool,
-    torch_dtype,
-)
+from megatron_ext import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="HF qwen3_moe / qwen3 directory (config.json "
-                   "+ model.safetensors, or shards with model.safetensors.index.json)")
-    p.add_argument("--save", required=True, help="output checkpoint root")
-    p.add_argument("--preset", help="record this preset (its architecture must equal the HF "
-                   "config's); default: the registered preset with that architecture, if any")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="checkpoint dtype (auto: that of the HF weights)")
+    p = cli.hf_to_mcore_parser(
+        __doc__, hf_dir="HF qwen3_moe / qwen3",
+        preset="record this preset (its architecture must equal the HF config's); default: the "
+        "registered preset with that architecture, if any")
+    cli.add_dtype_flag(p, help="checkpoint dtype (auto: that of the HF weights)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     return p
 
@@ -59,7 +47,7 @@ def resolve_preset(args, fields: dict, moe: bool):
         mismatch = {k: (v, hf[k]) for k, v in architecture(preset).items() if hf[k] != v}
         if mismatch:
             name, (mine, theirs) = next(iter(mismatch.items()))
-            raise UsageError(f"--preset {args.preset} has {name} = {mine} but the HF config at "
+            raise cli.UsageError(f"--preset {args.preset} has {name} = {mine} but the HF config at "
                              f"--hf-dir {args.hf_dir} has {theirs}")
         same = [preset]
     else:
@@ -70,17 +58,18 @@ def resolve_preset(args, fields: dict, moe: bool):
 
 
 def write(args, preset, reader, dtype, info) -> None:
-    """Into a temporary sibling of --save, then moved into place."""
+    """Into a temporary sibling of --save, then moved into place; says what it wrote."""
     from tqdm import tqdm
 
     from megatron_ext import parallel
     from megatron_ext.convert.streaming import HFCheckpointSource, save_streaming
 
     with tqdm(total=preset.num_layers, desc="importing", unit="layer", file=sys.stderr) as bar, \
-            atomic_directory(args.save, "import") as tmp, parallel.single_process(seed=0):
+            cli.atomic_directory(args.save, "import") as tmp, parallel.single_process(seed=0):
         source = HFCheckpointSource(reader, preset, on_layer=lambda i: bar.update(i + 1 - bar.n))
         save_streaming(tmp, preset, source.chunk, dtype, info)
         bar.update(preset.num_layers - bar.n)
+    print(f"wrote {os.path.abspath(args.save)} (iteration 0, weights only, {info['imported']['dtype']})")
 
 
 def run(args) -> int:
@@ -92,9 +81,8 @@ def run(args) -> int:
     )
     from megatron_ext.convert.safetensors_io import HFSafetensors
 
-    require_single_process()
-    save = os.path.abspath(args.save)
-    require_empty_output(save, "--save", args.overwrite)
+    cli.require_single_process()
+    cli.require_empty_output(os.path.abspath(args.save), "--save", args.overwrite)
     cfg = read_hf_config(args.hf_dir)
     fields = preset_fields_from_hf_config(cfg, args.hf_dir)
     moe = cfg.get("model_type") == "qwen3_moe"
@@ -102,7 +90,7 @@ def run(args) -> int:
     reader = HFSafetensors(args.hf_dir)
     fused = hm.hf_layer_prefix(0) + hm.HF_FUSED_GATE_UP in reader
     reader.require(hm.expected_hf_shapes(fields, moe=moe, fused_experts=fused))
-    dtype = torch_dtype(args.dtype, reader.dtype())
+    dtype = cli.torch_dtype(args.dtype, reader.dtype())
     from megatron_ext import data
     from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
 
@@ -116,12 +104,11 @@ def run(args) -> int:
                                      f"{preset.moe_ffn_hidden_size}, top-{preset.moe_router_topk}"
                                      if moe else f", FFN {preset.ffn_hidden_size}"), flush=True)
     write(args, preset, reader, dtype, info)
-    print(f"wrote {save} (iteration 0, weights only, {info['imported']['dtype']})")
     return 0
 
 
 def main(argv=None) -> int:
-    return run_tool(run, build_parser(), argv, output="save")
+    return cli.run_tool(run, build_parser(), argv, output="save")
 
 
 if __name__ == "__main__":

@@ -32,12 +32,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import DTYPES, UsageError, run_tool  # noqa: E402
+from megatron_ext.cli import DTYPES, UsageError, run_tool, tool_parser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tool_parser(__doc__)
     p.add_argument("--model", required=True, help="transformers causal-LM directory")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--host", default="0.0.0.0")

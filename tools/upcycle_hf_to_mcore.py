@@ -19,25 +19,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from megatron_ext.cli import (  # noqa: E402
-    DTYPES,
-    UsageError,
-    atomic_directory,
-    human_bytes,
-    require_empty_output,
-    require_single_process,
-    run_tool,
-)
+from megatron_ext import cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="dense HF qwen3 directory (config.json + "
-                   "model.safetensors, or shards with model.safetensors.index.json)")
-    p.add_argument("--save", required=True, help="output checkpoint root")
-    p.add_argument("--preset", help="target MoE preset (nano, mini, tiny, ...); its shapes must "
-                   "match the HF config")
+    p = cli.hf_to_mcore_parser(
+        __doc__, hf_dir="dense HF qwen3",
+        preset="target MoE preset (nano, mini, tiny, ...); its shapes must match the HF config")
     p.add_argument("--num-experts", type=int, help="E = N x M (overrides the preset)")
     p.add_argument("--moe-ffn-hidden-size", type=int, help="expert FFN size F_e")
     p.add_argument("--moe-router-topk", type=int, help="router top-k")
@@ -49,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Drop-Upcycling ratio r in [0, 1) (Marco's is not published; 0.5 is the "
                    "Drop-Upcycling paper's best; 0 disables)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="checkpoint dtype (auto: that of the HF weights); the math runs in fp32")
+    cli.add_dtype_flag(p, help="checkpoint dtype (auto: that of the HF weights); the math runs in fp32")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     return p
@@ -66,17 +53,17 @@ def resolve_preset(args, fields: dict):
     if args.preset:
         preset = get_preset(args.preset)
         if not preset.is_moe:
-            raise UsageError(f"--preset {args.preset} is a dense preset; name a MoE one")
+            raise cli.UsageError(f"--preset {args.preset} is a dense preset; name a MoE one")
         # Shapes must match; RoPE base, norm eps and tying too, or the MoE would not start
         # from the dense model's function. The context length is the preset's.
         for name, hf_value in fields.items():
             if name != "max_position_embeddings" and getattr(preset, name) != hf_value:
-                raise UsageError(f"--preset {args.preset} has {name} = {getattr(preset, name)} "
+                raise cli.UsageError(f"--preset {args.preset} has {name} = {getattr(preset, name)} "
                                  f"but the HF config at --hf-dir {args.hf_dir} has {hf_value}")
         return override(preset, **experts)
     missing = [f"--{k.replace('_', '-')}" for k, v in experts.items() if v is None]
     if missing:
-        raise UsageError(f"give --preset or all of --num-experts, --moe-ffn-hidden-size, "
+        raise cli.UsageError(f"give --preset or all of --num-experts, --moe-ffn-hidden-size, "
                          f"--moe-router-topk (missing {', '.join(missing)})")
     base = ModelPreset(name="upcycled", description="upcycled from a dense HF Qwen3",
                        seq_length=min(4096, fields["max_position_embeddings"]), **fields, **experts)
@@ -112,7 +99,7 @@ def plan_lines(preset, spec, dense_dtype, out_dtype) -> list[str]:
         f"{2 * spec.expert_ffn}, {h}), fc2 ({spec.num_experts}, {h}, {spec.expert_ffn})",
         f"MoE preset {preset.name!r}: {size.total_params / 1e9:.3f}B total, "
         f"{size.active_params / 1e9:.3f}B active params; checkpoint {out_dtype}, about "
-        f"{human_bytes(checkpoint_bytes(preset, out_dtype))}",
+        f"{cli.human_bytes(checkpoint_bytes(preset, out_dtype))}",
     ]
 
 
@@ -125,13 +112,13 @@ def checkpoint_bytes(preset, out_dtype: str) -> int:
 def _check_space(save: str, tmp: str, needed: int) -> None:
     free = shutil.disk_usage(tmp).free
     if free < needed * 1.02:
-        raise UsageError(f"--save {save}: the checkpoint needs about {human_bytes(needed)}, "
-                         f"{human_bytes(free)} free there")
+        raise cli.UsageError(f"--save {save}: the checkpoint needs about {cli.human_bytes(needed)}, "
+                         f"{cli.human_bytes(free)} free there")
 
 
 def write(args, preset, spec, reader, out_dtype, info) -> None:
     """Write into a temporary sibling of --save (after the free-space check, which counts the
-    space that temporaries of killed runs held), then move it into place."""
+    space that temporaries of killed runs held), then move it into place; say what it wrote."""
     import torch
     from tqdm import tqdm
 
@@ -145,36 +132,49 @@ def write(args, preset, spec, reader, out_dtype, info) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with atomic_directory(args.save, "upcycle") as tmp:
+        with cli.atomic_directory(args.save, "upcycle") as tmp:
             _check_space(args.save, tmp, checkpoint_bytes(preset, out_dtype))
             with tqdm(total=preset.num_layers, desc="upcycling", unit="layer", file=sys.stderr) as bar, \
                     parallel.single_process(args.seed):
                 source = UpcycledCheckpoint(reader, spec, preset,
                                             on_layer=lambda i: bar.update(i - bar.n))
-                save_streaming(tmp, preset, source.chunk, getattr(torch, DTYPES[out_dtype]), info)
+                save_streaming(tmp, preset, source.chunk, getattr(torch, cli.DTYPES[out_dtype]), info)
                 bar.update(preset.num_layers - bar.n)
     finally:
         torch.set_num_threads(threads)
+    print(f"wrote {os.path.abspath(args.save)} (iteration 0, weights only)")
+
+
+def checkpoint_info(args, preset, spec, out_dtype: str) -> dict:
+    """What marco_model.json records: the preset, the upcycling settings, the HF tokenizer."""
+    from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
+    from megatron_ext.convert.hf_config import hf_tokenizer_info
+
+    info = model_info(preset, upcycling={
+        "source": os.path.abspath(args.hf_dir), "n": spec.n, "m": spec.m,
+        "scale": spec.scale, "router_init": spec.router_init,
+        "drop_ratio": spec.drop_ratio, "seed": spec.seed, "dtype": out_dtype,
+    })
+    tokenizer = hf_tokenizer_info(args.hf_dir)
+    if tokenizer:
+        info["tokenizer"] = tokenizer
+    return info
 
 
 def run(args) -> int:
-    from megatron_ext.convert.hf_config import (
-        hf_tokenizer_info,
-        preset_fields_from_hf_config,
-        read_hf_config,
-    )
+    from megatron_ext.convert.hf_config import preset_fields_from_hf_config, read_hf_config
     from megatron_ext.convert.mapping import expected_hf_shapes
     from megatron_ext.convert.safetensors_io import HFSafetensors
     from megatron_ext.convert.upcycling import UpcycleSpec
 
-    require_single_process()
+    cli.require_single_process()
     if not (0.0 <= args.drop_ratio < 1.0):
-        raise UsageError(f"--drop-ratio {args.drop_ratio} must be in [0, 1)")
+        raise cli.UsageError(f"--drop-ratio {args.drop_ratio} must be in [0, 1)")
     if not args.dry_run:
-        require_empty_output(os.path.abspath(args.save), "--save", args.overwrite)
+        cli.require_empty_output(os.path.abspath(args.save), "--save", args.overwrite)
     cfg = read_hf_config(args.hf_dir)
     if cfg.get("model_type") == "qwen3_moe":
-        raise UsageError(f"--hf-dir {args.hf_dir}: already a MoE (qwen3_moe); upcycling "
+        raise cli.UsageError(f"--hf-dir {args.hf_dir}: already a MoE (qwen3_moe); upcycling "
                          "takes a dense qwen3")
     fields = preset_fields_from_hf_config(cfg, args.hf_dir)
     preset = resolve_preset(args, fields)
@@ -193,23 +193,12 @@ def run(args) -> int:
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    from megatron_ext.checkpointing import model_info  # imports Megatron (seconds)
-
-    info = model_info(preset, upcycling={
-        "source": os.path.abspath(args.hf_dir), "n": spec.n, "m": spec.m,
-        "scale": spec.scale, "router_init": spec.router_init,
-        "drop_ratio": spec.drop_ratio, "seed": spec.seed, "dtype": out_dtype,
-    })
-    tokenizer = hf_tokenizer_info(args.hf_dir)
-    if tokenizer:
-        info["tokenizer"] = tokenizer
-    write(args, preset, spec, reader, out_dtype, info)
-    print(f"wrote {os.path.abspath(args.save)} (iteration 0, weights only)")
+    write(args, preset, spec, reader, out_dtype, checkpoint_info(args, preset, spec, out_dtype))
     return 0
 
 
 def main(argv=None) -> int:
-    return run_tool(run, build_parser(), argv, output="save")
+    return cli.run_tool(run, build_parser(), argv, output="save")
 
 
 if __name__ == "__main__":

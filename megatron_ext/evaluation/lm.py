@@ -27,7 +27,6 @@ it, the tokenizer must hold <|im_start|>/<|im_end|> as single tokens (one-line e
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
+from megatron_ext.cli import require_recorded_sha256
 from megatron_ext.errors import DataConfigError, UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -64,7 +64,7 @@ def resolve_tokenizer(info: dict, tokenizer_type: Optional[str] = None,
                       tokenizer_model: Optional[str] = None) -> TokenizerChoice:
     """--tokenizer-model if given, else the tokenizer `marco_model.json` records (the trainer:
     tokenizer_type/tokenizer_model/sha256; import and upcycling: type/model), checked against
-    its recorded sha256 the way tools/export_mcore_to_hf.py checks it."""
+    its recorded sha256 (`cli.require_recorded_sha256`, as tools/export_mcore_to_hf.py checks it)."""
     if tokenizer_model:
         if not os.path.exists(tokenizer_model):
             raise UsageError(f"--tokenizer-model {tokenizer_model}: no such file or directory")
@@ -76,12 +76,8 @@ def resolve_tokenizer(info: dict, tokenizer_type: Optional[str] = None,
                          "--tokenizer-type and --tokenizer-model")
     if not os.path.exists(path):
         raise UsageError(f"the checkpoint's tokenizer {path} is not there; give --tokenizer-model")
-    digest = recorded.get("sha256")
-    if digest and os.path.isfile(path):
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != digest:
-                raise UsageError(f"the checkpoint's tokenizer {path} changed since training (sha256 "
-                                 "differs); give --tokenizer-model with the one it was trained with")
+    require_recorded_sha256(path, recorded.get("sha256"),
+                            "give --tokenizer-model with the one it was trained with")
     kind = recorded.get("tokenizer_type") or recorded.get("type") or _guess_type(path)
     return TokenizerChoice(kind, path, "checkpoint")
 
