@@ -20,19 +20,16 @@
 # MARCO_DRY_RUN=nul prints them as NUL-separated records for examples/launch_nemo_run.py.
 set -euo pipefail
 
-die() { echo "launch.sh: error: $*" >&2; exit 2; }
-note() { echo "[launch $(date '+%F %T')] $*"; }
+# shellcheck source=slurm/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 (( $# == 2 )) || die "usage: launch.sh MODEL STAGE (see slurm/*.sbatch)"
 model=$1
 stage=$2
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-config="$repo/slurm/config/$model.sh"
-[[ -f $config ]] || die "no model config $config"
+load_model_config "$model"
 # shellcheck source=slurm/config/mini.sh
 source "$config"
 [[ " ${STAGES[*]} " == *" $stage "* ]] || die "$model runs stages ${STAGES[*]}, not '$stage'"
-dry_run=${MARCO_DRY_RUN:-}
 
 # ---------------------------------------------------------------- settings and overrides
 if [[ ${MARCO_CPU:-0} == 1 ]]; then
@@ -54,7 +51,7 @@ tp=${MARCO_TP:-$TP}
 pp=${MARCO_PP:-$PP}
 ep=${MARCO_EP:-$EP}
 nproc=${MARCO_NPROC_PER_NODE:-$GPUS_PER_NODE}
-[[ $nproc =~ ^[1-9][0-9]*$ ]] || die "MARCO_NPROC_PER_NODE=$nproc: expected a positive integer"
+require_positive MARCO_NPROC_PER_NODE "$nproc"
 micro_batch=${MARCO_MICRO_BATCH:-$MICRO_BATCH}
 global_batch=${MARCO_GLOBAL_BATCH:-$GLOBAL_BATCH}
 seq_length=${MARCO_SEQ_LENGTH:-$SEQ_LENGTH}
@@ -78,20 +75,7 @@ else
     weights_only=0
 fi
 
-if [[ -n ${SLURM_JOB_ID:-} ]]; then
-    mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?not set in a Slurm job}")
-    (( ${#hosts[@]} > 0 )) || die "scontrol show hostnames returned no host"
-    nnodes=${#hosts[@]}
-    master_addr=${hosts[0]}
-    master_port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-elif [[ -n $dry_run ]]; then
-    nnodes=${MARCO_NNODES:-$NODES}
-    [[ $nnodes =~ ^[1-9][0-9]*$ ]] || die "MARCO_NNODES=$nnodes: expected a positive integer"
-    master_addr='<first host>'
-    master_port=${MASTER_PORT:-29500}
-else
-    die "not inside a Slurm job (no SLURM_JOB_ID): submit with sbatch, or set MARCO_DRY_RUN=1"
-fi
+rendezvous
 world=$((nnodes * nproc))
 (( world % (tp * pp) == 0 )) || die "world size $world is not divisible by TP $tp x PP $pp"
 dp=$((world / (tp * pp)))
@@ -161,13 +145,9 @@ else
     # Cluster-specific NCCL_SOCKET_IFNAME / NCCL_IB_HCA / ... pass through srun's environment.
 fi
 
-srun_cmd=(srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --wait=300)
-[[ -n ${SLURM_CPUS_ON_NODE:-} ]] && srun_cmd+=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
-if [[ -n ${MARCO_SRUN_ARGS:-} ]]; then   # e.g. "--container-image=... --container-mounts=..."
-    read -r -a srun_extra <<< "$MARCO_SRUN_ARGS"
-    srun_cmd+=("${srun_extra[@]}")
-fi
-srun_cmd+=(bash "$repo/slurm/node.sh" "${stage_cmd[@]}")
+cpus=()
+[[ -n ${SLURM_CPUS_ON_NODE:-} ]] && cpus=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
+srun_command "${cpus[@]}" -- "${stage_cmd[@]}"
 
 if [[ $dry_run == nul ]]; then
     printf '%s\0' "model=$model" "stage=$stage" "run=$RUN" "nodes=$nnodes" "nproc=$nproc" \
@@ -176,20 +156,11 @@ if [[ $dry_run == nul ]]; then
     printf 'arg=%s\0' "${stage_cmd[@]}"
     exit 0
 elif [[ -n $dry_run ]]; then
-    echo "# $model stage $stage: $nnodes nodes x $nproc processes = $world;" \
-         "TP $tp PP $pp EP $ep DP $dp; checkpoints $save_dir"
-    printf 'export %q\n' "${run_env[@]}"
-    printf '%q ' "${srun_cmd[@]}"
-    echo
-    exit 0
+    show_dry_run "$model stage $stage: $nnodes nodes x $nproc processes = $world;" \
+        "TP $tp PP $pp EP $ep DP $dp; checkpoints $save_dir"
 fi
 
 # ---------------------------------------------------------------- run, then requeue or finish
-read_iteration() {  # the integer in file $1, or -1 when there is none
-    local text=""
-    [[ -f $1 ]] && text=$(<"$1")
-    if [[ $text =~ ^[0-9]+$ ]]; then echo "$text"; else echo -1; fi
-}
 latest_file="$save_dir/latest_checkpointed_iteration.txt"
 final_file="$save_dir/stage_final_iteration.txt"
 before=$(read_iteration "$latest_file")
@@ -203,12 +174,7 @@ export "${run_env[@]}"
 note "$model stage $stage, job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}):" \
      "$nnodes nodes x $nproc, TP $tp PP $pp EP $ep DP $dp, master $master_addr:$master_port;" \
      "own checkpoint: $( (( before >= 0 )) && echo "iteration $before" || echo none)"
-rc=0
-"${srun_cmd[@]}" || rc=$?
-if (( rc != 0 )); then
-    note "training exited with status $rc: not requeued (fix, then resubmit; it resumes)"
-    exit "$rc"
-fi
+run_training
 latest=$(read_iteration "$latest_file")
 final=$(read_iteration "$final_file")
 if (( final < 0 || latest < 0 )); then
@@ -221,6 +187,4 @@ elif (( latest <= before )); then
     note "stopped at iteration $latest without progress since $before: not requeued"
     exit 1
 fi
-note "stopped at iteration $latest of $final (signal or --exit-interval): requeueing"
-scontrol requeue "$SLURM_JOB_ID"
-exit 0
+requeue "stopped at iteration $latest of $final (signal or --exit-interval)"

@@ -19,19 +19,16 @@
 # MARCO_DRY_RUN=1 prints the settings and the srun command instead of running them.
 set -euo pipefail
 
-die() { echo "posttrain.sh: error: $*" >&2; exit 2; }
-note() { echo "[posttrain $(date '+%F %T')] $*"; }
+# shellcheck source=slurm/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 (( $# == 2 )) || die "usage: posttrain.sh MODEL sft|opd (see slurm/*_sft.sbatch, slurm/*_opd.sbatch)"
 model=$1
 kind=$2
 [[ $kind == sft || $kind == opd ]] || die "kind '$kind': expected sft or opd"
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-config="$repo/slurm/config/$model.sh"
-[[ -f $config ]] || die "no model config $config"
+load_model_config "$model"
 # shellcheck source=slurm/config/mini.sh
 source "$config"
-dry_run=${MARCO_DRY_RUN:-}
 
 # ---------------------------------------------------------------- settings and overrides
 upper=${kind^^}
@@ -43,7 +40,7 @@ setting() {  # setting NAME: MARCO_<KIND>_<NAME>, else <KIND>_<NAME> from the mo
 tp=${MARCO_TP:-$TP}
 ep=${MARCO_EP:-$EP}
 nproc=${MARCO_NPROC_PER_NODE:-$GPUS_PER_NODE}
-[[ $nproc =~ ^[1-9][0-9]*$ ]] || die "MARCO_NPROC_PER_NODE=$nproc: expected a positive integer"
+require_positive MARCO_NPROC_PER_NODE "$nproc"
 output=${MARCO_OUTPUT:-$repo/runs}
 ckpt_root=${MARCO_CKPT_ROOT:-$output/checkpoints}
 data_root=${MARCO_DATA_ROOT:-/data/marco}
@@ -58,20 +55,7 @@ fi
 load=$start_from
 [[ -f $save/latest_checkpointed_iteration.txt ]] && load=$save   # requeued: resume itself
 
-if [[ -n ${SLURM_JOB_ID:-} ]]; then
-    mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?not set in a Slurm job}")
-    (( ${#hosts[@]} > 0 )) || die "scontrol show hostnames returned no host"
-    nnodes=${#hosts[@]}
-    master_addr=${hosts[0]}
-    master_port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-elif [[ -n $dry_run ]]; then
-    nnodes=${MARCO_NNODES:-$NODES}
-    [[ $nnodes =~ ^[1-9][0-9]*$ ]] || die "MARCO_NNODES=$nnodes: expected a positive integer"
-    master_addr='<first host>'
-    master_port=${MASTER_PORT:-29500}
-else
-    die "not inside a Slurm job (no SLURM_JOB_ID): submit with sbatch, or set MARCO_DRY_RUN=1"
-fi
+rendezvous
 world=$((nnodes * nproc))
 (( world % tp == 0 )) || die "world size $world is not divisible by TP $tp"
 
@@ -112,30 +96,16 @@ run_env=(PYTHONUNBUFFERED=1 "MARCO_PYTHON=$python" "MARCO_REPO=$repo" "MARCO_NNO
          "NCCL_DEBUG=${NCCL_DEBUG:-WARN}"
          "TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
          "OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}")
-srun_cmd=(srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --wait=300)
-if [[ -n ${MARCO_SRUN_ARGS:-} ]]; then
-    read -r -a srun_extra <<< "$MARCO_SRUN_ARGS"
-    srun_cmd+=("${srun_extra[@]}")
-fi
-srun_cmd+=(bash "$repo/slurm/node.sh" "${cmd[@]}")
+srun_command -- "${cmd[@]}"
 
 if [[ -n $dry_run ]]; then
-    echo "# $model $kind: $nnodes nodes x $nproc processes = $world; TP $tp EP $ep;" \
-         "$total steps; --load $load; checkpoints $save"
-    printf 'export %q\n' "${run_env[@]}"
-    printf '%q ' "${srun_cmd[@]}"
-    echo
-    exit 0
+    show_dry_run "$model $kind: $nnodes nodes x $nproc processes = $world; TP $tp EP $ep;" \
+        "$total steps; --load $load; checkpoints $save"
 fi
 
 # ---------------------------------------------------------------- run, then requeue or finish
-iteration() {  # the integer in file $1, or -1 when there is none
-    local text=""
-    [[ -f $1 ]] && text=$(<"$1")
-    if [[ $text =~ ^[0-9]+$ ]]; then echo "$text"; else echo -1; fi
-}
 latest_file="$save/latest_checkpointed_iteration.txt"
-before=$(iteration "$latest_file")
+before=$(read_iteration "$latest_file")
 if (( before >= total )); then note "$model $kind is complete ($before of $total steps)"; exit 0; fi
 [[ $load == "$save" || -f $load/latest_checkpointed_iteration.txt ]] ||
     die "$model $kind starts from $load, which holds no checkpoint (set MARCO_${upper}_CHECKPOINT)"
@@ -143,15 +113,8 @@ mkdir -p "$save" "$output/logs/$RUN" "$output/tensorboard/$RUN"
 export "${run_env[@]}"
 note "$model $kind, job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes nodes x $nproc," \
      "TP $tp EP $ep, from $load (iteration $before of $total)"
-rc=0
-"${srun_cmd[@]}" || rc=$?
-if (( rc != 0 )); then
-    note "training exited with status $rc: not requeued (fix, then resubmit; it resumes)"
-    exit "$rc"
-fi
-latest=$(iteration "$latest_file")
+run_training
+latest=$(read_iteration "$latest_file")
 if (( latest >= total )); then note "$model $kind finished at iteration $latest"; exit 0; fi
 if (( latest <= before )); then note "no progress since iteration $before: not requeued"; exit 1; fi
-note "stopped at iteration $latest of $total (signal): requeueing"
-scontrol requeue "$SLURM_JOB_ID"
-exit 0
+requeue "stopped at iteration $latest of $total (signal)"

@@ -58,29 +58,8 @@ EVAL_INTERVAL=5000                                   # [MARCO_EVAL_INTERVAL]
 LOG_INTERVAL=10                                      # [MARCO_LOG_INTERVAL]
 #
 # Post-training after stage 4 (slurm/mini_sft.sbatch, slurm/mini_opd.sbatch, through
-# slurm/posttrain.sh; docs/posttraining.md). Same layout as pre-training.
-# SFT, Marco's recipe (model card): about 4k steps, lr 1e-5 cosine to 1e-6, global batch 512
-# of 8,192 tokens (packed conversations). Micro batch 1: pre-training's per-GPU estimate above
-# at 8,192 tokens instead of 4,096 adds ~14 GiB of activations and logits (~45 GiB in all).
-SFT_ITERS=4000                                       # [MARCO_SFT_ITERS]
-SFT_LR=1e-5                                          # [MARCO_SFT_LR]
-SFT_MIN_LR=1e-6                                      # [MARCO_SFT_MIN_LR]
-SFT_GLOBAL_BATCH=512                                 # [MARCO_SFT_GLOBAL_BATCH] conversations' rows
-SFT_MICRO_BATCH=1                                    # [MARCO_SFT_MICRO_BATCH]
-SFT_SEQ_LENGTH=8192                                  # [MARCO_SFT_SEQ_LENGTH]
-SFT_DATA=sft/train                                   # [MARCO_SFT_DATA] under MARCO_DATA_ROOT:
-SFT_VALID_DATA=sft/valid                             # [MARCO_SFT_VALID_DATA] tools/preprocess_chat_data.py
-SFT_SAVE_INTERVAL=200                                # [MARCO_SFT_SAVE_INTERVAL]
-SFT_EVAL_INTERVAL=200                                # [MARCO_SFT_EVAL_INTERVAL]
-# OPD, Marco's cascade (configs/posttrain/marco_mini_cascade.yaml: phases, teachers, steps):
-# lr 1e-6 constant, 512 prompts x 2 responses = 1,024 sequences per step.
+# slurm/posttrain.sh; docs/posttraining.md): Marco's SFT/OPD recipe, shared by the models,
+# and this model's OPD cascade (phases, teachers, steps).
+# shellcheck source=slurm/posttrain_recipe.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../posttrain_recipe.sh"
 OPD_CASCADE=configs/posttrain/marco_mini_cascade.yaml  # [MARCO_OPD_CASCADE]
-OPD_LR=1e-6                                          # [MARCO_OPD_LR]
-OPD_MIN_LR=1e-6                                      # [MARCO_OPD_MIN_LR]
-OPD_GLOBAL_BATCH=1024                                # [MARCO_OPD_GLOBAL_BATCH] sequences per step
-OPD_MICRO_BATCH=1                                    # [MARCO_OPD_MICRO_BATCH]
-OPD_DECODE_BATCH=16                                  # [MARCO_OPD_DECODE_BATCH] rows decoded together
-OPD_PROMPTS=opd/prompts.jsonl                        # [MARCO_OPD_PROMPTS] chat jsonl
-OPD_EVAL_PROMPTS=opd/heldout_prompts.jsonl           # [MARCO_OPD_EVAL_PROMPTS]
-OPD_SAVE_INTERVAL=50                                 # [MARCO_OPD_SAVE_INTERVAL]
-OPD_EVAL_INTERVAL=100                                # [MARCO_OPD_EVAL_INTERVAL]
