@@ -24,11 +24,10 @@ from megatron_ext.config import (
     MoEOptions,
     OptimizerOptions,
     RunConfig,
-    megatron_names,
 )
 from megatron_ext.errors import ConfigError, LayoutError
 from megatron_ext.layer_spec import default_expert_backend, te_usable, torch_grouped_problem
-from megatron_ext.parallel import ParallelLayout
+from megatron_ext.parallel import ParallelLayout, megatron_names
 from megatron_ext.presets import PRESETS, ModelPreset, get_preset, override
 
 

@@ -27,40 +27,30 @@ from typing import Optional
 import torch
 
 from megatron_ext.data.args import DataOptions
-from megatron_ext.parallel import ParallelLayout
+from megatron_ext.parallel import ParallelLayout, megatron_field
 from megatron_ext.presets import ModelPreset
-
-
-def _megatron(name: str, default):
-    """A field that means what Megatron-LM's `name` means: the flag's dest (`--moe-router-dtype`
-    -> `moe_router_dtype`) and the TransformerConfig field, which pass it through unchanged."""
-    return field(default=default, metadata={"megatron": name})
-
-
-def megatron_names(options_class) -> dict[str, str]:
-    """{field: Megatron-LM name} of the `_megatron` fields of an options dataclass: what
-    `check_args` copies from the flags and `marco_config` copies into the TransformerConfig."""
-    return {f.name: f.metadata["megatron"] for f in dataclasses.fields(options_class)
-            if "megatron" in f.metadata}
 
 
 @dataclass(frozen=True)
 class MoEOptions:
-    """Router and dispatcher settings (Megatron-LM flag meanings; docs/defaults.md)."""
+    """Router and dispatcher settings (Megatron-LM flag meanings; docs/defaults.md). The
+    `megatron_field`s pass through unchanged: check_args copies them from their flags,
+    marco_config into the TransformerConfig fields of the same name."""
 
-    aux_loss_coeff: float = _megatron("moe_aux_loss_coeff", 1e-3)
+    aux_loss_coeff: float = megatron_field("moe_aux_loss_coeff", 1e-3)
     z_loss_coeff: float = 1e-3                      # --moe-z-loss-coeff (0: off)
     token_dispatcher: str = "allgather"             # --moe-token-dispatcher-type, resolved
-    router_score_function: str = _megatron("moe_router_score_function", "softmax")
-    router_dtype: Optional[str] = _megatron("moe_router_dtype", "fp32")
-    load_balancing_type: str = _megatron("moe_router_load_balancing_type", "aux_loss")
-    enable_expert_bias: bool = _megatron("moe_router_enable_expert_bias", False)
-    bias_update_rate: float = _megatron("moe_router_bias_update_rate", 1e-3)
-    expert_capacity_factor: Optional[float] = _megatron("moe_expert_capacity_factor", None)  # None: dropless
-    pad_expert_input_to_capacity: bool = _megatron("moe_pad_expert_input_to_capacity", False)
-    token_drop_policy: str = _megatron("moe_token_drop_policy", "probs")
-    permute_fusion: bool = _megatron("moe_permute_fusion", False)  # TE
-    overlap_ep_comm: bool = _megatron("overlap_moe_expert_parallel_comm", False)
+    router_score_function: str = megatron_field("moe_router_score_function", "softmax")
+    router_dtype: Optional[str] = megatron_field("moe_router_dtype", "fp32")
+    load_balancing_type: str = megatron_field("moe_router_load_balancing_type", "aux_loss")
+    enable_expert_bias: bool = megatron_field("moe_router_enable_expert_bias", False)
+    bias_update_rate: float = megatron_field("moe_router_bias_update_rate", 1e-3)
+    # None: dropless
+    expert_capacity_factor: Optional[float] = megatron_field("moe_expert_capacity_factor", None)
+    pad_expert_input_to_capacity: bool = megatron_field("moe_pad_expert_input_to_capacity", False)
+    token_drop_policy: str = megatron_field("moe_token_drop_policy", "probs")
+    permute_fusion: bool = megatron_field("moe_permute_fusion", False)  # TE
+    overlap_ep_comm: bool = megatron_field("overlap_moe_expert_parallel_comm", False)
 
 
 @dataclass(frozen=True)
@@ -71,13 +61,13 @@ class ModelOptions:
     expert_backend: str = "sequential"
     moe: MoEOptions = MoEOptions()
     fp8_format: Optional[str] = None               # --fp8-format (TransformerConfig: fp8)
-    fp8_recipe: str = _megatron("fp8_recipe", "delayed")
-    init_method_std: float = _megatron("init_method_std", 0.02)
-    recompute_granularity: Optional[str] = _megatron("recompute_granularity", None)
+    fp8_recipe: str = megatron_field("fp8_recipe", "delayed")
+    init_method_std: float = megatron_field("init_method_std", 0.02)
+    recompute_granularity: Optional[str] = megatron_field("recompute_granularity", None)
     recompute_modules: Optional[tuple] = None  # --recompute-modules (selective; None: core_attn)
-    cross_entropy_loss_fusion: bool = _megatron("cross_entropy_loss_fusion", False)
-    cross_entropy_fusion_impl: str = _megatron("cross_entropy_fusion_impl", "native")
-    tp_comm_overlap: bool = _megatron("tp_comm_overlap", False)  # TE
+    cross_entropy_loss_fusion: bool = megatron_field("cross_entropy_loss_fusion", False)
+    cross_entropy_fusion_impl: str = megatron_field("cross_entropy_fusion_impl", "native")
+    tp_comm_overlap: bool = megatron_field("tp_comm_overlap", False)  # TE
 
 
 @dataclass(frozen=True)

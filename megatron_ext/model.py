@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.config import ModelOptions, MoEOptions, megatron_names
+from megatron_ext.config import ModelOptions, MoEOptions
 from megatron_ext.layer_spec import marco_block_spec
-from megatron_ext.parallel import ParallelLayout
+from megatron_ext.parallel import ParallelLayout, megatron_values
 from megatron_ext.presets import TRANSFORMER_SHAPE, ModelPreset
 
 
@@ -55,7 +55,7 @@ def marco_config(
             moe_grouped_gemm=expert_backend != "sequential",
             moe_per_layer_logging=True,
             moe_router_fusion=False,
-            **_megatron_fields(moe),  # aux-loss coefficient, router and dispatch levers
+            **megatron_values(moe),  # aux-loss coefficient, router and dispatch levers
         )
     return TransformerConfig(
         # The preset's layers, widths and heads (presets.TRANSFORMER_SHAPE, TransformerConfig's names).
@@ -77,7 +77,7 @@ def marco_config(
         # finalize_model_grads and rescales the router's aux/z losses to match.
         calculate_per_token_loss=True,
         # Parallelism.
-        **layout.megatron_sizes(),
+        **megatron_values(layout),  # TP, PP, EP, expert-TP, CP, virtual stages
         sequence_parallel=layout.sequence_parallel,
         # Megatron-LM's p2p setting for the interleaved schedule (its --overlap-p2p-communication
         # default): one isend/irecv per direction, ordered by rank parity. The batched exchange
@@ -103,17 +103,10 @@ def marco_config(
         recompute_method="uniform" if recompute_granularity == "full" else None,
         recompute_num_layers=1 if recompute_granularity == "full" else None,
         # The flags Megatron names the same (fp8 recipe, init std, recompute granularity,
-        # cross-entropy fusion, TP communication overlap: config.megatron_names).
-        **_megatron_fields(options),
+        # cross-entropy fusion, TP communication overlap: their megatron_field in config.py).
+        **megatron_values(options),
         **moe_fields,
     )
-
-
-def _megatron_fields(options) -> dict:
-    """{TransformerConfig field: value} of the options fields that pass through unchanged
-    (config.megatron_names: the fp8 recipe, init std, recompute granularity, kernel and MoE
-    router/dispatch levers)."""
-    return {name: getattr(options, field) for field, name in megatron_names(type(options)).items()}
 
 
 def build_model(

@@ -14,7 +14,7 @@ import datetime
 import os
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -27,22 +27,35 @@ from megatron_ext.errors import LayoutError
 from megatron_ext.presets import ModelPreset
 
 
+def megatron_field(name: str, default):
+    """A dataclass field that means what Megatron's `name` means (a Megatron-LM flag's dest,
+    a TransformerConfig field, an `initialize_model_parallel` argument)."""
+    return field(default=default, metadata={"megatron": name})
+
+
+def megatron_names(cls) -> dict[str, str]:
+    """{field: Megatron name} of the `megatron_field`s of the dataclass `cls`."""
+    return {f.name: f.metadata["megatron"] for f in fields(cls) if "megatron" in f.metadata}
+
+
+def megatron_values(options) -> dict:
+    """{Megatron name: value} of the `megatron_field`s of a dataclass instance, e.g. a layout's
+    sizes as `initialize_model_parallel` arguments and TransformerConfig fields."""
+    return {name: getattr(options, f) for f, name in megatron_names(type(options)).items()}
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """Model-parallel sizes; data parallelism is what the world size leaves."""
 
-    tensor: int = 1
-    pipeline: int = 1
-    expert: int = 1
-    expert_tensor: int = 1
+    tensor: int = megatron_field("tensor_model_parallel_size", 1)
+    pipeline: int = megatron_field("pipeline_model_parallel_size", 1)
+    expert: int = megatron_field("expert_model_parallel_size", 1)
+    expert_tensor: int = megatron_field("expert_tensor_parallel_size", 1)
     sequence_parallel: bool = False
-    context: int = 1                         # --context-parallel-size
-    virtual_pipeline: Optional[int] = None   # --num-virtual-stages-per-pipeline-rank
-
-    def megatron_sizes(self) -> dict:
-        """The sizes by Megatron-Core's names: `initialize_model_parallel`'s arguments, which
-        are also TransformerConfig's fields."""
-        return {name: getattr(self, field) for field, name in _MEGATRON_SIZE_NAMES.items()}
+    context: int = megatron_field("context_parallel_size", 1)
+    # --num-virtual-stages-per-pipeline-rank
+    virtual_pipeline: Optional[int] = megatron_field("virtual_pipeline_model_parallel_size", None)
 
     @property
     def chunks(self) -> int:
@@ -62,16 +75,6 @@ class ParallelLayout:
             context=parallel_state.get_context_parallel_world_size(),
             virtual_pipeline=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         )
-
-
-_MEGATRON_SIZE_NAMES = {
-    "tensor": "tensor_model_parallel_size",
-    "pipeline": "pipeline_model_parallel_size",
-    "expert": "expert_model_parallel_size",
-    "expert_tensor": "expert_tensor_parallel_size",
-    "context": "context_parallel_size",
-    "virtual_pipeline": "virtual_pipeline_model_parallel_size",
-}
 
 
 def is_rank_zero() -> bool:
@@ -196,7 +199,7 @@ def init_distributed(layout: ParallelLayout, seed: int, timeout_minutes: int = 3
         )
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        **layout.megatron_sizes(), distributed_timeout_minutes=timeout_minutes)
+        **megatron_values(layout), distributed_timeout_minutes=timeout_minutes)
     # Same seed on every rank: CPU initialisation builds each full weight and keeps this rank's
     # shard, so tensor-parallel ranks must draw identical master weights.
     random.seed(seed)
