@@ -1,11 +1,13 @@
-"""Shared test helpers: one Megatron process-group setup per test process, and a runner for
-`pretrain_marco.py` in a subprocess (the way users run it)."""
+"""Shared test helpers: one Megatron process-group setup per test process, and runners for
+`pretrain_marco.py` in a subprocess (the way users run it): to completion (`run_pretrain`,
+`pretrained_checkpoint`) or in the background (`start_pretrain`, `wait_for`)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -62,6 +64,35 @@ def run_pretrain(*args: str, timeout: int = 600, env: dict | None = None, nproc:
     # spin against each other and can slow a step tenfold.
     env = env or subprocess_env(OMP_NUM_THREADS=str(max(1, 2 // nproc)))
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def pretrained_checkpoint(root: Path, *args: str) -> Path:
+    """`pretrain_marco.py ARGS --save ROOT`, which must succeed; returns ROOT (the small
+    checkpoint a module's tests share, made by a module-scoped fixture)."""
+    result = run_pretrain(*args, "--save", str(root))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def start_pretrain(args: list[str], **env: str) -> subprocess.Popen:
+    """pretrain_marco.py in the background (subprocess_env plus `env`), output piped, in a
+    session of its own, so that a test can signal it (and its children) mid-run."""
+    return subprocess.Popen([sys.executable, str(REPO / "pretrain_marco.py"), *args], cwd=REPO,
+                            env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600, poll: float = 0.05) -> bool:
+    """Poll `predicate` every `poll` seconds: True once it holds; False when `proc` exits first
+    or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
 
 
 def _free_port() -> int:

@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import _free_port  # noqa: E402
 
 VOCAB = 8192  # the bundled SentencePiece tokenizer's, so the CLI can run on these models
 NEW = 12
@@ -452,14 +453,6 @@ def _generation(d: dict):
     from megatron_ext.posttrain.generation import Generation
 
     return Generation(**d)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ torchrun worker

@@ -31,7 +31,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, subprocess_env
+from conftest import REPO, _free_port, subprocess_env
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.posttrain import losses
@@ -558,14 +558,6 @@ def test_parallel_layouts_opd_equals_one_process(teachers, cascade, straight, tm
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (name, got["step"], key)
         for got, want in zip(evals, expected_evals, strict=True):
             assert got["heldout/reverse_kl"] == pytest.approx(want["heldout/reverse_kl"], rel=1e-4), name
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(jobs_file: str) -> None:

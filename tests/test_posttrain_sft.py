@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_pretrain, subprocess_env
+from conftest import REPO, pretrained_checkpoint, subprocess_env
 
 TINY = ["--preset", "tiny", "--micro-batch-size", "2", "--seq-length", "128", "--seed", "11",
         "--log-interval", "100"]
@@ -28,10 +28,8 @@ def _records(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft") / "base"
-    result = run_pretrain(*TINY, "--mock-data", "--train-iters", "3", "--save", str(root))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
+    return pretrained_checkpoint(tmp_path_factory.mktemp("sft") / "base", *TINY, "--mock-data",
+                                 "--train-iters", "3")
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ loaded weights exactly as they were, for the plain and the distributed optimizer
 
 import pytest
 import torch
-from conftest import run_pretrain
+from conftest import pretrained_checkpoint, run_pretrain
 
 SMALL = ["--preset", "tiny", "--mock-data", "--micro-batch-size", "2", "--seq-length", "64",
          "--seed", "3", "--log-interval", "1"]
@@ -30,10 +30,8 @@ def _weights(root) -> dict:
 
 @pytest.fixture(scope="module")
 def bf16_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf16") / "ckpt"
-    result = run_pretrain(*SMALL, "--bf16", "--train-iters", "2", "--save", str(root))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
+    return pretrained_checkpoint(tmp_path_factory.mktemp("bf16") / "ckpt", *SMALL, "--bf16",
+                                 "--train-iters", "2")
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, subprocess_env
+from conftest import REPO, start_pretrain, wait_for
 from helpers_hf import make_dense_qwen3
 
 TINY = ["--preset", "tiny-dense", "--mock-data", "--micro-batch-size", "2", "--seq-length", "64",
@@ -487,23 +487,6 @@ def _no_process_left(sid: int, timeout: float = 30) -> bool:
     return _session(sid) == []
 
 
-def _start(args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "pretrain_marco.py"), *args], cwd=REPO,
-                            env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for(predicate, proc, timeout=600, poll=0.05) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(poll)
-    return False
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
 def test_kill_9_during_a_save_then_a_requeued_run_signalled_mid_step(megatron_single_rank,
@@ -512,15 +495,16 @@ def test_kill_9_during_a_save_then_a_requeued_run_signalled_mid_step(megatron_si
     from megatron_ext.errors import CheckpointError
 
     root, log = tmp_path / "ckpt", tmp_path / "resumed.jsonl"
-    proc = _start([*TINY, "--train-iters", "1000", "--save", str(root), "--save-interval", "2"])
+    proc = start_pretrain([*TINY, "--train-iters", "1000", "--save", str(root), "--save-interval", "2"],
+                          OMP_NUM_THREADS="1")
     try:
-        assert _wait_for(lambda: (root / LATEST).exists(), proc), proc.communicate()[1][-3000:]
+        assert wait_for(lambda: (root / LATEST).exists(), proc), proc.communicate()[1][-3000:]
         # A second run on the same directory, while the first runs: refused, naming the holder.
         with pytest.raises(CheckpointError, match=rf"--save {root} is in use by another run "
                                                   rf"\(host \S+, PID {proc.pid}, since "):
             ck.claim_save_directory(str(root), load=str(root))
         # kill -9 while a later checkpoint is being written (its writer processes are running).
-        assert _wait_for(lambda: any(root.glob("iter_*.tmp")), proc, poll=0.01)  # a save: >0.2 s
+        assert wait_for(lambda: any(root.glob("iter_*.tmp")), proc, poll=0.01)  # a save: >0.2 s
         proc.send_signal(signal.SIGKILL)
         writing = next(root.glob("iter_*.tmp")).name[:-4]
         proc.communicate(timeout=60)
@@ -534,9 +518,9 @@ def test_kill_9_during_a_save_then_a_requeued_run_signalled_mid_step(megatron_si
 
     # The lock died with the run; a requeued run (--load = --save) resumes, cleans the killed
     # save's temporary, and on SIGTERM mid-step finishes the step, saves and exits 0.
-    proc = _start([*TINY, "--train-iters", "1000", "--load", str(root), "--save", str(root),
+    proc = start_pretrain([*TINY, "--train-iters", "1000", "--load", str(root), "--save", str(root),
                    "--log-json", str(log)])
-    assert _wait_for(lambda: log.exists() and log.read_text().count("lm_loss") >= 1, proc), \
+    assert wait_for(lambda: log.exists() and log.read_text().count("lm_loss") >= 1, proc), \
         proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)

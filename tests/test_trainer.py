@@ -3,13 +3,10 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_pretrain, subprocess_env
+from conftest import run_pretrain, start_pretrain, wait_for
 
 TINY = ["--preset", "tiny", "--micro-batch-size", "4", "--seed", "7"]
 
@@ -93,29 +90,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "pretrain_marco.py"), *args], cwd=REPO, env=subprocess_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-
-
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
-
-
 @pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path):
     ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
-    proc = _start([*TINY, "--train-iters", "1000", "--save", str(ckpt), "--log-json", str(log)])
-    assert _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc)
+    proc = start_pretrain([*TINY, "--train-iters", "1000", "--save", str(ckpt), "--log-json", str(log)])
+    assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc,
+                    timeout=300, poll=0.01)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -134,9 +114,9 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path):
 @pytest.mark.slow
 def test_kill_during_save_keeps_latest_on_the_previous_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = _start([*TINY, "--train-iters", "1000", "--save", str(ckpt), "--save-interval", "2"])
+    proc = start_pretrain([*TINY, "--train-iters", "1000", "--save", str(ckpt), "--save-interval", "2"])
     # Wait until checkpoint 2 is complete and checkpoint 4 is being written, then kill -9.
-    assert _wait_for(lambda: (ckpt / "iter_0000004.tmp").exists(), proc)
+    assert wait_for(lambda: (ckpt / "iter_0000004.tmp").exists(), proc, timeout=300, poll=0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its checkpoint-writer processes
     proc.communicate(timeout=60)
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
