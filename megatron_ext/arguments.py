@@ -104,9 +104,12 @@ def build_parser(
                    choices=["linear", "cosine", "exponential", "minus_sqrt"])
     g.add_argument("--lr-wsd-decay-iters", type=int,
                    help="length of WSD's final decay (default: 10%% of --lr-decay-iters)")
-    g.add_argument("--override-opt-param-scheduler", action="store_true",
+    # Megatron-LM spells these with an underscore (--override-opt_param-scheduler): both work.
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   action="store_true",
                    help="on resume, take the LR/WD schedule from these flags, not the checkpoint")
-    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   action="store_true",
                    help="on resume, keep the checkpoint's LR/WD schedule whatever the flags say")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)

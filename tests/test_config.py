@@ -61,6 +61,7 @@ def test_bf16_is_allowed_on_cpu(world):
     (["--save-interval", "0", "--save", "x"], "--save-interval must be >= 1"),
     (["--lr-warmup-iters", "100", "--train-iters", "100"], "--lr-warmup-iters 100 must be below"),
     (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], "exclusive"),
+    (["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], "exclusive"),  # Megatron-LM
     (["--preset", "tiny-dense", "--num-experts", "4"], "preset 'tiny-dense' is dense"),
 ])
 def test_bad_flags_are_named(world, argv, message):
