@@ -75,13 +75,13 @@ def main(argv=None) -> int:
 
     trainer, ours_sequential = ours("sequential")
     _, ours_grouped = ours("torch-grouped")
-    args, preset = trainer.args, trainer.preset
+    args, preset = trainer.cfg, trainer.preset
     batches = [trainer.data.micro_batches(s, 0, 1, opts.micro_batch_size)[0] for s in range(8)]
     tokens_per_step = opts.micro_batch_size * args.batch.seq_length
 
     from transformers.integrations import moe as hf_moe
 
-    reference = "ours: Megatron-Core, SequentialMLP (CPU default)"
+    reference = "ours: Megatron-Core, SequentialMLP (reference path)"
     contenders = {reference: ours_sequential, "ours: Megatron-Core, torch._grouped_mm experts": ours_grouped}
     for impl in opts.hf_experts:
         if impl != "eager" and impl not in hf_moe.ALL_EXPERTS_FUNCTIONS:

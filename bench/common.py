@@ -63,7 +63,7 @@ def hf_qwen3_moe(preset, experts_implementation: str | None = None, router_aux_l
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from megatron_ext.convert.mapping import hf_config_dict
+    from megatron_ext.convert.hf_config import hf_config_dict
 
     fields = hf_config_dict(preset, router_aux_loss_coef=router_aux_loss_coef)
     config = Qwen3MoeConfig(**{**fields, "output_router_logits": True})

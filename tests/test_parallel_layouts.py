@@ -25,9 +25,11 @@ RESUME_RTOL = 1e-6  # a resumed run's losses against the uninterrupted run's
 MIN_TIE_MARGIN = 5e-6  # the reference's routing must stay this far from a top-k tie
 
 # name -> flags; the tiny MoE preset unless the name says "dense" (tiny-dense, its parent).
+ETP1 = "--expert-tensor-parallel-size=1"
 TWO_PROCESSES = {
     "dp2": [],
-    "tp2": ["--tensor-model-parallel-size", "2"],  # MoE: sequence parallelism is switched on
+    # Expert TP defaults to TP (as in Megatron-LM): ETP1 is named where the layout wants it.
+    "tp2": ["--tensor-model-parallel-size", "2", ETP1],  # MoE: sequence parallelism is switched on
     "tp2_etp2": ["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
     "ep2": ["--expert-model-parallel-size", "2"],  # alltoall dispatcher
@@ -39,14 +41,14 @@ TWO_PROCESSES = {
 }
 FOUR_PROCESSES = {
     "ep4": ["--expert-model-parallel-size", "4"],
-    "tp2_ep2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
+    "tp2_ep2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", ETP1],
     "pp2_ep2": ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
     "tp2_ep2_etp2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
                      "--expert-tensor-parallel-size", "2"],
     "tp2_pp2_ep2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                    "--expert-model-parallel-size", "2"],
+                    "--expert-model-parallel-size", "2", ETP1],
     "tp2_ep2_distopt": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
-                        "--use-distributed-optimizer"],
+                        ETP1, "--use-distributed-optimizer"],
 }
 LAYOUTS = {**TWO_PROCESSES, **FOUR_PROCESSES}
 DISTOPT = "--use-distributed-optimizer"
