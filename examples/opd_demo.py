@@ -146,7 +146,7 @@ class Demo:
         if os.path.exists(log):
             os.remove(log)
         _main("posttrain_marco", ["sft", "--load", ckpt, *self.common, "--micro-batch-size", "8",
-                                  "--seq-length", "256", "--skip-train", "--log-json", log])
+                                  "--seq-length", "256", "--skip-train", "--finetune", "--log-json", log])
         return next(r[SFT_VALID] for r in _records(log) if SFT_VALID in r)
 
     def cascade(self, teachers: dict[str, str]) -> tuple[list[dict], dict]:

@@ -98,6 +98,16 @@ def moe_runs(models):
         runs[f"{name}-stop"] = generate(model, prompts, p, seed=seed)
         runs[f"{name}-stop-recompute"] = generate(model, prompts, p, seed=seed, use_cache=False)
         runs[f"{name}-stop-ids"] = stops
+    # The same with the finished rows kept in the batch to the end (no compaction): they must
+    # get nothing after their stop token (the batch compacts only once COMPACT_SHARE stopped).
+    from megatron_ext.posttrain import generation
+
+    share, generation.COMPACT_SHARE = generation.COMPACT_SHARE, 2.0
+    try:
+        p = SamplingParams(**GREEDY, stop_ids=runs["greedy-stop-ids"])
+        runs["greedy-stop-uncompacted"] = generate(model, prompts, p)
+    finally:
+        generation.COMPACT_SHARE = share
     return runs
 
 
@@ -217,6 +227,14 @@ def test_stop_tokens_end_a_row_and_nothing_follows(name, moe_runs):
         assert max(abs(a - b) for a, b in zip(stopped.logprobs, free.logprobs)) < 1e-5
     assert ended >= 2
     assert all(g.finish_reason == "length" and len(g.output_ids) == NEW for g in moe_runs[name])
+
+
+def test_a_stopped_row_left_in_the_batch_gets_nothing_more(moe_runs):
+    kept, compacted = moe_runs["greedy-stop-uncompacted"], moe_runs["greedy-stop"]
+    for a, b in zip(kept, compacted):
+        assert (a.output_ids, a.finish_reason) == (b.output_ids, b.finish_reason)
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    assert sum(g.finish_reason == "stop" for g in kept) >= 2
 
 
 def test_top_k_1_is_greedy(models, moe_runs):

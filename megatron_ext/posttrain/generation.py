@@ -533,6 +533,8 @@ def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vo
         ids, lps = chooser.choose(logits[:, :vocab], active, step)
         still = []
         for k, (r, i, lp) in enumerate(zip(active, ids.tolist(), lps.tolist())):
+            if reasons[r] == "stop":  # stopped earlier, still in the batch until it is compacted
+                continue
             outputs[r].append(i)
             logprobs[r].append(lp)
             if i in stop:
