@@ -1,15 +1,16 @@
-"""Fixes for Megatron-Core bugs on the path without TransformerEngine/apex, on any device.
+"""Fixes for Megatron-Core bugs, on any device: most on the path without TransformerEngine/apex.
 
 Two kinds of adaptation keep Megatron-Core running here, and they are installed on different
 conditions:
 
   cpu_compat.py    the machine has no CUDA: device "cuda" -> CPU, no-op streams, a CPU RNG
                    tracker, gloo's collectives. Never installed on a GPU.
-  this module      Megatron-Core itself is wrong on the code path it takes without
-                   TransformerEngine or apex, or with fp32 parameters. A GPU without TE (the
-                   `torch-grouped` expert backend exists for exactly that GPU) takes that path
-                   too, so each fix is installed on its own condition (TE/apex absent, the
-                   Megatron-Core releases known to carry the bug), whatever the device.
+  this module      Megatron-Core itself is wrong: on the code path it takes without
+                   TransformerEngine or apex, with fp32 parameters, or (moe_aux_loss_tp_scale)
+                   everywhere. A GPU without TE (the `torch-grouped` expert backend exists for
+                   exactly that GPU) takes the TE-less path too, so each fix is installed on
+                   its own condition (TE/apex absent, the Megatron-Core releases known to carry
+                   the bug), whatever the device.
 
 `install()` is the one entry (called by `parallel.init_distributed`): it installs the fixes
 that `plan()` selects for this process and, without CUDA, the CPU adaptations. `plan(env)` is a
@@ -35,6 +36,13 @@ release's source):
                                 FP8GlobalStateManager, unbound without TE: selective recompute
                                 of `layernorm` and `moe_act` raises NameError. Read unchanged in
                                 0.17.0, 0.18.0, 0.19.0.
+  moe_aux_loss_tp_scale         with calculate_per_token_loss (set by model.py), the router
+                                scales its load-balancing and z-loss by its *local* token count,
+                                which sequence parallelism / CP divides by the TP x CP size,
+                                while finalize_model_grads divides by the full count: at TP = 2
+                                those gradients were half of one process's (router grads 25% off
+                                in the parallel-layout tests). Megatron-LM PR #5047 multiplies by
+                                the TP x CP size; first released in 0.19.0. Any TE/apex state.
 """
 
 from __future__ import annotations
@@ -86,6 +94,7 @@ _CONDITIONS: dict[str, Callable[[Environment], bool]] = {
                                                  and _in(e.mcore_version, "0.16", "0.20")),
     "dist_optimizer_fp32_load": lambda e: _in(e.mcore_version, "0.16", "0.20"),
     "checkpoint_without_output_fp8": lambda e: not e.have_te and _in(e.mcore_version, "0.16", "0.20"),
+    "moe_aux_loss_tp_scale": lambda e: _in(e.mcore_version, "0.16", "0.19"),
 }
 CPU_ADAPTATIONS = "cpu_compat"
 
@@ -233,9 +242,64 @@ def _checkpoint_without_output_fp8() -> None:
     cls.__init__ = __init__
 
 
+# --------------------------------------------------------------------------------------------
+# moe_aux_loss_tp_scale: transformer/moe/router.py TopKRouter, with calculate_per_token_loss.
+# Every gradient is divided by the global token count in finalize_model_grads, so the router
+# multiplies its aux losses by the token count to leave them a per-micro-batch mean. It uses
+# the count of the tokens it sees, which under sequence parallelism (and CP) is 1 / (TP x CP)
+# of the sequence; the router weight's partial gradients are then summed over TP. Net: the
+# load-balancing and z-loss gradients are 1 / (TP x CP) of what one process computes.
+# Megatron-LM #5047 (0.19.0) multiplies both by tp_cp_group.size(); the same is done here:
+#   load-balancing loss  the token count it is handed (`valid_token_count`, else the rows of
+#                        `activation`) times TP x CP;
+#   z-loss               its coefficient times TP x CP for the call: apply_z_loss divides the
+#                        coefficient by TP x CP (each rank's mean is a 1 / (TP x CP) share of
+#                        the logged mean) and then multiplies by the local token count; the
+#                        logged z-loss (loss / coefficient) is unchanged.
+# Without calculate_per_token_loss both paths are right and left alone.
+# --------------------------------------------------------------------------------------------
+def _moe_aux_loss_tp_scale() -> None:
+    import inspect
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    original_attach = TopKRouter.attach_and_log_load_balancing_loss
+    attach_signature = inspect.signature(original_attach)
+
+    @functools.wraps(original_attach)
+    def attach_and_log_load_balancing_loss(self, *args, **kwargs):
+        shards = self.tp_cp_group.size()
+        if not self.calculate_per_token_loss or shards == 1:
+            return original_attach(self, *args, **kwargs)
+        bound = attach_signature.bind(self, *args, **kwargs)
+        count = bound.arguments.get("valid_token_count")
+        if count is None:
+            count = bound.arguments["activation"].shape[0]
+        bound.arguments["valid_token_count"] = count * shards
+        return original_attach(*bound.args, **bound.kwargs)
+
+    original_z_loss = TopKRouter.apply_z_loss
+
+    @functools.wraps(original_z_loss)
+    def apply_z_loss(self, logits, *args, **kwargs):
+        shards = self.tp_cp_group.size()
+        coeff = self.config.moe_z_loss_coeff
+        if not self.calculate_per_token_loss or shards == 1 or coeff is None:
+            return original_z_loss(self, logits, *args, **kwargs)
+        self.config.moe_z_loss_coeff = coeff * shards  # shared config: restored below
+        try:
+            return original_z_loss(self, logits, *args, **kwargs)
+        finally:
+            self.config.moe_z_loss_coeff = coeff
+
+    TopKRouter.attach_and_log_load_balancing_loss = attach_and_log_load_balancing_loss
+    TopKRouter.apply_z_loss = apply_z_loss
+
+
 _INSTALLERS: dict[str, Callable[[], None]] = {
     "te_general_gemm_name": _te_general_gemm_name,
     "dist_optimizer_torch_adam_step": _dist_optimizer_torch_adam_step,
     "dist_optimizer_fp32_load": _dist_optimizer_fp32_load,
     "checkpoint_without_output_fp8": _checkpoint_without_output_fp8,
+    "moe_aux_loss_tp_scale": _moe_aux_loss_tp_scale,
 }

@@ -17,7 +17,7 @@ from megatron_ext import mcore_fixes
 from megatron_ext.mcore_fixes import Environment
 
 ALL_MCORE = ["te_general_gemm_name", "dist_optimizer_torch_adam_step", "dist_optimizer_fp32_load",
-             "checkpoint_without_output_fp8"]
+             "checkpoint_without_output_fp8", "moe_aux_loss_tp_scale"]
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -26,13 +26,18 @@ ALL_MCORE = ["te_general_gemm_name", "dist_optimizer_torch_adam_step", "dist_opt
     # A GPU without TE (the torch-grouped backend's GPU): the same fixes, no CPU adaptation.
     (Environment(True, False, False, "0.16.1"), ALL_MCORE),
     (Environment(True, False, False, "0.16.0rc0"), ALL_MCORE),
-    # A GPU with TE: TE's FusedAdam has no per-parameter 'step'; the name is bound.
-    (Environment(True, True, False, "0.16.1"), ["dist_optimizer_fp32_load"]),
+    # A GPU with TE: TE's FusedAdam has no per-parameter 'step'; the name is bound. The
+    # router's aux-loss scale under TP is wrong whatever is installed.
+    (Environment(True, True, False, "0.16.1"), ["dist_optimizer_fp32_load",
+                                                "moe_aux_loss_tp_scale"]),
     # apex's FusedAdam but no TE: the TE names are still missing.
     (Environment(True, False, True, "0.16.1"),
-     ["te_general_gemm_name", "dist_optimizer_fp32_load", "checkpoint_without_output_fp8"]),
+     ["te_general_gemm_name", "dist_optimizer_fp32_load", "checkpoint_without_output_fp8",
+      "moe_aux_loss_tp_scale"]),
     # 0.17 binds te_general_gemm = None itself; the optimizer code is unchanged there.
     (Environment(True, False, False, "0.17.0"), ALL_MCORE[1:]),
+    # 0.19 scales the router's aux losses by TP x CP itself (Megatron-LM #5047).
+    (Environment(True, True, False, "0.19.0"), ["dist_optimizer_fp32_load"]),
     # Releases outside those read: nothing is assumed about them.
     (Environment(False, False, False, "0.20.0"), ["cpu_compat"]),
     (Environment(True, True, True, "0.15.3"), []),
@@ -51,6 +56,9 @@ def test_installed_here_is_what_the_plan_says(megatron_single_rank):
     from megatron.core.tensor_parallel import CheckpointWithoutOutput
 
     assert CheckpointWithoutOutput().fp8 is False and CheckpointWithoutOutput(fp8="e4m3").fp8
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    assert hasattr(TopKRouter.apply_z_loss, "__wrapped__")
 
 
 _GPU_WITHOUT_TE = """

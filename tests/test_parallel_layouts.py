@@ -135,22 +135,8 @@ def test_reference_routing_stays_clear_of_top_k_ties(runs):
     assert min(margins) > MIN_TIE_MARGIN, margins
 
 
-# Known regression (found at the end of the issue-13 round, bisected to 5aa6b37, the RunConfig
-# change): the MoE under TP > 1 (sequence parallel) no longer trains exactly what one process
-# trains (step-1 grad norm 5e-4 relative off, some router/expert tensors far more); dense TP,
-# EP, PP, DP are exact. Ruled out: expert TP, the dispatcher, the expert backend, aux/z-loss.
-# strict: these fail the suite again as soon as they pass, so the marks go with the fix.
-MOE_TP_REGRESSION = pytest.mark.xfail(strict=True, reason="MoE with TP > 1 differs from one "
-                                      "process since 5aa6b37 (open; see the issue-13 note)")
-
-
-def _marked(names):
-    return [pytest.param(n, marks=MOE_TP_REGRESSION) if "tp2" in n and "dense" not in n else n
-            for n in names]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _marked(LAYOUTS))
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_trains_like_one_process(runs, name):
     ref, run = runs[_reference(name)], runs[name]
     assert len(run["losses"]) == H.TRAIN_ITERS
@@ -175,7 +161,7 @@ def test_layout_trains_like_one_process(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _marked(RESUMED))
+@pytest.mark.parametrize("name", RESUMED)
 def test_checkpoint_reshards_with_optimizer_state(runs, name):
     """Steps 4 and 5 after loading a step-3 checkpoint at another layout: step 4's loss checks
     the weights, step 5's the optimizer state (Adam moments and step) and the schedule."""
