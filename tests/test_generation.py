@@ -184,6 +184,28 @@ def test_cached_keys_are_rotated_once(models):
     assert generation._RopeOnce(steps).original is steps.rope.original  # put back
 
 
+def test_rope_shortcut_is_megatrons_rope_bit_for_bit(models):
+    """_RopeOnce rotates with cos/sin computed once per forward; the result must be Megatron's
+    unfused RoPE exactly (fp32 and bf16, one and many positions, a slice of a longer table)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    from megatron_ext.posttrain import generation
+
+    config = models["moe"].config
+    rope = generation._RopeOnce(steps=None)
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(40, 1, 1, 16, generator=g) * 30  # [positions, 1, 1, head dim] angles
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (slice(7, 8), slice(0, 40), slice(3, 25)):
+            freqs = table[rows]
+            t = torch.randn(freqs.shape[0], 3, 2, 16, generator=g).to(dtype)
+            ours = rope._rotate(t, freqs, 1.0)
+            again = rope._rotate(t, freqs, 1.0)  # from the cache
+            theirs = apply_rotary_pos_emb(t, freqs, config)
+            assert torch.equal(ours, theirs) and torch.equal(again, theirs), (dtype, rows)
+    assert len(rope.cos_sin) == 6  # one cos/sin pair per (positions, dtype)
+
+
 def test_inference_mode_gives_the_same_and_the_model_still_trains(models, moe_runs):
     """generate(inference_mode=True) (the CLI's) equals the default, and leaves the model as
     it was: train mode, and a backward pass at the very sequence length generation used (the

@@ -375,14 +375,20 @@ def attention_mask(pad: torch.Tensor, q_len: int) -> Optional[torch.Tensor]:
 
 
 class _RopeOnce:
-    """Megatron's static KV cache stores keys before RoPE and re-applies RoPE to every cached
+    """RoPE during our cached forwards: each key rotated once, each cos/sin computed once.
+
+    Megatron's static KV cache stores keys before RoPE and re-applies RoPE to every cached
     key at every step (attention.py: `key = apply_rotary_pos_emb(key, k_pos_emb)` on
     `inference_key_memory[:sequence_end]`): O(sequence) extra elementwise work per layer per
     token, a fifth of a small model's decode step at 700 tokens. While one of our forwards runs,
     this wraps that call: when the tensor is a view of one of our key buffers, only the rows
     written by this forward are rotated, in place, so the cache holds rotated keys and each key
-    is rotated exactly once. Row-wise the same arithmetic on the same frequencies, so results
-    are bit-identical; any other call (queries, training) goes to Megatron's function as is."""
+    is rotated exactly once. And every layer's queries and keys of one forward sit at the same
+    positions, so cos and sin of those positions are computed once per forward, not twice per
+    layer (8% of a decode step on CPU). The arithmetic is Megatron's unfused RoPE
+    (`rope_utils._apply_rotary_pos_emb_bshd`: t * cos + rotate_half(t) * sin, the same ops in
+    the same order), so results are bit-identical (tested); any other call (fused or
+    interleaved RoPE, packed sequences, training) goes to Megatron's function as is."""
 
     def __init__(self, steps: "_CachedSteps"):
         import megatron.core.transformer.attention as attention
@@ -390,12 +396,15 @@ class _RopeOnce:
         self.steps, self.module = steps, attention
         self.original = attention.apply_rotary_pos_emb
         self.hits = 0  # calls that rotated only the new keys (tested: one per layer per forward)
+        self.cos_sin = {}  # this forward's (cos, sin) per positions slice of the RoPE table
 
     def __enter__(self):
+        self.cos_sin.clear()
         self.module.apply_rotary_pos_emb = self._apply
 
     def __exit__(self, *exc):
         self.module.apply_rotary_pos_emb = self.original
+        self.cos_sin.clear()
 
     def _is_key_cache(self, tensor) -> bool:
         # Same storage as one of our key buffers (`_base` is not kept under inference_mode).
@@ -403,13 +412,26 @@ class _RopeOnce:
         return any(storage == k.untyped_storage().data_ptr() for k, _ in self.steps.buffers.values())
 
     def _apply(self, t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-        if cu_seqlens is None and t.shape[0] == freqs.shape[0] and self._is_key_cache(t):
+        plain = not (cu_seqlens is not None or config.apply_rope_fusion or config.rotary_interleaved
+                     or config.multi_latent_attention or freqs.shape[-1] != t.shape[-1])
+        if not plain:
+            return self.original(t, freqs, config, cu_seqlens, mscale, cp_group)
+        if t.shape[0] == freqs.shape[0] and self._is_key_cache(t):
             self.hits += 1
             start = self.steps.ctx.sequence_len_offset
             new = t[start:]
-            new.copy_(self.original(new, freqs[start:], config, None, mscale, cp_group))
+            new.copy_(self._rotate(new, freqs[start:], mscale))
             return t
-        return self.original(t, freqs, config, cu_seqlens, mscale, cp_group)
+        return self._rotate(t, freqs, mscale)
+
+    def _rotate(self, t, freqs, mscale):
+        key = (freqs.data_ptr(), tuple(freqs.shape), t.dtype, mscale)
+        if key not in self.cos_sin:
+            self.cos_sin[key] = ((torch.cos(freqs) * mscale).to(t.dtype),
+                                 (torch.sin(freqs) * mscale).to(t.dtype))
+        cos, sin = self.cos_sin[key]
+        first, second = torch.chunk(t, 2, dim=-1)
+        return (t * cos) + (torch.cat((-second, first), dim=-1) * sin)
 
 
 class _CachedSteps:
