@@ -42,7 +42,9 @@ release's source):
                                 while finalize_model_grads divides by the full count: at TP = 2
                                 those gradients were half of one process's (router grads 25% off
                                 in the parallel-layout tests). Megatron-LM PR #5047 multiplies by
-                                the TP x CP size; first released in 0.19.0. Any TE/apex state.
+                                the TP x CP size (first released in 0.19.0); here only
+                                where the count is the rank's own (no padding mask: with one,
+                                Megatron already passes the group's count). Any TE/apex state.
 """
 
 from __future__ import annotations
@@ -249,13 +251,19 @@ def _checkpoint_without_output_fp8() -> None:
 # the count of the tokens it sees, which under sequence parallelism (and CP) is 1 / (TP x CP)
 # of the sequence; the router weight's partial gradients are then summed over TP. Net: the
 # load-balancing and z-loss gradients are 1 / (TP x CP) of what one process computes.
-# Megatron-LM #5047 (0.19.0) multiplies both by tp_cp_group.size(); the same is done here:
-#   load-balancing loss  the token count it is handed (`valid_token_count`, else the rows of
-#                        `activation`) times TP x CP;
-#   z-loss               its coefficient times TP x CP for the call: apply_z_loss divides the
-#                        coefficient by TP x CP (each rank's mean is a 1 / (TP x CP) share of
-#                        the logged mean) and then multiplies by the local token count; the
-#                        logged z-loss (loss / coefficient) is unchanged.
+# Megatron-LM #5047 (0.19.0) multiplies both by tp_cp_group.size(). Here:
+#   load-balancing loss  each rank's share is a partial sum of one global loss, so every rank
+#                        must scale it by the same, global count: the count over the TP x CP
+#                        group. Without a padding mask Megatron passes the rank's own rows, and
+#                        the shards are equal: local x TP x CP (as #5047). With one (OPD's
+#                        right-padded rows) the count it passes is already the group's total,
+#                        because get_tokens_per_expert_and_token_count all-reduces the local
+#                        per-expert counts in place before summing them (0.16.1; the OPD TP=2
+#                        test checks it): left as is. #5047 multiplies that one by TP x CP too.
+#   z-loss               a mean over the rank's own tokens: its coefficient times TP x CP for
+#                        the call (apply_z_loss divides it by TP x CP, then multiplies by the
+#                        local count: local mean x local count = local sum, exact with padding
+#                        too); the logged z-loss (loss / coefficient) is unchanged.
 # Without calculate_per_token_loss both paths are right and left alone.
 # --------------------------------------------------------------------------------------------
 def _moe_aux_loss_tp_scale() -> None:
@@ -275,7 +283,12 @@ def _moe_aux_loss_tp_scale() -> None:
         count = bound.arguments.get("valid_token_count")
         if count is None:
             count = bound.arguments["activation"].shape[0]
-        bound.arguments["valid_token_count"] = count * shards
+        if not torch.is_tensor(count):
+            # Without a padding mask: the router's own rows; the shards are equal.
+            bound.arguments["valid_token_count"] = count * shards
+        # With one, the count is a tensor and already the group's: the helper computing it
+        # (moe_utils.get_tokens_per_expert_and_token_count) all-reduces its per-expert
+        # counts in place, so its "local" count is the sum over the TP x CP group. Left as is.
         return original_attach(*bound.args, **bound.kwargs)
 
     original_z_loss = TopKRouter.apply_z_loss

@@ -437,12 +437,12 @@ def test_marco_recipes_and_sbatch_dry_runs(teachers, model, phase2, tmp_path):
 
 
 # ====================================================================== the trainer
-# --moe-z-loss-coeff 0: Megatron normalises the router z-loss per sequence-parallel slice over
-# that slice's non-padding tokens, so with padding excluded (OPD rows are right-padded) TP=2
-# weighs it slightly differently from one process; the load-balancing loss is global.
+# The router's load-balancing and z-losses stay on: OPD rows are right-padded and the padding is
+# kept out of both, so the sequence-parallel shards of TP=2 hold different token counts, the
+# case where Megatron-Core < 0.19 (and Megatron-LM #5047's fix) scale them wrongly
+# (mcore_fixes.moe_aux_loss_tp_scale).
 COMMON = ["--micro-batch-size", "2", "--seed", "7", "--log-interval", "100", "--eval-interval", "2",
-          "--eval-prompts", "4", "--rollout-max-prompt-len", "48", "--adam-eps", "1e-6",
-          "--moe-z-loss-coeff", "0"]
+          "--eval-prompts", "4", "--rollout-max-prompt-len", "48", "--adam-eps", "1e-6"]
 
 
 @pytest.fixture(scope="module")
