@@ -23,6 +23,7 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 from dataclasses import dataclass
 
 from megatron_ext.data.errors import DataConfigError
@@ -108,7 +109,8 @@ def encoded_lines(inputs: list[str], encode_line, init_worker, init_args: tuple,
         else:
             # fork: workers inherit the imported modules instead of re-importing Megatron.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(workers, init_worker, init_args)
+            pool = multiprocessing.get_context(method).Pool(workers, _start_worker,
+                                                            (init_worker, init_args))
             results = pool.imap(encode, chunks)
         yield (line for chunk in results for line in chunk)
     finally:
@@ -117,6 +119,17 @@ def encoded_lines(inputs: list[str], encode_line, init_worker, init_args: tuple,
             pool.join()
         if bar is not None:
             bar.close()
+
+
+def _start_worker(init_worker, init_args) -> None:
+    """A pool worker's start: default SIGTERM/SIGINT first. A forked worker inherits its
+    parent's Python signal handlers, e.g. the trainer's save-and-stop handler when a tool runs
+    in a process that trained; Pool.terminate() then could not stop it and its join() hung
+    (seen once in CI: a worker blocked on a futex, SIGTERM swallowed; a race, not reproduced
+    on demand)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    init_worker(*init_args)
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
