@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +377,31 @@ def test_bundled_sample_trains_with_no_data_flag(tmp_path, monkeypatch):
     assert "sft_train: 30" in text and "packed" in text and "sft_valid" in text
     ims = (batch["tokens"] == build_tokenizer().tokenize(IM_START)[0]).sum()
     assert ims >= (batch["tokens"] == build_tokenizer().tokenize(IM_END)[0]).sum() // 2 > 0
+
+
+def _worker_catches_sigterm(raw, where) -> int:
+    status = Path(f"/proc/{os.getpid()}/status").read_text()
+    return int(status.split("SigCgt:")[1].split()[0], 16) >> (signal.SIGTERM - 1) & 1
+
+
+def _no_init() -> None:
+    pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_pool_workers_do_not_inherit_a_sigterm_handler(tmp_path):
+    """A process that trained holds the trainer's save-and-stop SIGTERM handler; forked pool
+    workers inherited it, so Pool.terminate() (after a bad line) could not stop a worker and the
+    tool hung in join() (one CI run). Workers must start with the default handler."""
+    from megatron_ext.data import jsonl
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("{}\n" * 40)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's StopSignal
+    try:
+        with jsonl.encoded_lines([str(path)], _worker_catches_sigterm, _no_init, (), workers=2,
+                                 chunk_bytes=16, progress=False) as lines:
+            caught = [line[3] for line in lines]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(caught) == 40 and set(caught) == {0}
