@@ -136,7 +136,7 @@ def test_reference_routing_stays_clear_of_top_k_ties(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_trains_like_one_process(runs, name):
     ref, run = runs[_reference(name)], runs[name]
     assert len(run["losses"]) == H.TRAIN_ITERS
@@ -161,7 +161,7 @@ def test_layout_trains_like_one_process(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", RESUMED)
+@pytest.mark.parametrize("name", list(RESUMED))
 def test_checkpoint_reshards_with_optimizer_state(runs, name):
     """Steps 4 and 5 after loading a step-3 checkpoint at another layout: step 4's loss checks
     the weights, step 5's the optimizer state (Adam moments and step) and the schedule."""

@@ -385,10 +385,11 @@ class _RopeOnce:
     written by this forward are rotated, in place, so the cache holds rotated keys and each key
     is rotated exactly once. And every layer's queries and keys of one forward sit at the same
     positions, so cos and sin of those positions are computed once per forward, not twice per
-    layer (8% of a decode step on CPU). The arithmetic is Megatron's unfused RoPE
-    (`rope_utils._apply_rotary_pos_emb_bshd`: t * cos + rotate_half(t) * sin, the same ops in
-    the same order), so results are bit-identical (tested); any other call (fused or
-    interleaved RoPE, packed sequences, training) goes to Megatron's function as is."""
+    layer (5% of a `tiny-long` generation by CPU time, bench/RESULTS.md). The arithmetic is
+    Megatron's unfused RoPE (`rope_utils._apply_rotary_pos_emb_bshd`: t * cos +
+    rotate_half(t) * sin, the same ops in the same order), so results are bit-identical
+    (tested); any other call (fused or interleaved RoPE, packed sequences, training) goes to
+    Megatron's function as is."""
 
     def __init__(self, steps: "_CachedSteps"):
         import megatron.core.transformer.attention as attention
