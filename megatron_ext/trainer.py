@@ -63,12 +63,21 @@ def _initialize_tp_communicators(cfg: RunConfig) -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (Slurm preemption, `scancel --signal`) request a save-and-exit."""
+    """SIGTERM / SIGUSR1 (Slurm preemption, `scancel --signal`) request a save-and-exit, from
+    the trainer's construction until `restore()` (the end of `train()`, or a failed set-up)
+    gives the process its previous handlers back: a library caller (a notebook, a test, a tool
+    that trains then forks workers) is not left with a SIGTERM that only sets a flag."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.received: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         self.received = signum
@@ -185,6 +194,13 @@ class Trainer:
                              if cfg.model_options.moe.overlap_ep_comm else self.task.forward_step)
         self._report_names: Optional[list[str]] = None
         self.stop_signal = StopSignal()  # first: a signal during setup still means "save and stop"
+        try:
+            self._set_up(cfg)
+        except BaseException:
+            self.stop_signal.restore()
+            raise
+
+    def _set_up(self, cfg: RunConfig) -> None:
         self.dp_size = cfg.data_parallel_size
         self.num_microbatches = cfg.num_microbatches
         # Everything above was checked before any process group or model exists.
@@ -537,6 +553,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[float]:
+        """Steps from the loaded iteration to --train-iters (or a stop); the loss per step."""
+        try:
+            return self._train()
+        finally:
+            self.stop_signal.restore()
+
+    def _train(self) -> list[float]:
         cfg, b, ck = self.cfg, self.cfg.batch, self.cfg.checkpoint
         losses = []
         start = self.state.iteration

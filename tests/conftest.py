@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -123,3 +124,16 @@ def fresh_moe_tracker():
     get_moe_layer_wise_logging_tracker().clear()
     yield
     get_moe_layer_wise_logging_tracker().clear()
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_kept():
+    """No test may leave a SIGTERM/SIGUSR1 handler in the test process: a swallowed SIGTERM
+    once hung a tool's worker pool (and would keep CI from stopping this process)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    left = {s: signal.getsignal(s) for s in saved}
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    assert left == saved, f"the test left signal handlers installed: {left}"
+

@@ -23,7 +23,6 @@ import io
 import json
 import multiprocessing
 import os
-import signal
 from dataclasses import dataclass
 
 from megatron_ext.data.errors import DataConfigError
@@ -107,10 +106,7 @@ def encoded_lines(inputs: list[str], encode_line, init_worker, init_args: tuple,
             init_worker(*init_args)
             results = map(encode, chunks)
         else:
-            # fork: workers inherit the imported modules instead of re-importing Megatron.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(workers, _start_worker,
-                                                            (init_worker, init_args))
+            pool = _worker_context(encode_line).Pool(workers, init_worker, init_args)
             results = pool.imap(encode, chunks)
         yield (line for chunk in results for line in chunk)
     finally:
@@ -121,15 +117,21 @@ def encoded_lines(inputs: list[str], encode_line, init_worker, init_args: tuple,
             bar.close()
 
 
-def _start_worker(init_worker, init_args) -> None:
-    """A pool worker's start: default SIGTERM/SIGINT first. A forked worker inherits its
-    parent's Python signal handlers, e.g. the trainer's save-and-stop handler when a tool runs
-    in a process that trained; Pool.terminate() then could not stop it and its join() hung
-    (seen once in CI: a worker blocked on a futex, SIGTERM swallowed; a race, not reproduced
-    on demand)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    init_worker(*init_args)
+def _worker_context(encode_line):
+    """Pool workers forked by a fork server, not by this process. A fork of the caller
+    copies whatever it holds mid-flight: a test process or a trainer holds hundreds of gloo
+    threads (and their locks) and the trainer's save-and-stop SIGTERM handler. Two CI runs hung
+    in Pool.terminate(): a forked worker blocked on a lock no thread would release, or swallowed
+    the SIGTERM that should stop it. The fork server is a fresh, single-threaded interpreter
+    with default handlers. It imports the caller's module and Megatron-Core's text tokenizers (every
+    tool's workers build one) once, when it starts (seconds), so that each worker it forks starts
+    in milliseconds. Where there is no fork server (not POSIX), spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        [encode_line.__module__, "megatron_ext.data.tokenizer", "megatron.core.tokenizers.text"])
+    return context
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
