@@ -44,6 +44,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def load_tool(name: str):
+    """tools/NAME.py as a module: its `main(argv)` runs in this process (no interpreter start)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def subprocess_env(**extra: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
