@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -136,14 +137,23 @@ def fresh_moe_tracker():
     get_moe_layer_wise_logging_tracker().clear()
 
 
+@contextlib.contextmanager
+def signal_handlers_given_back():
+    """The block must leave the process's SIGTERM/SIGUSR1 handlers as it found them (a Trainer
+    holds them only until train() ends or its set-up fails; a swallowed SIGTERM once hung a
+    tool's worker pool). They are put back either way; a leftover fails the caller."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        left = {s: signal.getsignal(s) for s in saved}
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert left == saved, f"signal handlers left installed: {left}"
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_kept():
-    """No test may leave a SIGTERM/SIGUSR1 handler in the test process: a swallowed SIGTERM
-    once hung a tool's worker pool (and would keep CI from stopping this process)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    left = {s: signal.getsignal(s) for s in saved}
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-    assert left == saved, f"the test left signal handlers installed: {left}"
-
+    """No test may leave a SIGTERM/SIGUSR1 handler in the test process."""
+    with signal_handlers_given_back():
+        yield

@@ -11,7 +11,6 @@ resumes it and gets SIGTERM mid-step (it saves and exits 0).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import resource
@@ -26,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, start_pretrain, wait_for
+from conftest import REPO, signal_handlers_given_back, start_pretrain, wait_for
 from helpers_hf import make_dense_qwen3
 
 TINY = ["--preset", "tiny-dense", "--mock-data", "--micro-batch-size", "2", "--seq-length", "64",
@@ -51,21 +50,6 @@ def _logs_to_this_test():
     _log_here()
 
 
-@contextlib.contextmanager
-def _signals_given_back():
-    """A Trainer holds SIGTERM/SIGUSR1 (save and stop) from its construction to the end of
-    train(), or until its set-up fails: afterwards the process has its own handlers back (a
-    leaked handler once made a tool's forked workers ignore Pool.terminate())."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        left = {s: signal.getsignal(s) for s in saved}
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-    assert left == saved, f"signal handlers left installed: {left}"
-
-
 def _entry(argv, monkeypatch, capsys, *, build_model: bool = True):
     """pretrain_marco.py's entry point, in this process: (exit status, `error:` lines, stdout).
     With build_model=False, building the model fails the test (the run had to stop before)."""
@@ -83,7 +67,7 @@ def _entry(argv, monkeypatch, capsys, *, build_model: bool = True):
     capsys.readouterr()
     logs.setup_logging()
     _log_here()
-    with _signals_given_back():
+    with signal_handlers_given_back():
         status = cli.entry_point(pretrain_marco.main, argv)
     out = capsys.readouterr()
     return status, [line for line in out.err.splitlines() if line.startswith("error:")], out.out
@@ -105,7 +89,7 @@ def base(megatron_single_rank, tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     ckpt = root / "ckpt"
     _log_here()
-    with _signals_given_back():
+    with signal_handlers_given_back():
         trainer = Trainer(parse_args([*TINY, "--train-iters", "2", "--save", str(ckpt),
                                       "--save-interval", "1"]))
         losses = trainer.train()
@@ -456,7 +440,7 @@ def test_checkpoint_size_estimate_matches_real_saves(base, tmp_path):
     fp32, how = ck.checkpoint_bytes(dense, torch.float32)
     assert how == "2.0M parameters x 12 bytes: 4-byte weights + Adam's 2 fp32 moments"
     assert 1.0 <= fp32 / size(base.ckpt / "iter_0000002") < 1.1
-    with _signals_given_back():
+    with signal_handlers_given_back():
         bf16 = Trainer(parse_args([*TINY, "--bf16", "--train-iters", "1"]))
         bf16.train()  # Adam's moments exist from the first step on
     ck.save_checkpoint(str(tmp_path / "bf16"), ck.TrainState(), bf16.model, bf16.optimizer,
