@@ -120,7 +120,7 @@ def with_optimizer_format(job: dict, sharding_type: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- worker side
-def _reset_process_globals() -> None:
+def reset_process_globals() -> None:
     """Megatron state that outlives a model: the aux-loss tracker is sized by the first model
     built, and the MoE loss scale is a class attribute."""
     from megatron.core.transformer.moe.moe_utils import (
@@ -188,7 +188,7 @@ def _train(job: dict) -> dict:
     from megatron_ext.arguments import parse_args
     from megatron_ext.trainer import Trainer
 
-    _reset_process_globals()
+    reset_process_globals()
     t0 = time.perf_counter()
     cfg = parse_args(job["args"])
     trainer = Trainer(cfg)
@@ -242,7 +242,7 @@ def _run_init(job: dict) -> dict:
     from megatron_ext.model import build_stage
     from megatron_ext.parallel import init_distributed
 
-    _reset_process_globals()
+    reset_process_globals()
     cfg = parse_args(job["args"])
     init_distributed(cfg.layout, cfg.batch.seed)
     assert dist.get_world_size() == 1, "the start checkpoint is written by one process"
@@ -260,7 +260,7 @@ def _full_state(path: str) -> dict:
 
     from megatron_ext.model import load_model_from_checkpoint
 
-    _reset_process_globals()
+    reset_process_globals()
     model, _ = load_model_from_checkpoint(path)
     return {k: v.detach().clone() for k, v in model.state_dict().items()
             if isinstance(v, torch.Tensor) and "_extra_state" not in k}
@@ -273,7 +273,7 @@ def _run_compare(job: dict) -> dict:
       max_abs     max |a - ref|"""
     from megatron_ext.parallel import ParallelLayout, init_distributed
 
-    _reset_process_globals()
+    reset_process_globals()
     init_distributed(ParallelLayout(), seed=0)  # one process: the common layout TP=PP=EP=1
     ref = _full_state(job["reference"])
     out = {}

@@ -168,10 +168,10 @@ def test_logprobs_equal_log_softmax_of_one_full_forward(models, moe_runs):
 
 
 def test_cached_keys_are_rotated_once(models):
-    """The RoPE shortcut (generation._RopeOnce) is taken at every layer of every forward: a
+    """The RoPE shortcut (decode_shortcuts.RopeOnce) is taken at every layer of every forward: a
     Megatron-Core upgrade that changes how the static cache holds keys shows here (the
     equality tests above then tell whether results still hold)."""
-    from megatron_ext.posttrain import generation
+    from megatron_ext.posttrain import decode_shortcuts, generation
 
     model = models["moe"]
     pad = torch.zeros(2, 9, dtype=torch.bool)
@@ -181,18 +181,18 @@ def test_cached_keys_are_rotated_once(models):
             steps.prefill(torch.tensor(make_prompts()[3:4] * 2))
             steps.decode(torch.tensor([1, 2]))
         assert steps.rope.hits == 2 * model.config.num_layers, inference_mode
-    assert generation._RopeOnce(steps).original is steps.rope.original  # put back
+    assert decode_shortcuts.RopeOnce(steps).original is steps.rope.original  # put back
 
 
 def test_rope_shortcut_is_megatrons_rope_bit_for_bit(models):
-    """_RopeOnce rotates with cos/sin computed once per forward; the result must be Megatron's
+    """RopeOnce rotates with cos/sin computed once per forward; the result must be Megatron's
     unfused RoPE exactly (fp32 and bf16, one and many positions, a slice of a longer table)."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-    from megatron_ext.posttrain import generation
+    from megatron_ext.posttrain import decode_shortcuts
 
     config = models["moe"].config
-    rope = generation._RopeOnce(steps=None)
+    rope = decode_shortcuts.RopeOnce(steps=None)
     g = torch.Generator().manual_seed(0)
     table = torch.rand(40, 1, 1, 16, generator=g) * 30  # [positions, 1, 1, head dim] angles
     for dtype in (torch.float32, torch.bfloat16):
@@ -204,6 +204,36 @@ def test_rope_shortcut_is_megatrons_rope_bit_for_bit(models):
             theirs = apply_rotary_pos_emb(t, freqs, config)
             assert torch.equal(ours, theirs) and torch.equal(again, theirs), (dtype, rows)
     assert len(rope.cos_sin) == 6  # one cos/sin pair per (positions, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tp1_shortcuts_are_megatrons_forward_bit_for_bit(dtype, checkpoints):
+    """Tp1Linears (plain-matmul linears and router gating at TP = 1 without autograd) gives
+    Megatron's logits to the last bit, on the dense and the MoE model (SequentialMLP experts:
+    linears of their own), and leaves nothing behind: the class methods serve training again."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.posttrain.decode_shortcuts import Tp1Linears
+
+    tokens = torch.tensor(make_prompts(seed=3)[1:2] * 3)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    for kind, backend in (("dense", "sequential"), ("moe", "sequential"), ("moe", "torch-grouped")):
+        model, _ = load_model_from_checkpoint(checkpoints[kind][0], expert_backend=backend,
+                                              params_dtype=dtype)
+        model.eval()
+        linears = [m for m in model.modules() if type(m) in (ColumnParallelLinear, RowParallelLinear)]
+        with torch.no_grad():
+            megatron = model(tokens, positions, None)
+            with Tp1Linears(model) as shortcuts:
+                assert all("forward" in m.__dict__ for m in linears)
+                routers = model.config.num_layers if kind == "moe" else 0
+                assert len(shortcuts.installed) == len(linears) + routers
+                ours = model(tokens, positions, None)
+        assert torch.equal(ours, megatron), (kind, backend, dtype)
+        assert not any("forward" in m.__dict__ or "gating" in m.__dict__ for m in model.modules())
+        with Tp1Linears(model) as shortcuts:  # autograd on: nothing is installed
+            assert not shortcuts.installed
 
 
 def test_inference_mode_gives_the_same_and_the_model_still_trains(models, moe_runs):
@@ -332,6 +362,14 @@ def test_sdpa_causal_block_shorter_than_keys_is_aligned_bottom_right(megatron_si
     full = attn(q, k, v, None)
     tail = attn(q[-3:], k, v, None)  # the last 3 queries against all 12 keys
     assert (tail - full[-3:]).abs().max().item() < 1e-6
+    # One query (a decode step: the query heads folded onto their KV head), with and without
+    # a padding mask, equals the last row of the full causal attention.
+    assert (attn(q[-1:], k, v, None) - full[-1:]).abs().max().item() < 1e-6
+    padded = torch.zeros(b, 1, 1, s, dtype=torch.bool)
+    padded[1, ..., :4] = True  # row 1: its first 4 keys are padding (True = masked)
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None] | padded
+    full = attn(q, k, v, causal & ~torch.eye(s, dtype=torch.bool))
+    assert (attn(q[-1:], k, v, padded) - full[-1:]).abs().max().item() < 1e-6
 
 
 def test_bad_arguments_are_one_line_errors(models):
@@ -435,7 +473,8 @@ def test_generation_bench_prints_its_table(megatron_single_rank, capsys):
     assert [r[0].strip().split(":")[0].split(" ")[0] for r in rows[1:]] == ["ours", "ours", "HF"]
     for row in rows[1:]:
         assert float(row[2].replace(",", "")) > 0 and row[6].strip() == "2/2 rows", row
-    assert re.search(r"ours \(faster backend\) vs HF: \d+\.\d\dx the tokens/s, \d+\.\d\dx by CPU", out)
+    assert re.search(r"ours \(faster backend\) vs HF: \d+\.\d\dx the tokens/s, "
+                     r"\d+\.\d\dx by CPU time, paired rounds", out)
 
 
 # ------------------------------------------------------------------------------ parallel layouts

@@ -479,11 +479,14 @@ def straight(teachers, cascade, fresh_module_tracker):
 
 @pytest.fixture(scope="module")
 def fresh_module_tracker():
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    """Megatron's MoE globals as a fresh process has them: an earlier test's manual backward
+    (test_generation trains a step by hand) leaves a 0-d aux-loss scale that the schedule's
+    set_loss_scale cannot copy its [1] scale into."""
+    from parallel_harness import reset_process_globals
 
-    get_moe_layer_wise_logging_tracker().clear()
+    reset_process_globals()
     yield
-    get_moe_layer_wise_logging_tracker().clear()
+    reset_process_globals()
 
 
 def test_a_cascade_trains_and_logs_its_phases(straight):

@@ -42,6 +42,10 @@ Design.
   sequence, which is the same computation replicated. Pipeline parallelism is refused.
 - MoE in eval mode routes exactly as in training: top-k over the router's fp32 softmax, no
   capacity factor, no token dropping; no aux/z-loss is computed under no_grad.
+- Megatron-Core's modules run as built, with the shortcuts of decode_shortcuts.py while
+  generating: at TP = 1 the linears and router gating skip their TP-aware autograd
+  `Function`s, and each cached key is rotated once. Logits are bit-identical (tested); a
+  small model's decode step is mostly such per-call overhead.
 - `torch.no_grad` by default; `inference_mode=True` (the CLI, benchmarks) runs under
   `torch.inference_mode`, about 8% faster per decode step on CPU (no autograd bookkeeping per
   op). Not the default because state a forward creates lazily and keeps (TransformerEngine's
@@ -63,6 +67,7 @@ import numpy as np
 import torch
 
 from megatron_ext.errors import LayoutError, UsageError
+from megatron_ext.posttrain.decode_shortcuts import RopeOnce, Tp1Linears
 
 # Rows are dropped from the cache when at least this share of the current batch has finished.
 COMPACT_SHARE = 0.25
@@ -143,7 +148,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: i
     batches = [order[start:start + size] for start in range(0, len(order), size)]
     count = lockstep.most(len(batches)) if lockstep else len(batches)
     results: list[Optional[Generation]] = [None] * len(prompts)
-    with _inference_layout(gpt), _without_autograd(gpt, inference_mode):
+    with _inference_layout(gpt), _without_autograd(gpt, inference_mode), Tp1Linears(gpt):
         for k in range(count):
             if k >= len(batches):  # this rank has no batch k: keep the others company
                 lockstep.idle(gpt)
@@ -374,67 +379,6 @@ def attention_mask(pad: torch.Tensor, q_len: int) -> Optional[torch.Tensor]:
     return mask & ~(k_pos == q_pos)[None, None]
 
 
-class _RopeOnce:
-    """RoPE during our cached forwards: each key rotated once, each cos/sin computed once.
-
-    Megatron's static KV cache stores keys before RoPE and re-applies RoPE to every cached
-    key at every step (attention.py: `key = apply_rotary_pos_emb(key, k_pos_emb)` on
-    `inference_key_memory[:sequence_end]`): O(sequence) extra elementwise work per layer per
-    token, a fifth of a small model's decode step at 700 tokens. While one of our forwards runs,
-    this wraps that call: when the tensor is a view of one of our key buffers, only the rows
-    written by this forward are rotated, in place, so the cache holds rotated keys and each key
-    is rotated exactly once. And every layer's queries and keys of one forward sit at the same
-    positions, so cos and sin of those positions are computed once per forward, not twice per
-    layer (5% of a `tiny-long` generation by CPU time, bench/RESULTS.md). The arithmetic is
-    Megatron's unfused RoPE (`rope_utils._apply_rotary_pos_emb_bshd`: t * cos +
-    rotate_half(t) * sin, the same ops in the same order), so results are bit-identical
-    (tested); any other call (fused or interleaved RoPE, packed sequences, training) goes to
-    Megatron's function as is."""
-
-    def __init__(self, steps: "_CachedSteps"):
-        import megatron.core.transformer.attention as attention
-
-        self.steps, self.module = steps, attention
-        self.original = attention.apply_rotary_pos_emb
-        self.hits = 0  # calls that rotated only the new keys (tested: one per layer per forward)
-        self.cos_sin = {}  # this forward's (cos, sin) per positions slice of the RoPE table
-
-    def __enter__(self):
-        self.cos_sin.clear()
-        self.module.apply_rotary_pos_emb = self._apply
-
-    def __exit__(self, *exc):
-        self.module.apply_rotary_pos_emb = self.original
-        self.cos_sin.clear()
-
-    def _is_key_cache(self, tensor) -> bool:
-        # Same storage as one of our key buffers (`_base` is not kept under inference_mode).
-        storage = tensor.untyped_storage().data_ptr()
-        return any(storage == k.untyped_storage().data_ptr() for k, _ in self.steps.buffers.values())
-
-    def _apply(self, t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-        plain = not (cu_seqlens is not None or config.apply_rope_fusion or config.rotary_interleaved
-                     or config.multi_latent_attention or freqs.shape[-1] != t.shape[-1])
-        if not plain:
-            return self.original(t, freqs, config, cu_seqlens, mscale, cp_group)
-        if t.shape[0] == freqs.shape[0] and self._is_key_cache(t):
-            self.hits += 1
-            start = self.steps.ctx.sequence_len_offset
-            new = t[start:]
-            new.copy_(self._rotate(new, freqs[start:], mscale))
-            return t
-        return self._rotate(t, freqs, mscale)
-
-    def _rotate(self, t, freqs, mscale):
-        key = (freqs.data_ptr(), tuple(freqs.shape), t.dtype, mscale)
-        if key not in self.cos_sin:
-            self.cos_sin[key] = ((torch.cos(freqs) * mscale).to(t.dtype),
-                                 (torch.sin(freqs) * mscale).to(t.dtype))
-        cos, sin = self.cos_sin[key]
-        first, second = torch.chunk(t, 2, dim=-1)
-        return (t * cos) + (torch.cat((-second, first), dim=-1) * sin)
-
-
 class _CachedSteps:
     """Prefill once, then one token per row per step, with Megatron's static KV cache.
 
@@ -452,7 +396,7 @@ class _CachedSteps:
         self.ctx.materialize_only_last_token_logits = True
         self.buffers = _allocate_cache(gpt, batch, max_len)  # layer -> (key, value) [b, g, s, d]
         self._hand_over()
-        self.rope = _RopeOnce(self)
+        self.rope = RopeOnce(self)
         self.pad = pad  # [rows in the cache, max_len] True = padding
         self.padded = bool(pad.any())
 
