@@ -208,13 +208,13 @@ def test_rope_shortcut_is_megatrons_rope_bit_for_bit(models):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tp1_shortcuts_are_megatrons_forward_bit_for_bit(dtype, checkpoints):
-    """Tp1Linears (plain-matmul linears and router gating at TP = 1 without autograd) gives
+    """Tp1Shortcuts (plain-matmul linears and router gating at TP = 1 without autograd) gives
     Megatron's logits to the last bit, on the dense and the MoE model (SequentialMLP experts:
     linears of their own), and leaves nothing behind: the class methods serve training again."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from megatron_ext.model import load_model_from_checkpoint
-    from megatron_ext.posttrain.decode_shortcuts import Tp1Linears
+    from megatron_ext.posttrain.decode_shortcuts import Tp1Shortcuts
 
     tokens = torch.tensor(make_prompts(seed=3)[1:2] * 3)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
@@ -225,14 +225,14 @@ def test_tp1_shortcuts_are_megatrons_forward_bit_for_bit(dtype, checkpoints):
         linears = [m for m in model.modules() if type(m) in (ColumnParallelLinear, RowParallelLinear)]
         with torch.no_grad():
             megatron = model(tokens, positions, None)
-            with Tp1Linears(model) as shortcuts:
+            with Tp1Shortcuts(model) as shortcuts:
                 assert all("forward" in m.__dict__ for m in linears)
                 routers = model.config.num_layers if kind == "moe" else 0
                 assert len(shortcuts.installed) == len(linears) + routers
                 ours = model(tokens, positions, None)
         assert torch.equal(ours, megatron), (kind, backend, dtype)
         assert not any("forward" in m.__dict__ or "gating" in m.__dict__ for m in model.modules())
-        with Tp1Linears(model) as shortcuts:  # autograd on: nothing is installed
+        with Tp1Shortcuts(model) as shortcuts:  # autograd on: nothing is installed
             assert not shortcuts.installed
 
 

@@ -9,7 +9,7 @@ logits), the router's gating GEMM through another, and RoPE re-rotates every cac
 every step. Without autograd and at tensor-parallel size 1 all of that is the identity around
 one matmul, so while one of generation's forward passes runs, these shortcuts stand in:
 
-- `Tp1Linears`: each `ColumnParallelLinear` / `RowParallelLinear` whose TP group has one rank
+- `Tp1Shortcuts`: each `ColumnParallelLinear` / `RowParallelLinear` whose TP group has one rank
   gets an instance `forward` that is Megatron's forward at that size without the `Function`s:
   `F.linear(input, weight)`, then the bias where Megatron adds it. Megatron computes
   `torch.matmul(input, weight.t())`, the same product; for a 3-D input that spelling costs a
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 
-class Tp1Linears:
+class Tp1Shortcuts:
     """While entered: plain forwards on the TP-size-1 linears and routers of `model`."""
 
     def __init__(self, model):
@@ -58,7 +58,8 @@ class Tp1Linears:
         for module in self.model.modules():
             kind = type(module)
             if kind in (ColumnParallelLinear, RowParallelLinear):
-                if get_pg_size(module.tp_group) != 1 or module.config._cpu_offloading_context is not None:
+                if (get_pg_size(module.tp_group) != 1
+                        or getattr(module.config, "_cpu_offloading_context", None) is not None):
                     continue
                 make = _column_forward if kind is ColumnParallelLinear else _row_forward
                 module.forward = make(module)

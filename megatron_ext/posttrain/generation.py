@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from megatron_ext.errors import LayoutError, UsageError
-from megatron_ext.posttrain.decode_shortcuts import RopeOnce, Tp1Linears
+from megatron_ext.posttrain.decode_shortcuts import RopeOnce, Tp1Shortcuts
 
 # Rows are dropped from the cache when at least this share of the current batch has finished.
 COMPACT_SHARE = 0.25
@@ -148,7 +148,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: i
     batches = [order[start:start + size] for start in range(0, len(order), size)]
     count = lockstep.most(len(batches)) if lockstep else len(batches)
     results: list[Optional[Generation]] = [None] * len(prompts)
-    with _inference_layout(gpt), _without_autograd(gpt, inference_mode), Tp1Linears(gpt):
+    with _inference_layout(gpt), _without_autograd(gpt, inference_mode), Tp1Shortcuts(gpt):
         for k in range(count):
             if k >= len(batches):  # this rank has no batch k: keep the others company
                 lockstep.idle(gpt)
