@@ -129,12 +129,13 @@ def megatron_single_rank():
 
 @pytest.fixture
 def fresh_moe_tracker():
-    """Megatron's MoE aux-loss tracker is process-global and sized by the first model built."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    """Megatron's MoE globals as a fresh process has them (parallel_harness.reset_process_globals:
+    the aux-loss tracker, sized by the first model built, and the aux-loss scale)."""
+    from parallel_harness import reset_process_globals
 
-    get_moe_layer_wise_logging_tracker().clear()
+    reset_process_globals()
     yield
-    get_moe_layer_wise_logging_tracker().clear()
+    reset_process_globals()
 
 
 @contextlib.contextmanager

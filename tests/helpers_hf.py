@@ -7,7 +7,6 @@ norm weights around 1 (a swapped or dropped norm shows).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -18,11 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_upcycle_tool():
     """tools/upcycle_hf_to_mcore.py as a module (its `main(argv)` runs in-process)."""
-    spec = importlib.util.spec_from_file_location(
-        "upcycle_hf_to_mcore", os.path.join(REPO, "tools", "upcycle_hf_to_mcore.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_tool
+
+    return load_tool("upcycle_hf_to_mcore")
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

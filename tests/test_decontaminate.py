@@ -4,18 +4,13 @@ clean subset is what is left, and bad inputs give one line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import load_tool
 
-spec = importlib.util.spec_from_file_location("decontaminate",
-                                              os.path.join(REPO, "tools", "decontaminate.py"))
-DECON = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(DECON)
+DECON = load_tool("decontaminate")
 
 # Evaluation examples: the first three are planted whole in the training data, the fourth half,
 # the last two never.

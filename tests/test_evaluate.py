@@ -5,23 +5,14 @@ name real lm-eval tasks."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
-from conftest import REPO, run_pretrain
+from conftest import REPO, load_tool, run_pretrain
 
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EVAL = _tool("evaluate")
-EXPORT = _tool("export_mcore_to_hf")
+EVAL = load_tool("evaluate")
+EXPORT = load_tool("export_mcore_to_hf")
 TRAIN = ["--micro-batch-size", "1", "--seq-length", "64", "--train-iters", "2", "--lr", "1e-2"]
 MODELS = {"dense": (["--preset", "tiny-dense"], 1),
           "moe_ep2": (["--preset", "tiny", "--expert-model-parallel-size", "2"], 2)}

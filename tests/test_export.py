@@ -8,25 +8,16 @@ weights are one `error:` line and leave nothing behind.
 """
 
 import gzip
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
-from conftest import REPO, run_pretrain
+from conftest import REPO, load_tool, run_pretrain
 from helpers_hf import hf_logits, make_dense_qwen3, make_moe_qwen3, megatron_logits, tokens
 from safetensors import safe_open
 
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EXPORT, IMPORT = _tool("export_mcore_to_hf"), _tool("import_hf_to_mcore")
+EXPORT, IMPORT = load_tool("export_mcore_to_hf"), load_tool("import_hf_to_mcore")
 
 
 def hf_tensors(directory) -> dict:
@@ -244,7 +235,7 @@ def test_trainer_checkpoint_exports_with_megatron_logits(megatron_single_rank, f
 # ------------------------------------------------------------------------------------------
 # Damaged and diverged checkpoints: one line naming the checkpoint and the file or tensor,
 # from the export and from the routing analysis (which loads through Megatron), nothing written.
-ROUTING = _tool("analyze_routing")
+ROUTING = load_tool("analyze_routing")
 
 
 def _damage(ckpt, case):

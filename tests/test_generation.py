@@ -20,7 +20,6 @@ This file is also the torchrun worker (`python tests/test_generation.py SPEC.jso
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -34,7 +33,7 @@ if str(REPO) not in sys.path:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import _free_port  # noqa: E402
+from conftest import _free_port, load_tool  # noqa: E402
 
 VOCAB = 8192  # the bundled SentencePiece tokenizer's, so the CLI can run on these models
 NEW = 12
@@ -48,13 +47,6 @@ def make_prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, megatron_single_rank):
@@ -62,7 +54,7 @@ def checkpoints(tmp_path_factory, megatron_single_rank):
     from helpers_hf import make_dense_qwen3, make_moe_qwen3
 
     root = tmp_path_factory.mktemp("generation")
-    importer, exporter = _tool("import_hf_to_mcore"), _tool("export_mcore_to_hf")
+    importer, exporter = load_tool("import_hf_to_mcore"), load_tool("export_mcore_to_hf")
     out = {}
     for kind, make in (("moe", make_moe_qwen3), ("dense", make_dense_qwen3)):
         src, ckpt, hf = root / f"{kind}-src", root / f"{kind}-ckpt", root / f"{kind}-hf"
@@ -407,7 +399,7 @@ def test_cli_writes_what_generate_returns(checkpoints, models, tmp_path, capsys)
     out = tmp_path / "out" / "o.jsonl"
     args = ["--load", checkpoints["moe"][0], "--prompts", prompts, "--out", str(out),
             "--temperature", "0", "--max-new-tokens", "6", "--batch-size", "1"]
-    assert _tool("generate").main(args) == 0
+    assert load_tool("generate").main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     tok = ChatTokenizer.from_args("SentencePieceTokenizer", None)
     assert rows[0]["id"] == 7 and rows[0]["prompt_ids"] == tok.encode("The ls command")
@@ -421,7 +413,7 @@ def test_cli_writes_what_generate_returns(checkpoints, models, tmp_path, capsys)
         assert row["text"] == tok.decode(shown)
     assert "wrote" in capsys.readouterr().out
     # An existing output needs --overwrite.
-    assert _tool("generate").main(args) == 2
+    assert load_tool("generate").main(args) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
@@ -440,7 +432,7 @@ def test_cli_errors_are_one_line_naming_the_input(checkpoints, tmp_path, capsys)
          r"p.jsonl:1: \d+ prompt tokens \+ --max-new-tokens 8 exceed"),
         ([], "no prompts"),
     ]
-    tool = _tool("generate")
+    tool = load_tool("generate")
     for lines, pattern in cases:
         prompts = _write(tmp_path / "p.jsonl", lines)
         code = tool.main(["--load", ckpt, "--prompts", prompts, "--out", str(tmp_path / "o.jsonl"),
@@ -521,7 +513,7 @@ def test_parallel_layouts_generate_what_one_process_generates(checkpoints, model
     assert "different prompts" in result["mismatch"]
     assert result["cli"] == 0
     one = tmp_path / "cli-one.jsonl"
-    assert _tool("generate").main([*cli, "--out", str(one)]) == 0
+    assert load_tool("generate").main([*cli, "--out", str(one)]) == 0
     outputs = [list(map(json.loads, p.read_text().splitlines())) for p in (one, tmp_path / "cli-ep2.jsonl")]
     assert len(outputs[0]) == len(outputs[1]) == 2
     for a, b in zip(*outputs):
@@ -566,7 +558,7 @@ def _worker(spec_path: str) -> None:
         result["mismatch"] = "no error"
     except UsageError as e:
         result["mismatch"] = str(e)
-    result["cli"] = _tool("generate").main(spec["cli"])
+    result["cli"] = load_tool("generate").main(spec["cli"])
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(result))
 
 

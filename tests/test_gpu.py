@@ -23,7 +23,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, run_pretrain, subprocess_env
+from conftest import load_tool, run_pretrain, subprocess_env
 
 pytestmark = [
     pytest.mark.gpu,
@@ -159,8 +159,6 @@ def test_distributed_optimizer_resume_repeats_the_run(tmp_path, dtype, rel):
 
 def test_export_of_gpu_trained_checkpoint_matches_transformers(trained, megatron_single_rank,
                                                                fresh_moe_tracker, tmp_path):
-    import importlib.util
-
     from helpers_hf import tokens
     from transformers import AutoModelForCausalLM
 
@@ -168,10 +166,7 @@ def test_export_of_gpu_trained_checkpoint_matches_transformers(trained, megatron
 
     torch.backends.cuda.matmul.allow_tf32 = False
     ckpt, _ = trained
-    spec = importlib.util.spec_from_file_location("export_mcore_to_hf",
-                                                  REPO / "tools" / "export_mcore_to_hf.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
+    export = load_tool("export_mcore_to_hf")
     assert export.main(["--load", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).cuda().eval()
     model, preset = load_model_from_checkpoint(str(ckpt), params_dtype=torch.float32)

@@ -31,7 +31,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, _free_port, subprocess_env
+from conftest import REPO, _free_port, load_tool, subprocess_env
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.posttrain import losses
@@ -289,13 +289,11 @@ def test_http_teacher_scores_what_the_in_process_teacher_scores(teachers):
     """tools/serve_teacher.py in a thread: the http teacher's log-probs are the HF model's."""
     import threading
 
-    from test_export import _tool
-
     from megatron_ext.config import ModelOptions
     from megatron_ext.posttrain.chat import ChatTokenizer
     from megatron_ext.posttrain.teachers import TeacherSpec, load_teacher
 
-    serve = _tool("serve_teacher")
+    serve = load_tool("serve_teacher")
     server = serve.make_server(serve.Scorer(teachers["dense"][0], dtype="fp32", batch_size=2),
                                "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -479,9 +477,9 @@ def straight(teachers, cascade, fresh_module_tracker):
 
 @pytest.fixture(scope="module")
 def fresh_module_tracker():
-    """Megatron's MoE globals as a fresh process has them: an earlier test's manual backward
-    (test_generation trains a step by hand) leaves a 0-d aux-loss scale that the schedule's
-    set_loss_scale cannot copy its [1] scale into."""
+    """conftest.fresh_moe_tracker for this module's shared runs: an earlier test's manual
+    backward (test_generation trains a step by hand) leaves a 0-d aux-loss scale that the
+    schedule's set_loss_scale cannot copy its [1] scale into."""
     from parallel_harness import reset_process_globals
 
     reset_process_globals()

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, signal_handlers_given_back, start_pretrain, wait_for
+from conftest import load_tool, signal_handlers_given_back, start_pretrain, wait_for
 from helpers_hf import make_dense_qwen3
 
 TINY = ["--preset", "tiny-dense", "--mock-data", "--micro-batch-size", "2", "--seq-length", "64",
@@ -216,12 +216,7 @@ def test_non_finite_flag_is_refused_naming_it(base, monkeypatch, capsys, flag, v
 
 
 def test_nan_in_the_weights_stops_at_step_1_and_saves_nothing(base, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("import_hf_to_mcore",
-                                                  REPO / "tools" / "import_hf_to_mcore.py")
-    importer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(importer)
+    importer = load_tool("import_hf_to_mcore")
     src, ckpt, save = tmp_path / "hf", tmp_path / "imported", tmp_path / "save"
     hf = make_dense_qwen3(str(src), seed=5, **TINY_DENSE_HF)
     with torch.no_grad():

@@ -4,7 +4,6 @@ Megatron model, batches by (step, rank), validation sets and the bundled sample.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_tool
 
 from megatron_ext.errors import DataConfigError
 from megatron_ext.posttrain.chat import IM_END, IM_START
@@ -39,13 +39,6 @@ def make_conversations(n: int, seed: int = 0) -> list[list[dict]]:
             m.append({"role": "user", "content": "trailing question"})
         convs.append(m)
     return convs
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_jsonl(path, convs, extra_lines=()):
