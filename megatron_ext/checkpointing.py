@@ -26,7 +26,7 @@ The save directory belongs to one run at a time (`claim_save_directory`, before 
   is complete, and are deleted then: a run that fails early loses nothing;
 * leftovers of interrupted saves (`iter_N.tmp`, a checkpoint moved aside while replaced) are
   cleaned or restored under the lock, the directory is checked writable, and its free space
-  against the size of one checkpoint (`checkpoint_bytes`).
+  against the size of one checkpoint (`flops.checkpoint_bytes`).
 
 Each save keeps two invariants on its own (also for callers without a claim): an existing,
 committed `iter_N` is replaced only by the run that loaded or wrote it (or with
@@ -465,29 +465,6 @@ def _check_ownership(d: SaveDirectory, load: Optional[str]) -> None:
         d.stale = [n for n in complete if n > d.resumed_from]
 
 
-def checkpoint_bytes(preset: ModelPreset, params_dtype: torch.dtype,
-                     with_optimizer: bool = True) -> tuple[int, str]:
-    """About how many bytes one checkpoint of this model takes (all ranks together; each
-    rank writes its share), and how that was counted: the weights in their dtype, plus, with
-    the optimizer, fp32 main weights (when the weights are not fp32) and Adam's two fp32
-    moments. Measured against real saves in tests/test_reliability.py."""
-    from megatron_ext.flops import analytic_model_size
-
-    params = analytic_model_size(preset).total_params
-    weight = torch.empty((), dtype=params_dtype).element_size()
-    parts = [f"{weight}-byte weights"]
-    per_param = weight
-    if with_optimizer and params_dtype != torch.float32:
-        per_param += 4
-        parts.append("fp32 main weights")
-    if with_optimizer:
-        per_param += 8
-        parts.append("Adam's 2 fp32 moments")
-    # Per tensor, the torch_dist format adds a serialisation header and an index entry.
-    total = int(params * per_param * 1.01) + (1 << 20)
-    return total, f"{params / 1e6:,.1f}M parameters x {per_param} bytes: {' + '.join(parts)}"
-
-
 def _check_space(root: str, needed: Optional[tuple[int, str]]) -> None:
     if needed is None:
         return
@@ -526,7 +503,7 @@ def claim_save_directory(root: str, *, load: Optional[str] = None, finetune: boo
                          needed: Optional[tuple[int, str]] = None) -> SaveDirectory:
     """Make `root` this run's save directory, before step 1 (collective; see the module
     docstring). `load`/`finetune`: the run's --load and --finetune (a fine-tune starts a new
-    run even from its own directory); `needed`: `checkpoint_bytes(...)`. Raises one
+    run even from its own directory); `needed`: `flops.checkpoint_bytes(...)`. Raises one
     CheckpointError on every rank."""
     d = SaveDirectory(root, overwrite=overwrite,
                       resumed_from=None if finetune else _resumed_iteration(root, load))

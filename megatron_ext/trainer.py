@@ -35,7 +35,12 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron_ext import checkpointing, data, parallel
 from megatron_ext.config import RunConfig
 from megatron_ext.errors import CheckpointError, TrainingError
-from megatron_ext.flops import H100_BF16_PEAK_TFLOPS, analytic_model_size, training_flops_per_token
+from megatron_ext.flops import (
+    H100_BF16_PEAK_TFLOPS,
+    analytic_model_size,
+    checkpoint_bytes,
+    training_flops_per_token,
+)
 from megatron_ext.metrics import MetricsWriter, peak_memory_gib
 from megatron_ext.model import build_stages
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -258,7 +263,7 @@ class Trainer:
             return None
         return checkpointing.claim_save_directory(
             ck.save, load=ck.load, finetune=ck.finetune, overwrite=ck.overwrite_save,
-            needed=checkpointing.checkpoint_bytes(self.preset, cfg.model_options.params_dtype))
+            needed=checkpoint_bytes(self.preset, cfg.model_options.params_dtype))
 
     def _load(self, opts) -> None:
         weights_only = opts.no_load_optim or opts.finetune

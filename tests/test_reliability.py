@@ -353,11 +353,11 @@ def test_read_only_save_directory_is_refused_before_step_1(base, read_only_dir, 
 
 
 def _too_small(save: Path, errors: list[str]) -> None:
-    from megatron_ext import checkpointing as ck
     from megatron_ext.cli import human_bytes
+    from megatron_ext.flops import checkpoint_bytes
     from megatron_ext.presets import get_preset
 
-    needed, how = ck.checkpoint_bytes(get_preset("tiny-dense"), torch.float32)  # measured below
+    needed, how = checkpoint_bytes(get_preset("tiny-dense"), torch.float32)  # measured below
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"error: --save {save}: "), errors
     assert f" free on its file system, but one checkpoint needs about {human_bytes(needed)} " \
@@ -425,6 +425,7 @@ def test_failed_save_removes_its_temporary_and_a_later_save_succeeds(base, tmp_p
 def test_checkpoint_size_estimate_matches_real_saves(base, tmp_path):
     from megatron_ext import checkpointing as ck
     from megatron_ext.arguments import parse_args
+    from megatron_ext.flops import checkpoint_bytes
     from megatron_ext.presets import get_preset
     from megatron_ext.trainer import Trainer
 
@@ -432,7 +433,7 @@ def test_checkpoint_size_estimate_matches_real_saves(base, tmp_path):
         return sum(p.stat().st_size for p in it.iterdir())
 
     dense = get_preset("tiny-dense")
-    fp32, how = ck.checkpoint_bytes(dense, torch.float32)
+    fp32, how = checkpoint_bytes(dense, torch.float32)
     assert how == "2.0M parameters x 12 bytes: 4-byte weights + Adam's 2 fp32 moments"
     assert 1.0 <= fp32 / size(base.ckpt / "iter_0000002") < 1.1
     with signal_handlers_given_back():
@@ -440,7 +441,7 @@ def test_checkpoint_size_estimate_matches_real_saves(base, tmp_path):
         bf16.train()  # Adam's moments exist from the first step on
     ck.save_checkpoint(str(tmp_path / "bf16"), ck.TrainState(), bf16.model, bf16.optimizer,
                        bf16.scheduler)
-    estimate, how = ck.checkpoint_bytes(dense, torch.bfloat16)
+    estimate, how = checkpoint_bytes(dense, torch.bfloat16)
     assert how.endswith("x 14 bytes: 2-byte weights + fp32 main weights + Adam's 2 fp32 moments")
     assert 1.0 <= estimate / size(tmp_path / "bf16" / "iter_0000000") < 1.1
 
