@@ -11,6 +11,13 @@ through here:
   shapes and counts only   `build_meta_model` (--describe, FLOPs, streaming conversion): the
                            full model on the meta device, always with the non-TE spec, since
                            TransformerEngine allocates real memory even under the meta device
+
+Where the parameters live is decided here too, once: `build_model` builds under the run's device
+(`run_device()`: the current CUDA device, else the CPU) and then moves whatever a module created
+on a fixed device to it. Megatron-Core builds its linears on `torch.cuda.current_device()` but its
+router weight without a device, and our RMSNorm takes the default device: without this a model
+loaded from a checkpoint on a GPU (tools/generate.py, tools/evaluate.py --load, the teachers) had
+its norms and routers on the CPU and everything else on the GPU.
 """
 
 from __future__ import annotations
@@ -109,6 +116,13 @@ def marco_config(
     )
 
 
+def run_device() -> torch.device:
+    """The device this process's models live on: the current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def build_model(
     preset: ModelPreset,
     config: TransformerConfig,
@@ -119,12 +133,25 @@ def build_model(
     seq_length: Optional[int] = None,
     use_te: Optional[bool] = None,
     vp_stage: Optional[int] = None,
+    device: Optional[torch.device] = None,
 ) -> GPTModel:
-    """This rank's stage of a Marco model (tied embeddings, RoPE theta from the preset).
+    """This rank's stage of a Marco model (tied embeddings, RoPE theta from the preset), every
+    parameter and buffer on `device` (default `run_device()`; module docstring).
 
     `use_te`: build with TransformerEngine's modules (default: where TE is usable).
     `vp_stage`: the virtual pipeline stage (model chunk) to build, with interleaving."""
-    model = GPTModel(
+    device = run_device() if device is None else torch.device(device)
+    with torch.device(device):
+        model = _gpt_model(preset, config, expert_backend, pre_process, post_process, seq_length,
+                           use_te, vp_stage)
+    model.to(device)  # what a module made on a fixed device (Megatron's router buffers)
+    mark_expert_params(model)
+    return model
+
+
+def _gpt_model(preset, config, expert_backend, pre_process, post_process, seq_length, use_te,
+               vp_stage) -> GPTModel:
+    return GPTModel(
         config=config,
         transformer_layer_spec=marco_block_spec(config, expert_backend, use_te, vp_stage),
         vocab_size=preset.vocab_size,
@@ -137,8 +164,6 @@ def build_model(
         parallel_output=True,
         vp_stage=vp_stage,
     )
-    mark_expert_params(model)
-    return model
 
 
 def mark_expert_params(model: torch.nn.Module) -> None:
@@ -213,8 +238,7 @@ def build_meta_model(
     options = ModelOptions(params_dtype=dtype, expert_backend=expert_backend)
     config = marco_config(preset, options=options, perform_initialization=False)
     config.use_cpu_initialization = True  # create parameters without a device: meta applies
-    with torch.device("meta"):
-        return build_model(preset, config, expert_backend, use_te=False)
+    return build_model(preset, config, expert_backend, use_te=False, device=torch.device("meta"))
 
 
 def load_model_from_checkpoint(path: str, expert_backend: str = "sequential",
