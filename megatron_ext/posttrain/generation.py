@@ -40,8 +40,11 @@ Design.
   is switched off for the duration of generation, as Megatron's own static engine does: a decode
   step's one token cannot be split over TP ranks; the MoE layers then route every TP rank's full
   sequence, which is the same computation replicated. Pipeline parallelism is refused.
-- MoE in eval mode routes exactly as in training: top-k over the router's fp32 softmax, no
-  capacity factor, no token dropping; no aux/z-loss is computed under no_grad.
+- MoE in eval mode routes as in training (top-k over the router's fp32 scores; no aux/z-loss
+  under no_grad) but never drops tokens: Megatron-Core applies --moe-expert-capacity-factor
+  whether or not the model trains, and a 16-row decode step would get a capacity of one token
+  per expert, so rollouts would not come from the trained policy. `dropless` lifts the capacity
+  factor (the config's and the token dispatchers' copies) while generating and scoring.
 - Megatron-Core's modules run as built, with the shortcuts of decode_shortcuts.py while
   generating: at TP = 1 the linears and router gating skip their TP-aware autograd
   `Function`s, and each cached key is rotated once. Logits are bit-identical (tested); a
@@ -294,13 +297,43 @@ def _inference_layout(gpt):
         config.sequence_parallel = False
     gpt.eval()
     try:
-        with _without_cpu_device_mode():
+        with _without_cpu_device_mode(), dropless(gpt):
             yield
     finally:
         for module, attr in switched:
             setattr(module, attr, True)
         config.sequence_parallel = sequence_parallel
         gpt.train(was_training)
+
+
+# What Megatron-Core 0.16 reads to drop tokens: the config's fields, and the copies the token
+# dispatchers take at construction (alltoall: drop_and_pad; flex: its manager's capacity_factor).
+_DROP_FIELDS = {"moe_expert_capacity_factor": None, "moe_pad_expert_input_to_capacity": False}
+_DROP_ATTRS = {"drop_and_pad": False, "capacity_factor": None}
+
+
+@contextlib.contextmanager
+def dropless(model):
+    """No token dropping inside the block (generation, scoring): the capacity factor and
+    padding to capacity are lifted from `model`'s config and its dispatchers, then restored."""
+    saved = []
+    config = getattr(model, "config", None)
+    targets = [(config, _DROP_FIELDS)] if config is not None else []
+    for module in model.modules():
+        dispatcher = getattr(module, "token_dispatcher", None)
+        for obj in (dispatcher, getattr(dispatcher, "_comm_manager", None)):
+            if obj is not None:
+                targets.append((obj, _DROP_ATTRS))
+    for obj, fields in targets:
+        for name, off in fields.items():
+            if name in vars(obj) and getattr(obj, name) != off:
+                saved.append((obj, name, getattr(obj, name)))
+                setattr(obj, name, off)
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
 
 
 @contextlib.contextmanager
