@@ -141,8 +141,65 @@ def test_over_long_conversations_are_counted_skips(env, tmp_path, capsys):
     out = capsys.readouterr()
     assert f"skipped {path}:4 (" in out.err and "skipped 1 over --max-length" in out.out
     assert json.loads((tmp_path / "out_chat.json").read_text())["conversations"] == 6
-    assert tool.main(argv[:-4] + ["--max-length", "5"] + argv[-4:]) == 2
+    assert tool.main(argv[:-4] + ["--max-length", "5", "--overwrite"] + argv[-4:]) == 2
     assert "no conversation to write (7 longer than --max-length 5)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out_chat.json").read_text())["conversations"] == 6  # kept
+
+
+def _chat_tool_error(env, capsys, inputs, prefix, *extra) -> tuple[int, list[str]]:
+    argv = ["--input", *map(str, inputs), "--output-prefix", str(prefix), "--no-progress",
+            "--tokenizer-type", "HuggingFaceTokenizer",
+            "--tokenizer-model", env["tok_args"]["tokenizer_model"], *extra]
+    code = load_tool("preprocess_chat_data").main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_lone_surrogate_is_one_line_naming_file_and_line(env, tmp_path, capsys, workers):
+    """JSON's "\\ud800" escape decodes to a lone surrogate no tokenizer takes: one line naming
+    FILE:LINE and the message, with one worker or a pool (was a traceback)."""
+    path = tmp_path / "chat.jsonl"
+    bad = json.dumps({"messages": [{"role": "user", "content": "ls \ud800 -l"},
+                                   {"role": "assistant", "content": "y"}]})
+    assert "\\ud800" in bad
+    write_jsonl(path, env["convs"][:5], [bad])
+    code, err = _chat_tool_error(env, capsys, [path], tmp_path / "out", "--workers", workers)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}:6: message 0 (user) content has a lone surrogate "
+                             "'\\ud800' at character 3; expected valid Unicode text"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
+
+
+def test_directory_input_and_existing_output_are_refused(env, tmp_path, capsys):
+    """A directory as --input is named as one (was "no such file"); an existing output prefix
+    is kept unless --overwrite (was replaced silently)."""
+    code, err = _chat_tool_error(env, capsys, [tmp_path], tmp_path / "out")
+    assert code == 2 and err == [f"error: --input {tmp_path} is a directory; expected a JSON-lines "
+                                 "file (.jsonl or .jsonl.gz)"], err
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, env["convs"][:6])
+    assert _chat_tool_error(env, capsys, [path], tmp_path / "out")[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write_jsonl(path, env["convs"][6:8])
+    code, err = _chat_tool_error(env, capsys, [path], tmp_path / "out")
+    assert code == 2 and err == [f"error: --output-prefix {tmp_path / 'out'}: "
+                                 f"{tmp_path / 'out'}_tokens_document.bin exists; pass --overwrite "
+                                 "to replace it"], err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "chat.jsonl"} == {
+        k: v for k, v in before.items() if k != "chat.jsonl"}
+    assert _chat_tool_error(env, capsys, [path], tmp_path / "out", "--overwrite")[0] == 0
+    assert json.loads((tmp_path / "out_chat.json").read_text())["conversations"] == 2
+
+
+def test_no_fitting_conversation_names_the_real_shortest(env):
+    """Was "the shortest has 0 tokens" whatever the data (min with initial=0)."""
+    from megatron_ext.posttrain.sft_data import ChatSource
+
+    shortest = int(ChatSource(str(env["root"] / "w1"), "test", env["chat"]).lengths.min())
+    assert shortest > 2
+    with pytest.raises(DataConfigError, match=rf"no training conversation fits --seq-length "
+                                              rf"{shortest - 1} \(the shortest has {shortest} tokens\)$"):
+        build(env, "--split", "100,0,0", seq=shortest - 1)
 
 
 # ---------------------------------------------------------------- the loss mask

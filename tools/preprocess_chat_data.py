@@ -9,8 +9,9 @@ PREFIX_chat.json (counts and the tokenizer's identity). Train with `posttrain_ma
 
 Errors and skips: a line that is not JSON, a message without role or content, an unknown role
 or a conversation without an assistant turn stops the tool with "error: FILE:LINE: ..." (exit
-2, nothing written); a conversation longer than --max-length tokens is skipped and counted
-(listed at the end).
+2, nothing written), and so does text with a lone surrogate ("\\ud800"); a conversation longer
+than --max-length tokens is skipped and counted (listed at the end). Outputs of an earlier run
+at --output-prefix are replaced only with --overwrite.
 
     python tools/preprocess_chat_data.py --input chats.jsonl.gz --output-prefix /data/sft/chats \\
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/Qwen3-0.6B \\
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_args(p.add_argument_group("tokenizer"), model_help=TOKENIZER_MODEL_HELP
                        + "; needs <|im_start|> and <|im_end|> as single tokens")
     add_output_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run at --output-prefix")
     return p
 
 
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
     try:
         stats = preprocess_chat(args.input, args.output_prefix, tokenizer_type=args.tokenizer_type,
                                 tokenizer_model=args.tokenizer_model, max_length=args.max_length,
-                                workers=args.workers, progress=not args.no_progress)
+                                workers=args.workers, progress=not args.no_progress,
+                                overwrite=args.overwrite)
     except MarcoError as e:
         return report(e, rank=0)
     for where in stats.skipped_long[:20]:

@@ -48,6 +48,9 @@ def check_io(inputs, out_prefix: str, workers: int) -> list[str]:
     """The input files as strings, after the checks both tools make before any work."""
     inputs = [str(p) for p in inputs]
     for path in inputs:
+        if os.path.isdir(path):
+            raise DataConfigError(f"--input {path} is a directory; expected a JSON-lines file "
+                                  "(.jsonl or .jsonl.gz)")
         if not os.path.isfile(path):
             raise DataConfigError(f"--input {path}: no such file")
     if workers < 1:

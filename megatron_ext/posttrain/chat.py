@@ -239,6 +239,16 @@ def render_prompt(messages: list[dict], tok: ChatTokenizer) -> list[int]:
     return ids + list(tok.generation_prompt)
 
 
+def require_unicode(text: str, what: str) -> None:
+    """`text` must be encodable Unicode: JSON's "\\ud800" escapes decode to lone surrogates,
+    which no tokenizer (and no UTF-8 output) takes. DataConfigError "WHAT: ..." otherwise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataConfigError(f"{what} has a lone surrogate {text[e.start]!r} at character "
+                              f"{e.start}; expected valid Unicode text") from None
+
+
 def validate_messages(messages, where: str, *, require_assistant: bool = True) -> None:
     """Check one conversation; DataConfigError "WHERE: ..." (WHERE is usually FILE:LINE)."""
     if not isinstance(messages, list) or not messages:
@@ -256,6 +266,7 @@ def validate_messages(messages, where: str, *, require_assistant: bool = True) -
             raise DataConfigError(f"{where}: message {i} ({m['role']}) has no 'content'")
         if not isinstance(m["content"], str):
             raise DataConfigError(f"{where}: message {i} ({m['role']}) content is not a string")
+        require_unicode(m["content"], f"{where}: message {i} ({m['role']}) content")
         for marker in (IM_START, IM_END):
             if marker in m["content"]:
                 raise DataConfigError(f"{where}: message {i} ({m['role']}) contains '{marker}': "

@@ -165,12 +165,18 @@ def _encode_line(raw: bytes, where: str):
 
 def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentencePieceTokenizer",
                     tokenizer_model=None, max_length: int = 8192, workers: int = 1,
-                    progress: bool = True, chunk_bytes: int = 1 << 18) -> ChatPreprocessStats:
-    """Chat jsonl files -> PREFIX_tokens_document, PREFIX_loss_mask_document, PREFIX_chat.json."""
+                    progress: bool = True, chunk_bytes: int = 1 << 18,
+                    overwrite: bool = True) -> ChatPreprocessStats:
+    """Chat jsonl files -> PREFIX_tokens_document, PREFIX_loss_mask_document, PREFIX_chat.json.
+    `overwrite=False` (the tool without --overwrite): an existing output is an error."""
     from megatron_ext.data.indexed import IndexedOutputs, token_dtype
 
     inputs = check_io(inputs, out_prefix, workers)
     if max_length is not None and max_length < 1:
+    existing = [p for p in output_files(out_prefix) if os.path.exists(p)]
+    if existing and not overwrite:
+        raise DataConfigError(f"--output-prefix {out_prefix}: {existing[0]} exists; pass "
+                              "--overwrite to replace it")
         raise DataConfigError(f"--max-length {max_length}: must be >= 1")
     tok = ChatTokenizer.from_args(tokenizer_type, tokenizer_model)
     dtype = token_dtype(tok.vocab_size)
@@ -212,6 +218,12 @@ def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentenceP
 
 
 def tokenizer_identity(tok: ChatTokenizer, tokenizer_type: str) -> dict:
+def output_files(out_prefix: str) -> list[str]:
+    """The files preprocess_chat writes for `out_prefix`."""
+    return [f"{out_prefix}{suffix}{ext}" for suffix in (TOKENS, LOSS_MASK) for ext in (".bin", ".idx")
+            ] + [f"{out_prefix}{INFO}"]
+
+
     """What must match between preprocessing and training: the vocabulary and the chat ids."""
     return {"type": tokenizer_type, "model": tok.name, "vocab_size": tok.vocab_size,
             "vocab_sha256": tok.vocab_digest(), "im_start_id": tok.im_start_id,
@@ -584,9 +596,10 @@ def build_sft_data(opts, tokenizer, *, global_batch_size: int, seq_length: int, 
         fits = s.lengths[train] <= seq_length
         skipped[s.name] = int((~fits).sum())
         if not fits.any():
-            shortest = int(s.lengths[train].min(initial=0))
+            shortest = (f"the shortest has {int(s.lengths[train].min())} tokens" if len(train)
+                        else f"--split {opts.split} leaves none for training")
             raise DataConfigError(f"{flag} {s.prefix}: no training conversation fits --seq-length "
-                                  f"{seq_length} (the shortest has {shortest} tokens)")
+                                  f"{seq_length} ({shortest})")
         train_docs.append(train[fits])
         if fractions[1] > 0:
             if not len(valid):
