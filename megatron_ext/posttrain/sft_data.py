@@ -172,11 +172,11 @@ def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentenceP
     from megatron_ext.data.indexed import IndexedOutputs, token_dtype
 
     inputs = check_io(inputs, out_prefix, workers)
-    if max_length is not None and max_length < 1:
     existing = [p for p in output_files(out_prefix) if os.path.exists(p)]
     if existing and not overwrite:
         raise DataConfigError(f"--output-prefix {out_prefix}: {existing[0]} exists; pass "
                               "--overwrite to replace it")
+    if max_length is not None and max_length < 1:
         raise DataConfigError(f"--max-length {max_length}: must be >= 1")
     tok = ChatTokenizer.from_args(tokenizer_type, tokenizer_model)
     dtype = token_dtype(tok.vocab_size)
@@ -217,13 +217,13 @@ def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentenceP
     return stats
 
 
-def tokenizer_identity(tok: ChatTokenizer, tokenizer_type: str) -> dict:
 def output_files(out_prefix: str) -> list[str]:
     """The files preprocess_chat writes for `out_prefix`."""
     return [f"{out_prefix}{suffix}{ext}" for suffix in (TOKENS, LOSS_MASK) for ext in (".bin", ".idx")
             ] + [f"{out_prefix}{INFO}"]
 
 
+def tokenizer_identity(tok: ChatTokenizer, tokenizer_type: str) -> dict:
     """What must match between preprocessing and training: the vocabulary and the chat ids."""
     return {"type": tokenizer_type, "model": tok.name, "vocab_size": tok.vocab_size,
             "vocab_sha256": tok.vocab_digest(), "im_start_id": tok.im_start_id,
