@@ -171,3 +171,50 @@ def test_bad_inputs_give_one_line(data, capsys, tmp_path):
         rc, _, err = _run([*args, "--out", str(tmp_path / "o")], capsys)
         assert rc == 2 and err.strip().count("\n") == 0 and expected in err, (args, err)
         assert not (tmp_path / "o").exists()
+
+
+def test_examples_shorter_than_the_ngram_are_unchecked_never_clean(data, capsys, tmp_path):
+    """An example shorter than --ngram tokens cannot be judged: counted as unchecked, left out of
+    the clean subset (it was reported clean); when no example can be checked, one line."""
+    root, prefixes = data
+    rows = [{"id": i, "text": t} for i, t in enumerate(EVAL)] + [{"id": 6, "text": "Zebras."}]
+    _write_jsonl(tmp_path / "eval.jsonl", rows)
+    common = ["--data-path", prefixes["planted"], "--eval-jsonl", str(tmp_path / "eval.jsonl"),
+              "--text-key", "text"]
+    rc, stdout, err = _run([*common, "--ngram", "8", "--out", str(tmp_path / "r")], capsys)
+    assert rc == 0, err
+    report = json.load(open(tmp_path / "r" / "report.json"))
+    assert [r["checked"] for r in report["examples"]] == [True] * 6 + [False]
+    totals = report["tasks"]["eval"]
+    assert (totals["examples"], totals["checked"], totals["unchecked"]) == (7, 6, 1)
+    assert (totals["contaminated"], totals["clean_examples"]) == (4, 2)
+    assert totals["contaminated_share"] == pytest.approx(4 / 6, abs=1e-6)
+    clean = [json.loads(line) for line in open(tmp_path / "r" / "clean" / "eval_clean.jsonl")]
+    assert [c["id"] for c in clean] == [4, 5] and totals["clean_subset"]["examples"] == 2
+    assert "4/6" in stdout and "1 unchecked (shorter than --ngram 8 tokens)" in stdout
+    # --ngram longer than every example: nothing can be checked, so nothing is called clean.
+    rc, stdout, err = _run([*common, "--ngram", "400", "--out", str(tmp_path / "none")], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(
+        "error: --ngram 400: every evaluation example is shorter (the longest has "), err
+    assert "none can be checked" in lines[0] and not (tmp_path / "none").exists()
+
+
+def test_empty_non_utf8_or_surrogate_eval_jsonl_is_one_line(data, capsys, tmp_path):
+    """Were a KeyError (empty file), a UnicodeDecodeError and a tokenizer traceback."""
+    root, prefixes = data
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9 cr\u00e8me"}\n'.encode("latin-1"))
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "a"}\n{"text": "b \\ud800 c"}\n')
+    cases = [
+        ("empty.jsonl", [], f"--eval-jsonl {tmp_path / 'empty.jsonl'}: no examples (the file is empty)"),
+        ("latin1.jsonl", [], f"--eval-jsonl {tmp_path / 'latin1.jsonl'}: not UTF-8 text"),
+        ("surrogate.jsonl", [], f"{tmp_path / 'surrogate.jsonl'}:2: has a lone surrogate '\\ud800'"),
+        ("surrogate.jsonl", ["--limit", "0"], "--limit 0 must be >= 1"),
+    ]
+    for name, extra, expected in cases:
+        rc, _, err = _run(["--data-path", prefixes["planted"], "--eval-jsonl", str(tmp_path / name),
+                           "--text-key", "text", *extra, "--out", str(tmp_path / "o")], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), (name, err)
+        assert not (tmp_path / "o").exists()

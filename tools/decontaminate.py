@@ -15,8 +15,10 @@ ignored) or every source of a curriculum (--curriculum; "@sample" = the bundled 
 tokenized into the data cache). Evaluation sets: lm-eval tasks (--tasks/--suite/--include-path,
 the bundled marco_* tasks included) or JSON-lines files (--eval-jsonl with --text-key). The
 evaluation text is tokenized with the tokenizer that made the training data (--tokenizer-*;
-default: the bundled one). --out gets report.json (per example: index, contaminated, coverage,
-longest_match; per task: totals) and clean/: the uncontaminated examples as JSON lines, and
+default: the bundled one). --out gets report.json (per example: index, checked, contaminated,
+coverage, longest_match; per task: totals, with `unchecked`: examples shorter than --ngram
+tokens, which n-grams cannot judge) and clean/: the checked, uncontaminated examples as JSON
+lines (never an unchecked one), and
 for lm-eval tasks as tasks `<task>_clean` to evaluate with tools/evaluate.py --include-path
 OUT/clean. With --num-shards, --out gets shard.json (the n-grams found) for --merge.
 See megatron_ext/evaluation/decontam.py and docs/evaluation.md.
@@ -81,6 +83,8 @@ def check_args(args) -> None:
             raise UsageError("--eval-jsonl needs --text-key (the field(s) holding the text)")
     if args.ngram < 1:
         raise UsageError(f"--ngram {args.ngram} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit {args.limit} must be >= 1 (examples per task)")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         raise UsageError(f"--shard-index {args.shard_index} must be in 0..--num-shards-1 "
                          f"({args.num_shards - 1})")
@@ -117,21 +121,38 @@ def jsonl_examples(paths: list[str], keys: list[str], limit):
             raise UsageError(f"--eval-jsonl {path}: no such file")
         rows = []
         with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if limit is not None and len(rows) >= limit:
-                    break
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-                missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-                if missing:
-                    raise UsageError(f"{path}:{line_no}: no key '{missing[0]}' (--text-key {','.join(keys)})")
-                rows.append((len(rows), row, "\n".join(str(row[k]) for k in keys)))
+            try:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    if limit is not None and len(rows) >= limit:
+                        break
+                    rows.append((len(rows), *jsonl_row(line, f"{path}:{line_no}", keys)))
+            except UnicodeDecodeError as e:
+                raise UsageError(f"--eval-jsonl {path}: not UTF-8 text ({e.reason} at byte "
+                                 f"{e.start} of a line); expected JSON lines in UTF-8") from None
+        if not rows:
+            raise UsageError(f"--eval-jsonl {path}: no examples (the file is empty); expected "
+                             "one JSON object per line")
         out.append((os.path.splitext(os.path.basename(path))[0], None, rows))
     return out
+
+
+def jsonl_row(line: str, where: str, keys: list[str]):
+    """(row, text) of one JSON line; one-line errors naming WHERE (FILE:LINE)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not JSON ({e.msg})") from None
+    missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+    if missing:
+        raise UsageError(f"{where}: no key '{missing[0]}' (--text-key {','.join(keys)})")
+    try:  # JSON's "\ud800" escapes decode to lone surrogates no tokenizer takes
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{where}: has a lone surrogate {e.object[e.start]!r}; expected valid "
+                         "Unicode text") from None
+    return row, "\n".join(str(row[k]) for k in keys)
 
 
 def eval_examples(spec: dict):
@@ -142,7 +163,11 @@ def eval_examples(spec: dict):
 
     plan = harness.plan_tasks(spec["tasks"], spec["suite"], spec["include_path"], spec["task_cache"])
     harness.set_offline(plan)
-    return harness.load_examples(plan, harness.task_manager(plan), spec["limit"])
+    sets = harness.load_examples(plan, harness.task_manager(plan), spec["limit"])
+    for task, _, rows in sets:
+        if not rows:
+            raise UsageError(f"task '{task}' has no evaluation examples")
+    return sets
 
 
 def tokenize(sets, spec: dict):
@@ -157,6 +182,10 @@ def tokenize(sets, spec: dict):
         for index, doc, text in rows:
             ids = np.asarray(tok.tokenize(text), dtype=np.int64)
             examples.append(EvalExample(task, index, text, ids, doc))
+    if examples and max(len(e.ids) for e in examples) < spec["ngram"]:
+        raise UsageError(f"--ngram {spec['ngram']}: every evaluation example is shorter (the longest "
+                         f"has {max(len(e.ids) for e in examples)} tokens), so none can be checked; "
+                         "expected --ngram at most that")
     return examples
 
 
@@ -183,8 +212,9 @@ def write_clean(tmp: str, final: str, sets, rows_by_task: dict) -> dict:
     os.makedirs(os.path.join(tmp, "clean"))
     written = {}
     for task, task_obj, rows in sets:
-        dirty = {r["index"] for r in rows_by_task.get(task, []) if r["contaminated"]}
-        keep = [doc for index, doc, _ in rows if index not in dirty]
+        # Clean = checked and not contaminated: an example shorter than --ngram is unchecked.
+        clean = {r["index"] for r in rows_by_task.get(task, []) if r["checked"] and not r["contaminated"]}
+        keep = [doc for index, doc, _ in rows if index in clean]
         path = os.path.join(tmp, "clean", f"{task}_clean.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for doc in keep:
@@ -272,8 +302,10 @@ def merge(args) -> dict:
 
 def summarize(report: dict) -> None:
     for task, t in report["tasks"].items():
-        print(f"{task:<32} {t['contaminated']:>5}/{t['examples']:<5} contaminated "
-              f"({t['contaminated_share']:.1%}), mean coverage {t['mean_coverage']:.3f}, "
+        unchecked = (f", {t['unchecked']} unchecked (shorter than --ngram "
+                     f"{report['settings']['ngram']} tokens)" if t["unchecked"] else "")
+        print(f"{task:<32} {t['contaminated']:>5}/{t['checked']:<5} checked contaminated "
+              f"({t['contaminated_share']:.1%}){unchecked}, mean coverage {t['mean_coverage']:.3f}, "
               f"longest {t['max_longest_match']} tokens", flush=True)
 
 

@@ -23,9 +23,10 @@ Per example: `contaminated` (any n-gram of the example occurs in the training da
 rule), `coverage` (share of its tokens inside a matching n-gram: Llama 2's measure; clean
 < 0.2, dirty >= 0.8) and `longest_match` (tokens in the longest run of consecutive matching
 n-grams: n + run - 1). Examples shorter than n tokens cannot be checked and say so
-(`checked: false`). Per task: examples, checked, contaminated, their share, mean coverage,
-Llama-2 clean/dirty counts; and the clean subset (the examples not contaminated) so the score
-on it can be compared with the full score.
+(`checked: false`): they are counted apart (`unchecked`) and never put in the clean subset, since
+nothing says they are clean. Per task: examples, checked, unchecked, contaminated, their share
+of the checked examples, mean coverage, Llama-2 clean/dirty counts; and the clean subset (the
+checked examples not contaminated) so the score on it can be compared with the full score.
 """
 
 from __future__ import annotations
@@ -153,9 +154,10 @@ def task_totals(rows: list[dict]) -> dict:
         checked = [r for r in mine if r["checked"]]
         dirty = sum(r["contaminated"] for r in mine)
         out[task] = {
-            "examples": len(mine), "checked": len(checked), "contaminated": dirty,
-            "contaminated_share": round(dirty / len(mine), 6) if mine else 0.0,
-            "clean_examples": len(mine) - dirty,
+            "examples": len(mine), "checked": len(checked), "unchecked": len(mine) - len(checked),
+            "contaminated": dirty,
+            "contaminated_share": round(dirty / len(checked), 6) if checked else 0.0,
+            "clean_examples": len(checked) - dirty,
             "mean_coverage": round(float(np.mean([r["coverage"] for r in checked])), 6) if checked else 0.0,
             "llama2_clean": sum(r["coverage"] < LLAMA2_CLEAN for r in checked),
             "llama2_dirty": sum(r["coverage"] >= LLAMA2_DIRTY for r in checked),
