@@ -241,6 +241,21 @@ def build_meta_model(
     return build_model(preset, config, expert_backend, use_te=False, device=torch.device("meta"))
 
 
+def recorded_router(path: str, layout_from: MoEOptions = MoEOptions()) -> MoEOptions:
+    """The MoE options to score with a checkpoint's model: its router as trained (what the
+    checkpoint records of --moe-router-score-function and --moe-router-enable-expert-bias;
+    softmax without bias when it records none: imported and upcycled checkpoints), dropless,
+    and `layout_from`'s token dispatcher (a choice of the layout, not of the model). Loaded
+    students and in-process teachers both take their router from here, never from the flags of
+    the run that loads them."""
+    from megatron_ext import checkpointing
+
+    router = checkpointing.read_model_info(path).get("run", {}).get("moe_router", {})
+    return MoEOptions(router_score_function=router.get("score_function", "softmax"),
+                      enable_expert_bias=router.get("expert_bias", False),
+                      token_dispatcher=layout_from.token_dispatcher)
+
+
 def load_model_from_checkpoint(path: str, expert_backend: str = "sequential",
                                params_dtype: torch.dtype = torch.float32):
     """Build the model a checkpoint describes (this rank's stage, at the current parallel
@@ -250,11 +265,8 @@ def load_model_from_checkpoint(path: str, expert_backend: str = "sequential",
     from megatron_ext import checkpointing
 
     preset = checkpointing.preset_from_checkpoint(path)
-    # The router as trained (--moe-router-score-function, --moe-router-enable-expert-bias).
-    router = checkpointing.read_model_info(path).get("run", {}).get("moe_router", {})
-    moe = MoEOptions(router_score_function=router.get("score_function", "softmax"),
-                     enable_expert_bias=router.get("expert_bias", False))
-    options = ModelOptions(params_dtype=params_dtype, expert_backend=expert_backend, moe=moe)
+    options = ModelOptions(params_dtype=params_dtype, expert_backend=expert_backend,
+                           moe=recorded_router(path))
     model, _ = build_stage(preset, options)
     checkpointing.load_checkpoint(path, [model], load_rng=False)
     return model, preset

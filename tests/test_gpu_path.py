@@ -95,3 +95,49 @@ def test_rollouts_of_a_capacity_factor_student_are_dropless(pad, megatron_single
                           torch.tensor([lp for x in b for lp in x.rollout_logprobs]), atol=1e-5)
     assert dropping.config.moe_expert_capacity_factor == 0.25
     assert dropping.config.moe_pad_expert_input_to_capacity is pad
+
+
+# ------------------------------------------------------------------------------ 4. teachers
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory, megatron_single_rank):
+    """A small qwen3_moe imported as a Megatron checkpoint (softmax router, no bias recorded)."""
+    from conftest import load_tool
+    from helpers_hf import make_moe_qwen3
+
+    root = tmp_path_factory.mktemp("teacher")
+    make_moe_qwen3(str(root / "hf"), seed=4, vocab_size=512, num_experts=8, num_experts_per_tok=2)
+    importer = load_tool("import_hf_to_mcore")
+    assert importer.main(["--hf-dir", str(root / "hf"), "--save", str(root / "mcore")]) == 0
+    return str(root / "mcore")
+
+
+STUDENT_ROUTERS = {
+    "plain": MoEOptions(),
+    "sigmoid+bias+capacity": MoEOptions(router_score_function="sigmoid", enable_expert_bias=True,
+                                        expert_capacity_factor=0.25),
+}
+
+
+def test_teacher_routes_as_its_checkpoint_records_whatever_the_student_flags(
+        teacher_ckpt, megatron_single_rank, fresh_moe_tracker):
+    """The same teacher checkpoint scores the same rows the same under a student with Megatron's
+    defaults and under one with sigmoid scoring, expert bias and a capacity factor; and equal to
+    the checkpoint loaded as a model of its own (model.load_model_from_checkpoint)."""
+    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.posttrain.teachers import MegatronTeacher, TeacherSpec
+
+    spm = "data/tokenizer/marco_tiny_spm.model"
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 512, (16, 9), generator=g)
+    positions = torch.arange(9).expand_as(tokens)
+    lengths = torch.full((16,), 9)
+    scores = {}
+    for name, moe in STUDENT_ROUTERS.items():
+        teacher = MegatronTeacher(TeacherSpec(teacher_ckpt, "megatron", tokenizer=spm),
+                                  ModelOptions(moe=moe), seq_length=16)
+        scores[name] = teacher.logits(tokens, positions, lengths)[0]
+    reference, _ = load_model_from_checkpoint(teacher_ckpt)
+    with torch.no_grad():
+        expected = reference.eval()(tokens, positions, None)
+    torch.testing.assert_close(scores["plain"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores["sigmoid+bias+capacity"], expected, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,8 @@ A teacher is named by a path (a cascade phase's `teacher:`), its kind found from
              Qwen3-30B-A3B). Built as its own frozen model next to the student, under the same
              Megatron parallel state (TP shards and EP experts like the student's), in the
              run's precision, loaded with the checkpoint's resharding; eval mode, no gradients.
+             Its router is the one recorded with its checkpoint (model.recorded_router), not
+             the student's router flags, and it never drops tokens.
   hf         a `transformers` causal-LM directory (config.json + weights), loaded with
              AutoModelForCausalLM on every rank (e.g. Qwen3-Next-80B-A3B, which this stack
              cannot build; on a cluster it is served instead, see docs/posttraining.md).
@@ -34,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.errors import ConfigError
+from megatron_ext.errors import ConfigError, DataConfigError
 from megatron_ext.posttrain import losses
 from megatron_ext.posttrain.chat import ChatTokenizer
 
@@ -109,7 +111,11 @@ def teacher_tokenizer(spec: TeacherSpec) -> ChatTokenizer:
     if not os.path.exists(path):
         raise ConfigError(f"teacher {spec.path}: tokenizer {path} does not exist (give "
                           "`tokenizer:` in the cascade file)")
-    return ChatTokenizer.from_args(kind, path)
+    try:
+        return ChatTokenizer.from_args(kind, path)
+    except DataConfigError as e:  # its message names --tokenizer-model, the student's flag
+        reason = str(e).split(": ", 1)[-1] if str(e).startswith("--tokenizer-model ") else str(e)
+        raise ConfigError(f"teacher {spec.path}: its tokenizer {path}: {reason}") from None
 
 
 # ------------------------------------------------------------------------------ teachers
@@ -142,7 +148,7 @@ class MegatronTeacher(Teacher):
     def __init__(self, spec: TeacherSpec, options, seq_length: int):
         from megatron_ext import checkpointing
         from megatron_ext.layer_spec import torch_grouped_problem
-        from megatron_ext.model import build_model, marco_config
+        from megatron_ext.model import build_model, marco_config, recorded_router
         from megatron_ext.parallel import ParallelLayout
 
         self.spec = spec
@@ -156,12 +162,13 @@ class MegatronTeacher(Teacher):
                 self.preset.hidden_size, self.preset.moe_ffn_hidden_size, layout.expert_tensor,
                 options.params_dtype):
             backend = "sequential"
-        options = dataclasses.replace(options, expert_backend=backend)
+        # The teacher's router as its checkpoint records it, never the student's flags (score
+        # function, expert bias, capacity factor); the student's precision and dispatcher.
+        options = dataclasses.replace(options, expert_backend=backend,
+                                      moe=recorded_router(spec.path, options.moe))
         config = marco_config(self.preset, layout, options, perform_initialization=False)
         model = build_model(self.preset, config, backend,
                             seq_length=max(seq_length, 1), use_te=None)
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
         checkpointing.load_checkpoint(spec.path, [model], load_rng=False)
         for p in model.parameters():
             p.requires_grad_(False)
