@@ -44,10 +44,13 @@ class EncodeStats:
         return amount / max(self.seconds, 1e-9)
 
 
-def check_io(inputs, out_prefix: str, workers: int) -> list[str]:
-    """The input files as strings, after the checks both tools make before any work."""
+def check_io(inputs, out_prefix: str, workers: int, dirs: bool = False) -> list[str]:
+    """The input files as strings, after the checks both tools make before any work
+    (`dirs`: a directory is an input too, e.g. a `datasets` directory: data/sources.py)."""
     inputs = [str(p) for p in inputs]
     for path in inputs:
+        if dirs and os.path.isdir(path):
+            continue
         if os.path.isdir(path):
             raise DataConfigError(f"--input {path} is a directory; expected a JSON-lines file "
                                   "(.jsonl or .jsonl.gz)")
@@ -87,6 +90,13 @@ def read_chunks(inputs: list[str], chunk_bytes: int, bar=None):
                 bar.update(os.path.getsize(path) - last)
 
 
+def _input_bytes(path: str) -> int:
+    """Size of an input file, or of the files of an input directory."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
 def _encode_chunk(encode_line, chunk):
     path, lines = chunk
     return [(path, n, len(raw), encode_line(raw, f"{path}:{n}")) for n, raw in lines]
@@ -94,16 +104,19 @@ def _encode_chunk(encode_line, chunk):
 
 @contextlib.contextmanager
 def encoded_lines(inputs: list[str], encode_line, init_worker, init_args: tuple, *, workers: int = 1,
-                  chunk_bytes: int = 1 << 18, progress: bool = True, desc: str = "preprocess"):
-    """Yield an iterator of (path, line number, line bytes, encode_line's result), in input order."""
+                  chunk_bytes: int = 1 << 18, progress: bool = True, desc: str = "preprocess",
+                  reader=None):
+    """Yield an iterator of (path, line number, line bytes, encode_line's result), in input order.
+    `reader(inputs, chunk_bytes, bar)` yields the chunks (default `read_chunks`; data/sources.py
+    reads parquet and Arrow rows as JSON lines of the fields asked for)."""
     bar = pool = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True,
+        bar = tqdm(total=sum(_input_bytes(p) for p in inputs), unit="B", unit_scale=True,
                    desc=desc, dynamic_ncols=True, disable=None)  # None: TTY only
     try:
-        chunks = read_chunks(inputs, chunk_bytes, bar)
+        chunks = (reader or read_chunks)(inputs, chunk_bytes, bar)
         encode = functools.partial(_encode_chunk, encode_line)
         if workers == 1:
             init_worker(*init_args)

@@ -1,4 +1,8 @@
-"""JSON lines -> Megatron indexed datasets (the engine of tools/preprocess_data.py).
+"""Documents -> Megatron indexed datasets (the engine of tools/preprocess_data.py).
+
+Inputs are JSON lines (plain, .gz, .zst), parquet, Arrow or a `datasets` directory
+(data/sources.py turns rows into JSON lines of the fields asked for, so every form of the same
+documents gives the same bytes).
 
 Outputs follow Megatron-LM's naming, `{output_prefix}_{key}_document.bin/.idx`, or with a
 language key one dataset per language, `{output_prefix}_{lang}_{key}_document`. Workers
@@ -8,6 +12,7 @@ end: a failed run leaves no partial dataset behind.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -17,6 +22,7 @@ import numpy as np
 
 from megatron_ext.data.errors import DataConfigError
 from megatron_ext.data.jsonl import EncodeStats, check_io, encoded_lines
+from megatron_ext.data.sources import check_inputs, read_chunks
 
 _LANG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _W: dict = {}  # per-process worker state: tokenizer and options
@@ -86,8 +92,9 @@ def preprocess(inputs, out_prefix: str, *, tokenizer_type: str = "SentencePieceT
 
     if on_bad_line not in ("stop", "skip"):
         raise DataConfigError(f"--on-bad-line {on_bad_line}: expected 'stop' or 'skip'")
-    inputs = check_io(inputs, out_prefix, workers)
     keys = tuple(json_keys)
+    columns = keys + ((lang_key,) if lang_key and lang_key not in keys else ())
+    inputs = check_inputs(check_io(inputs, out_prefix, workers, dirs=True), columns)
     tok = build_tokenizer(tokenizer_type, tokenizer_model)
     dtype = token_dtype(tok.vocab_size)
     init = (tokenizer_type, tokenizer_model, keys, lang_key, append_eod, dtype)
@@ -96,7 +103,8 @@ def preprocess(inputs, out_prefix: str, *, tokenizer_type: str = "SentencePieceT
     t0 = time.perf_counter()
     with IndexedOutputs() as outputs, encoded_lines(
             inputs, _encode_line, _init_worker, init, workers=workers, chunk_bytes=chunk_bytes,
-            progress=progress, desc="preprocess") as lines:
+            progress=progress, desc="preprocess",
+            reader=functools.partial(read_chunks, columns=columns)) as lines:
         for _, _, nbytes, res in lines:
             stats.input_bytes += nbytes
             if res[0] == "bad":
