@@ -14,7 +14,7 @@ conditions:
 
 `install()` is the one entry (called by `parallel.init_distributed`): it installs the fixes
 that `plan()` selects for this process and, without CUDA, the CPU adaptations. `plan(env)` is a
-pure function of (CUDA?, TE?, apex?, Megatron-Core version), so the selection is tested on any
+pure function of (CUDA?, TE?, a fused Adam?, Megatron-Core version), so the selection is tested on any
 machine for every case (tests/test_compat.py).
 
 The fixes (Megatron-Core lines as of 0.16.1; "read in" = the same code was read in that
@@ -23,7 +23,9 @@ release's source):
                                 `try: import transformer_engine`, yet `router_gating_linear`
                                 tests `te_general_gemm is not None`: without TE every MoE
                                 forward raises NameError. Fixed in 0.17.0 (binds None).
-  dist_optimizer_torch_adam_step  the distributed optimizer without apex/TE keeps torch Adam's
+  dist_optimizer_torch_adam_step  the distributed optimizer without a fused Adam (Megatron's
+                                `HAVE_APEX_OR_TE` False: neither TE's nor apex's imports, which
+                                can happen with TE installed) keeps torch Adam's
                                 per-parameter 'step' and mishandles it on checkpoint load
                                 (assertion on an empty state, KeyError 'step', one shared step
                                 tensor). Read unchanged in 0.17.0, 0.18.0, 0.19.0.
@@ -64,8 +66,8 @@ class Environment:
     """What decides which fixes apply."""
 
     cuda: bool
-    have_te: bool
-    have_apex: bool
+    have_te: bool  # TransformerEngine imports (Megatron-Core's moe_utils.HAVE_TE)
+    have_apex_or_te: bool  # a fused Adam imports, TE's or apex's (distrib_optimizer.HAVE_APEX_OR_TE)
     mcore_version: str
 
 
@@ -79,7 +81,7 @@ def current_environment() -> Environment:
     return Environment(
         cuda=torch.cuda.is_available(),
         have_te=bool(moe_utils.HAVE_TE),
-        have_apex=bool(distrib_optimizer.USING_APEX_OPTIMIZER),
+        have_apex_or_te=bool(distrib_optimizer.HAVE_APEX_OR_TE),
         mcore_version=package_info.__version__,
     )
 
@@ -92,7 +94,9 @@ def _in(version: str, low: str, high: str) -> bool:
 # name -> (condition on the environment, what it fixes)
 _CONDITIONS: dict[str, Callable[[Environment], bool]] = {
     "te_general_gemm_name": lambda e: not e.have_te and _in(e.mcore_version, "0.16", "0.17"),
-    "dist_optimizer_torch_adam_step": lambda e: (not (e.have_te or e.have_apex)
+    # Megatron's own condition for torch's Adam inside the distributed optimizer: neither TE's
+    # nor apex's FusedAdam imports (TE may import while its optimizers do not).
+    "dist_optimizer_torch_adam_step": lambda e: (not e.have_apex_or_te
                                                  and _in(e.mcore_version, "0.16", "0.20")),
     "dist_optimizer_fp32_load": lambda e: _in(e.mcore_version, "0.16", "0.20"),
     "checkpoint_without_output_fp8": lambda e: not e.have_te and _in(e.mcore_version, "0.16", "0.20"),

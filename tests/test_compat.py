@@ -3,7 +3,7 @@
 The defect guarded against: the fixes for Megatron-Core without TransformerEngine/apex (the
 missing `te_general_gemm` name, the distributed optimizer's torch-Adam 'step' on load) were
 installed only when CUDA was absent, so a GPU without TE raised NameError in every MoE router
-forward. `mcore_fixes.plan` decides per (CUDA?, TE?, apex?, Megatron-Core version).
+forward. `mcore_fixes.plan` decides per (CUDA?, TE?, a fused Adam?, Megatron-Core version).
 """
 
 import json
@@ -28,7 +28,12 @@ ALL_MCORE = ["te_general_gemm_name", "dist_optimizer_torch_adam_step", "dist_opt
     (Environment(True, False, False, "0.16.0rc0"), ALL_MCORE),
     # A GPU with TE: TE's FusedAdam has no per-parameter 'step'; the name is bound. The
     # router's aux-loss scale under TP is wrong whatever is installed.
-    (Environment(True, True, False, "0.16.1"), ["dist_optimizer_fp32_load",
+    (Environment(True, True, True, "0.16.1"), ["dist_optimizer_fp32_load",
+                                               "moe_aux_loss_tp_scale"]),
+    # TE imports but neither its FusedAdam nor apex's does (Megatron's HAVE_APEX_OR_TE False):
+    # torch's Adam runs inside the distributed optimizer, so its 'step' fix applies.
+    (Environment(True, True, False, "0.16.1"), ["dist_optimizer_torch_adam_step",
+                                                "dist_optimizer_fp32_load",
                                                 "moe_aux_loss_tp_scale"]),
     # apex's FusedAdam but no TE: the TE names are still missing.
     (Environment(True, False, True, "0.16.1"),
@@ -37,7 +42,7 @@ ALL_MCORE = ["te_general_gemm_name", "dist_optimizer_torch_adam_step", "dist_opt
     # 0.17 binds te_general_gemm = None itself; the optimizer code is unchanged there.
     (Environment(True, False, False, "0.17.0"), ALL_MCORE[1:]),
     # 0.19 scales the router's aux losses by TP x CP itself (Megatron-LM #5047).
-    (Environment(True, True, False, "0.19.0"), ["dist_optimizer_fp32_load"]),
+    (Environment(True, True, True, "0.19.0"), ["dist_optimizer_fp32_load"]),
     # Releases outside those read: nothing is assumed about them.
     (Environment(False, False, False, "0.20.0"), ["cpu_compat"]),
     (Environment(True, True, True, "0.15.3"), []),

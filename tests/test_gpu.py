@@ -201,7 +201,7 @@ def test_fixes_installed_for_this_gpu(megatron_single_rank):
     env = mcore_fixes.current_environment()
     assert env.cuda and not cpu_compat._enabled
     assert mcore_fixes.installed() == sorted(mcore_fixes.plan(env))
-    print(f"GPU, TE {env.have_te}, apex {env.have_apex}, Megatron-Core {env.mcore_version}: "
+    print(f"GPU, TE {env.have_te}, fused Adam {env.have_apex_or_te}, Megatron-Core {env.mcore_version}: "
           f"fixes {mcore_fixes.installed()}")
 
 
