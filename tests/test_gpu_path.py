@@ -141,3 +141,45 @@ def test_teacher_routes_as_its_checkpoint_records_whatever_the_student_flags(
         expected = reference.eval()(tokens, positions, None)
     torch.testing.assert_close(scores["plain"], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores["sigmoid+bias+capacity"], expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ 8. FP8
+def test_an_fp8_student_generates_without_fp8_autocast(monkeypatch, megatron_single_rank,
+                                                       fresh_moe_tracker):
+    """Rollouts of an FP8 student (config.fp8 set, as --fp8-format sets it) enter no FP8
+    context (decode steps feed TE's FP8 GEMMs token counts that are not multiples of 16) and
+    equal the bf16 model's; FP8 is back for the training forward afterwards. (On CPU Megatron's
+    FP8 context is a null context; the spy sees whether the block would enter TE's.)"""
+    from megatron.core.transformer import transformer_block
+
+    from megatron_ext.model import build_stage
+    from megatron_ext.posttrain.generation import SamplingParams, generate
+
+    torch.manual_seed(2)
+    model, _ = build_stage(_tiny(), ModelOptions())
+    prompts = [[5, 9, 11], [7, 8], [40, 41, 42, 43, 44]]
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    expected = generate(model, prompts, params)
+    entered = []
+    real = transformer_block.get_fp8_context
+    monkeypatch.setattr(transformer_block, "get_fp8_context",
+                        lambda config, *a, **k: entered.append(config.fp8) or real(config, *a, **k))
+    model.config.fp8 = "hybrid"
+    try:
+        got = generate(model, prompts, params)
+        assert model.config.fp8 == "hybrid"
+        model(torch.tensor([[5, 9]]), torch.tensor([[0, 1]]), None)  # a training forward
+    finally:
+        model.config.fp8 = None
+    assert [g.output_ids for g in got] == [g.output_ids for g in expected]
+    assert entered == ["hybrid"]  # the training forward's only
+
+
+def test_an_fp8_students_teacher_scores_without_fp8(teacher_ckpt, megatron_single_rank,
+                                                     fresh_moe_tracker):
+    from megatron_ext.posttrain.teachers import MegatronTeacher, TeacherSpec
+
+    teacher = MegatronTeacher(TeacherSpec(teacher_ckpt, "megatron",
+                                          tokenizer="data/tokenizer/marco_tiny_spm.model"),
+                              ModelOptions(fp8_format="hybrid"), seq_length=16)
+    assert teacher.model.config.fp8 is None

@@ -45,6 +45,9 @@ Design.
   whether or not the model trains, and a 16-row decode step would get a capacity of one token
   per expert, so rollouts would not come from the trained policy. `dropless` lifts the capacity
   factor (the config's and the token dispatchers' copies) while generating and scoring.
+- An FP8 student (--fp8-format) generates in bf16 (`without_fp8`): decode steps feed token
+  counts that are not multiples of 16, which TE's FP8 GEMMs refuse. Its rollout log-probs are
+  then bf16 ones; the training forward that the loss uses stays in FP8.
 - Megatron-Core's modules run as built, with the shortcuts of decode_shortcuts.py while
   generating: at TP = 1 the linears and router gating skip their TP-aware autograd
   `Function`s, and each cached key is rotated once. Logits are bit-identical (tested); a
@@ -297,7 +300,7 @@ def _inference_layout(gpt):
         config.sequence_parallel = False
     gpt.eval()
     try:
-        with _without_cpu_device_mode(), dropless(gpt):
+        with _without_cpu_device_mode(), dropless(gpt), without_fp8(gpt):
             yield
     finally:
         for module, attr in switched:
@@ -312,18 +315,32 @@ _DROP_FIELDS = {"moe_expert_capacity_factor": None, "moe_pad_expert_input_to_cap
 _DROP_ATTRS = {"drop_and_pad": False, "capacity_factor": None}
 
 
-@contextlib.contextmanager
 def dropless(model):
     """No token dropping inside the block (generation, scoring): the capacity factor and
     padding to capacity are lifted from `model`'s config and its dispatchers, then restored."""
-    saved = []
-    config = getattr(model, "config", None)
-    targets = [(config, _DROP_FIELDS)] if config is not None else []
+    targets = [(model.config, _DROP_FIELDS)] if getattr(model, "config", None) is not None else []
     for module in model.modules():
         dispatcher = getattr(module, "token_dispatcher", None)
         for obj in (dispatcher, getattr(dispatcher, "_comm_manager", None)):
             if obj is not None:
                 targets.append((obj, _DROP_ATTRS))
+    return _lifted(targets)
+
+
+def without_fp8(model):
+    """No FP8 autocast inside the block: an FP8 student decodes in its parameters' dtype (bf16).
+    A decode step feeds TE's FP8 GEMMs a token count (the rows still decoding) that is not a
+    multiple of 16, which they refuse; the weights are bf16 (FP8 is applied per GEMM), so
+    leaving FP8 out is exact bf16 arithmetic, not a different model."""
+    config = getattr(model, "config", None)
+    return _lifted([(config, {"fp8": None})] if config is not None else [])
+
+
+@contextlib.contextmanager
+def _lifted(targets):
+    """Set each (obj, {attribute: value}) for the block where obj has the attribute and differs;
+    put the old values back after."""
+    saved = []
     for obj, fields in targets:
         for name, off in fields.items():
             if name in vars(obj) and getattr(obj, name) != off:

@@ -163,8 +163,9 @@ class MegatronTeacher(Teacher):
                 options.params_dtype):
             backend = "sequential"
         # The teacher's router as its checkpoint records it, never the student's flags (score
-        # function, expert bias, capacity factor); the student's precision and dispatcher.
-        options = dataclasses.replace(options, expert_backend=backend,
+        # function, expert bias, capacity factor); the student's dtype and dispatcher; no FP8
+        # (a frozen scorer: bf16 GEMMs take any row count, FP8 ones multiples of 16).
+        options = dataclasses.replace(options, expert_backend=backend, fp8_format=None,
                                       moe=recorded_router(spec.path, options.moe))
         config = marco_config(self.preset, layout, options, perform_initialization=False)
         model = build_model(self.preset, config, backend,
