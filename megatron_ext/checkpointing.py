@@ -441,6 +441,17 @@ def _resumed_iteration(root: str, load: Optional[str]) -> Optional[int]:
     return int(match.group(1)) if match and parent == os.path.realpath(root) else None
 
 
+def _loads_from(root: str, load: Optional[str]) -> bool:
+    """--load names `root` or one of its iterations."""
+    if not load:
+        return False
+    try:
+        ckpt = os.path.realpath(resolve_checkpoint_dir(load))
+    except CheckpointError:
+        return False
+    return os.path.realpath(root) in (ckpt, os.path.dirname(ckpt))
+
+
 def _check_ownership(d: SaveDirectory, load: Optional[str]) -> None:
     has_marker, latest = _latest(d.root)
     complete = _complete_iterations(d.root)
@@ -449,6 +460,11 @@ def _check_ownership(d: SaveDirectory, load: Optional[str]) -> None:
     held = (f"latest iteration {latest}" if latest is not None
             else f"{len(complete)} checkpoint(s), no readable {LATEST_FILE}")
     if d.resumed_from is None:
+        if not d.overwrite and _loads_from(d.root, load):  # a fine-tune of its own directory
+            raise CheckpointError(
+                f"--save {d.root} holds the checkpoints --load {load} reads ({held}); this run "
+                "starts a new run from their weights, so save to another directory, or pass "
+                "--overwrite-save to replace them")
         if not d.overwrite:
             raise CheckpointError(
                 f"--save {d.root} already holds checkpoints ({held}) that this run does not "
@@ -761,8 +777,16 @@ def read_model_info(checkpoint: str) -> dict:
     path = os.path.join(resolve_checkpoint_dir(checkpoint), MODEL_FILE)
     if not os.path.exists(path):
         raise CheckpointError(f"{checkpoint}: no {MODEL_FILE}; cannot tell the model architecture")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise CheckpointError(f"{path}: not a readable {MODEL_FILE} ({_cause(e)}); expected the "
+                              "JSON object a save writes (the checkpoint is damaged)") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: {MODEL_FILE} holds {type(info).__name__}, expected the "
+                              "JSON object a save writes (the checkpoint is damaged)")
+    return info
 
 
 # Entries a model may ask for that a checkpoint need not hold (they load as they were built):

@@ -308,8 +308,16 @@ def test_save_directory_rules(base, tmp_path):
     with pytest.raises(CheckpointError, match=r"--load starts from iteration 1 of --save .* "
                                               r"\(latest iteration 2\).*--overwrite-save"):
         claim(load=str(root / "iter_0000001"))
-    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+    # A fine-tune whose --save is the directory --load reads: no advice to "resume with --load"
+    # the directory it already loads (issue 29).
+    with pytest.raises(CheckpointError, match=rf"^--save {root} holds the checkpoints --load {root} "
+                                              r"reads \(latest iteration 2\); this run starts a "
+                                              r"new run from their weights, so save to another "
+                                              r"directory, or pass --overwrite-save") as e:
         claim(load=str(root), finetune=True)
+    assert "resume with" not in str(e.value)
+    with pytest.raises(CheckpointError, match="already holds checkpoints .* resume with --load"):
+        claim(load=str(tmp_path / "stage2"), finetune=True)  # another run's: resuming is advice
 
     # Without a claim, a save never replaces another run's checkpoint nor moves 'latest' back.
     before = _inodes(root)

@@ -76,6 +76,14 @@ def check_source(args) -> None:
         raise UsageError(f"--hf-dir {args.hf_dir}: not a Hugging Face model directory (no config.json)")
     if args.hf_dir and (args.tokenizer_model or args.tokenizer_type):
         raise UsageError("--tokenizer-type/--tokenizer-model go with --load; --hf-dir uses its own tokenizer")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and not (0 < args.limit < 1 or float(args.limit).is_integer()
+                                       and args.limit >= 1):
+        raise UsageError(f"--limit must be a whole number of examples >= 1 or a fraction in (0, 1), "
+                         f"got {args.limit:g}")
+    if args.max_length is not None and args.max_length < 1:
+        raise UsageError(f"--max-length must be >= 1, got {args.max_length}")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {args.out} exists and is not a directory")
@@ -179,7 +187,10 @@ def main(argv=None) -> int:
         harness.set_offline(plan)
         tm = harness.task_manager(plan)
         lm = build_model(args)
-        results = evaluate(args, plan, lm, tm)
+        try:
+            results = evaluate(args, plan, lm, tm)
+        except OSError as e:  # a task's data that cannot be read (the write comes after)
+            return fail(f"reading the tasks' data failed ({e}); nothing written to --out")
         settings = settings_record(args, plan, lm, results)
         with atomic_directory(os.path.abspath(args.out), "eval") as tmp:
             rows = write_outputs(tmp, results, plan, settings)

@@ -88,9 +88,17 @@ def read_requests(path: str) -> list[tuple[int, dict]]:
                 except ValueError as e:
                     raise UsageError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
                 kind = [k for k in ("prompt", "messages") if isinstance(obj, dict) and k in obj]
-                if len(kind) != 1:
+                if len(kind) == 2:
+                    raise UsageError(f"{where}: has both \"prompt\" and \"messages\"; expected "
+                                     "one of them")
+                if not kind:
                     raise UsageError(f"{where}: expected an object with either \"prompt\" (text) or "
-                                     "\"messages\" (a chat), not both")
+                                     "\"messages\" (a chat), found neither")
+                try:  # JSON's "\ud800" escapes: lone surrogates no tokenizer or output takes
+                    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise UsageError(f"{where}: has a lone surrogate {e.object[e.start]!r}; expected "
+                                     "valid Unicode text") from None
                 if kind == ["prompt"] and not isinstance(obj["prompt"], str):
                     raise UsageError(f"{where}: \"prompt\" must be a string")
                 requests.append((n, obj))
@@ -205,6 +213,12 @@ def run(args) -> int:
         raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a directory")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {args.out}: {parent} is a file; expected a directory (or a path "
+                         "to create) to hold the output file")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -12,6 +12,7 @@ documents with the text a model sees plus its answer (for decontamination).
 from __future__ import annotations
 
 import functools
+import glob
 import os
 from dataclasses import dataclass, field
 
@@ -83,6 +84,22 @@ def check_task_file(task: str, path: str, config: dict) -> None:
     if missing:
         raise UsageError(f"--include-path {path}: task '{task}' has no '{missing[0]}' (a {kind} task "
                          f"needs dataset_path, {', '.join(n for n in needed if n != 'dataset_path')})")
+    for data in _data_files(config):
+        if not glob.has_magic(data) and not os.path.exists(data):
+            raise UsageError(f"--include-path {path}: task '{task}' reads {data} "
+                             "(dataset_kwargs.data_files), which does not exist")
+
+
+def _data_files(config: dict) -> list[str]:
+    """The local files a task's dataset_kwargs.data_files names (a path, a list or a split map)."""
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):
+        files = list(files.values())
+    out = []
+    for f in files if isinstance(files, list) else [files]:
+        out += [x for x in (f if isinstance(f, list) else [f]) if isinstance(x, str)
+                and "://" not in x]
+    return out
 
 
 def _is_local(config: dict) -> bool:

@@ -329,6 +329,16 @@ def resolve_opd_args(args: argparse.Namespace) -> argparse.Namespace:
     for dest, default in DEFAULTS.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, file_settings.get(dest, default))
+    for dest in ("rollout_batch_size", "n_samples_per_prompt"):  # before their product is used
+        value = getattr(args, dest)
+        try:
+            whole = int(value) == value
+        except (TypeError, ValueError):
+            whole = False
+        if not whole or value < 1:
+            in_file = dest in file_settings and value == file_settings[dest]
+            where = f"{cascade.path}: settings: " if in_file else ""
+            raise ConfigError(f"{where}--{dest.replace('_', '-')} must be an integer >= 1, got {value!r}")
     gbs = int(args.rollout_batch_size) * int(args.n_samples_per_prompt)
     if args.global_batch_size is None:
         args.global_batch_size = gbs
@@ -408,6 +418,16 @@ def _phase_settings(v: dict, where: str) -> PhaseSettings:
     return PhaseSettings(settings, v["opd_loss"], kl_coef, beta)
 
 
+def _check_base_settings(opts: OPDOptions) -> None:
+    """The settings before any phase overrides them, blamed where they were given: first the
+    command line's (the file's settings at their defaults), then the cascade file's settings."""
+    given = dict(opts.base)
+    from_file = {d for d, v in opts.cascade.settings if given.get(d) == v}
+    _phase_settings({d: DEFAULTS[d] if d in from_file else v for d, v in given.items()}, "")
+    if from_file:
+        _phase_settings(given, f"{opts.cascade.path}: settings: ")
+
+
 def opd_options(args: argparse.Namespace) -> OPDOptions:
     """The checked OPD options (call resolve_opd_args first)."""
     cascade = getattr(args, "opd_cascade", None) or resolve_opd_args(args).opd_cascade
@@ -427,6 +447,7 @@ def opd_options(args: argparse.Namespace) -> OPDOptions:
         chunk_tokens=int(args.opd_chunk_tokens),
         tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
         data_cache_path=args.data_cache_path)
+    _check_base_settings(opts)
     for i, phase in enumerate(cascade.phases):
         ps = opts.phase_settings(i)
         if phase.teacher.kind == "http" and ps.loss in losses.FULL_VOCAB:
