@@ -402,6 +402,16 @@ def _virtual_stages(args: argparse.Namespace, m: ModelPreset) -> Optional[int]:
     return None if stages == 1 else stages  # one chunk: the plain 1F1B schedule
 
 
+def _refuse_cp_for_posttraining(args: argparse.Namespace) -> None:
+    """SFT rows are packed (1-D cu_seqlens) and OPD rows vary in width (1-D lengths): the
+    trainer's split of every batch key along the sequence cannot cut them (docs/parallelism.md)."""
+    stage = getattr(args, "stage", None)  # posttrain_marco.py's sft / opd
+    if stage in ("sft", "opd") and args.context_parallel_size > 1:
+        raise LayoutError(f"--context-parallel-size {args.context_parallel_size}: {stage} does "
+                          "not support context parallelism (packed / variable-length rows); "
+                          "use 1 and scale with data, tensor or expert parallelism")
+
+
 def _check_cp(args: argparse.Namespace) -> None:
     if args.context_parallel_size > 1 and not te_usable():
         raise ConfigError(f"--context-parallel-size {args.context_parallel_size} needs "
@@ -489,6 +499,7 @@ def _checkpoint(args: argparse.Namespace) -> CheckpointOptions:
 def check_args(args: argparse.Namespace, data_options: Callable = data.DataOptions.from_args) -> RunConfig:
     """The flags -> the frozen RunConfig, or a ConfigError/LayoutError naming the flag.
     `data_options(args)` makes the data part (pre-training DataOptions by default)."""
+    _refuse_cp_for_posttraining(args)
     _check_numbers(args)
     m = _model(args)
     _check_cp(args)

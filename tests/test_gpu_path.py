@@ -183,3 +183,21 @@ def test_an_fp8_students_teacher_scores_without_fp8(teacher_ckpt, megatron_singl
                                           tokenizer="data/tokenizer/marco_tiny_spm.model"),
                               ModelOptions(fp8_format="hybrid"), seq_length=16)
     assert teacher.model.config.fp8 is None
+
+
+# ------------------------------------------------------------------------------ 3. CP
+@pytest.mark.parametrize("stage", ["sft", "opd"])
+def test_context_parallelism_is_refused_for_sft_and_opd_at_parse_time(stage):
+    """SFT's packed rows (1-D cu_seqlens) and OPD's variable-width rows (1-D lengths) cannot be
+    split along the sequence by the trainer: one line naming the flag, before any process group
+    or model exists (the IndexError came from Megatron's get_batch_on_this_cp_rank)."""
+    import posttrain_marco
+    from megatron_ext.arguments import check_args
+    from megatron_ext.errors import LayoutError
+
+    args = posttrain_marco.build_parser().parse_args([stage, "--context-parallel-size", "2"])
+    with pytest.raises(LayoutError) as e:
+        check_args(args)
+    assert str(e.value) == (f"--context-parallel-size 2: {stage} does not support context "
+                            "parallelism (packed / variable-length rows); use 1 and scale with "
+                            "data, tensor or expert parallelism")
