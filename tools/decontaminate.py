@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--merge", nargs="+", metavar="SHARD_DIR", help="merge sharded runs' outputs")
     p.add_argument("--tasks", default="", help="lm-eval task/group names, comma-separated")
     p.add_argument("--suite", help="a suite in configs/eval (by name) or a suite file")
-    p.add_argument("--include-path", action="append", default=[], help="folder of lm-eval task YAMLs")
+    p.add_argument("--include-path", action="append", default=[], help="folder of lm-eval task YAMLs "
+                   "(runs the Python its YAMLs name with !function: trusted folders only)")
     p.add_argument("--eval-jsonl", nargs="+", help="evaluation sets as JSON lines")
     p.add_argument("--text-key", help="with --eval-jsonl: field(s) holding the text, comma-separated")
     p.add_argument("--limit", type=int, help="at most this many examples per task")

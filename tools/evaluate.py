@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="", help="lm-eval task/group names, comma-separated")
     p.add_argument("--suite", help="a suite in configs/eval (by name) or a suite file")
     p.add_argument("--include-path", action="append", default=[],
-                   help="folder of lm-eval task YAMLs (as lm-eval's --include_path); repeatable")
+                   help="folder of lm-eval task YAMLs (as lm-eval's --include_path); repeatable. "
+                   "Runs the Python its YAMLs name with !function: trusted folders only")
     p.add_argument("--num-fewshot", type=int, help="few-shot count for every task (overrides the suite)")
     p.add_argument("--limit", type=float, help="at most this many examples per task (<1: a fraction)")
     p.add_argument("--batch-size", type=int, default=8)
