@@ -150,10 +150,11 @@ def _worker_context(encode_line):
     return context
 
 
-def add_output_args(parser: argparse.ArgumentParser) -> None:
+def add_output_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The tools' output and runtime flags: --output-prefix, --workers, --no-progress."""
     g = parser.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
+    g.add_argument("--output-prefix", required=required, default=None,
+                   help="path prefix of the output files")
     g = parser.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
