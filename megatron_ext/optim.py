@@ -39,6 +39,12 @@ def wrap_ddp(model, config: TransformerConfig, opts: OptimizerOptions) -> Distri
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=opts.overlap_grad_reduce,
         overlap_param_gather=opts.overlap_param_gather,
+        # Megatron-LM's pairing: the interleaved schedule (the only one that calls the
+        # trainer's `param_sync_func`) dispatches the param all-gathers of every model chunk
+        # itself, so the forward hooks must not (align_param_gather); without it each chunk's
+        # gathers waited for its own forward (the overlap lost).
+        align_param_gather=bool(opts.overlap_param_gather and opts.use_distributed_optimizer
+                                and config.virtual_pipeline_model_parallel_size),
         use_distributed_optimizer=opts.use_distributed_optimizer,
         # Megatron's check raises a RuntimeError (a traceback) on the one rank that sees the
         # NaN, before the collective the others wait in; the trainer's check of the all-reduced

@@ -201,3 +201,23 @@ def test_context_parallelism_is_refused_for_sft_and_opd_at_parse_time(stage):
     assert str(e.value) == (f"--context-parallel-size 2: {stage} does not support context "
                             "parallelism (packed / variable-length rows); use 1 and scale with "
                             "data, tensor or expert parallelism")
+
+
+# ------------------------------------------------------------------------------ param gather
+@pytest.mark.parametrize("overlap, virtual, aligned", [(True, 2, True), (False, 2, False),
+                                                     (True, None, False)])
+def test_overlapped_param_gather_is_aligned_with_the_interleaved_schedule(
+        overlap, virtual, aligned, megatron_single_rank):
+    """Virtual pipeline + --overlap-param-gather: the trainer gives the interleaved schedule
+    `param_sync_func`, which dispatches every chunk's all-gathers, so DDP must be built with
+    align_param_gather (Megatron-LM's pairing); the other schedules never call it."""
+    from megatron_ext.config import OptimizerOptions
+    from megatron_ext.model import build_stage
+    from megatron_ext.optim import wrap_ddp
+
+    model, config = build_stage(dataclasses.replace(get_preset("tiny-dense"), vocab_size=512),
+                                ModelOptions())
+    config.virtual_pipeline_model_parallel_size = virtual  # as a VPP layout's config has it
+    opts = OptimizerOptions(use_distributed_optimizer=True, overlap_grad_reduce=overlap,
+                            overlap_param_gather=overlap)
+    assert wrap_ddp(model, config, opts).ddp_config.align_param_gather is aligned
