@@ -159,9 +159,9 @@ def test_evaluate_damaged_model_record(tmp_path, capsys, task_dir, damaged_check
 # ------------------------------------------------------------------------------ posttrain_marco.py
 def _posttrain(argv, monkeypatch, capsys):
     """posttrain_marco.py's entry point in this process: (exit status, `error:` lines)."""
-    import posttrain_marco
     from conftest import signal_handlers_given_back
 
+    import posttrain_marco
     from megatron_ext import cli, parallel
 
     monkeypatch.setattr(parallel, "shutdown", lambda: None)  # keep this process's Megatron state
