@@ -215,6 +215,13 @@ def test_opd_samples_per_prompt_is_named(tmp_path, hf_teacher):
     with pytest.raises(ConfigError, match=rf"^{cascade}: settings: --n-samples-per-prompt must be "
                                           r"an integer >= 1, got -1$"):
         resolve_opd_args(_opd_args("--cascade", cascade))
+    for bad in ("2.5", "'x'"):
+        with pytest.raises(ConfigError, match=r"settings: --n-samples-per-prompt must be an integer"):
+            resolve_opd_args(_opd_args("--cascade", _cascade(tmp_path, hf_teacher,
+                                                             settings=f"n-samples-per-prompt: {bad}")))
+    cascade = _cascade(tmp_path, hf_teacher, settings="n-samples-per-prompt: '3'")  # read as int()
+    args = resolve_opd_args(_opd_args("--cascade", cascade, "--rollout-batch-size", "2"))
+    assert args.global_batch_size == 6
 
 
 def test_opd_setting_is_blamed_where_it_was_given(tmp_path, hf_teacher):

@@ -331,11 +331,11 @@ def resolve_opd_args(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, dest, file_settings.get(dest, default))
     for dest in ("rollout_batch_size", "n_samples_per_prompt"):  # before their product is used
         value = getattr(args, dest)
-        try:
-            whole = int(value) == value
-        except (TypeError, ValueError):
-            whole = False
-        if not whole or value < 1:
+        try:  # a whole number (a YAML string of one too), as the phases read it with int()
+            number = int(value) if float(value) == int(float(value)) else 0
+        except (TypeError, ValueError, OverflowError):
+            number = 0
+        if number < 1:
             in_file = dest in file_settings and value == file_settings[dest]
             where = f"{cascade.path}: settings: " if in_file else ""
             raise ConfigError(f"{where}--{dest.replace('_', '-')} must be an integer >= 1, got {value!r}")
