@@ -71,9 +71,15 @@ def main(argv=None) -> int:
         cfg = check_args(args, data_options=SFTDataOptions.from_args)
         task = SFTTask()
     else:
-        from megatron_ext.posttrain.opd import OPDTask, opd_options, resolve_opd_args
+        from megatron_ext.posttrain.opd import (
+            OPDTask,
+            opd_data_options,
+            opd_options,
+            resolve_opd_args,
+        )
 
-        cfg = check_args(resolve_opd_args(args), data_options=opd_options)
+        cfg = check_args(resolve_opd_args(args), data_options=opd_data_options,
+                         task_options=opd_options)
         task = OPDTask(cfg)
     cfg = _weights_only_unless_same_kind(cfg, task.kind)
     from megatron_ext.trainer import Trainer

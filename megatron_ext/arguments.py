@@ -496,9 +496,11 @@ def _checkpoint(args: argparse.Namespace) -> CheckpointOptions:
     )
 
 
-def check_args(args: argparse.Namespace, data_options: Callable = data.DataOptions.from_args) -> RunConfig:
+def check_args(args: argparse.Namespace, data_options: Callable = data.DataOptions.from_args,
+               task_options: Optional[Callable] = None) -> RunConfig:
     """The flags -> the frozen RunConfig, or a ConfigError/LayoutError naming the flag.
-    `data_options(args)` makes the data part (pre-training DataOptions by default)."""
+    `data_options(args)` makes the data part (pre-training DataOptions by default);
+    `task_options(args)`, when given, the task's own options (OPD's cascade and losses)."""
     _refuse_cp_for_posttraining(args)
     _check_numbers(args)
     m = _model(args)
@@ -513,6 +515,7 @@ def check_args(args: argparse.Namespace, data_options: Callable = data.DataOptio
         optim=_optim(args, torch.cuda.is_available()),
         checkpoint=_checkpoint(args),
         data=data_options(args),
+        task=task_options(args) if task_options else None,
         logging=LoggingOptions(
             log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
             log_json=args.log_json, eval_interval=args.eval_interval, eval_iters=args.eval_iters,

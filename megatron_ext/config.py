@@ -11,6 +11,7 @@ an argparse Namespace. Each component takes the part it needs:
     optim: OptimizerOptions       optim.py (Adam, clipping, LR schedule, DDP overlap)
     checkpoint: CheckpointOptions checkpointing.py / trainer.py (--save, --load, ...)
     data: DataOptions             data/ (sources, tokenizer, cache)
+    task: task options or None    the task's own (posttrain/opd.py OPDOptions: cascade, losses)
     logging: LoggingOptions       metrics.py / trainer.py (log line, TensorBoard, evaluation)
 
 Every default that depends on context (bf16 on GPU, the distributed optimizer on GPU, the token
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -137,6 +138,7 @@ class RunConfig:
     checkpoint: CheckpointOptions = CheckpointOptions()
     data: DataOptions = field(default_factory=DataOptions)
     logging: LoggingOptions = LoggingOptions()
+    task: Optional[Any] = None  # a task's own frozen options (OPDOptions), None for pretrain/SFT
     data_parallel_size: int = 1
     distributed_timeout_minutes: int = 30
     describe: bool = False

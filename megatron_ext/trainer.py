@@ -45,6 +45,7 @@ from megatron_ext.metrics import MetricsWriter, peak_memory_gib
 from megatron_ext.model import build_stages
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ext.routing import RoutingRecorder
+from megatron_ext.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +90,22 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank got a signal (collective)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=_device())
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=run_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
 
-def _device() -> torch.device:
+def run_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _to_device(batch: dict) -> dict:
+def to_device(batch: dict) -> dict:
     """A micro-batch on this rank's device; with context parallelism, this rank's part of the
     sequence (Megatron's load-balanced 2 x CP chunks)."""
-    device = _device()
+    device = run_device()
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if parallel_state.get_context_parallel_world_size() > 1:
         from megatron.core.utils import get_batch_on_this_cp_rank
@@ -145,22 +146,15 @@ def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def forward_step(data_iterator, model):
     """One micro-batch: tokens -> per-token cross-entropy, masked by `loss_mask`. A batch may
     carry a boolean `attention_mask` [b, 1, s, s] (True = masked; packed conversations)."""
-    batch = _to_device(next(data_iterator))
+    batch = to_device(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"])
     return output, partial(lm_loss_func, batch["loss_mask"])
 
 
-class PretrainTask:
-    """What a run trains on and how a micro-batch becomes a loss. Pre-training: the stages of
-    megatron_ext.data (corpus, --data-path, curriculum), next-token cross-entropy.
-
-    A task has: `kind` (recorded in marco_model.json), `build_data(trainer)` -> the data
-    (micro_batches / validation_* / stage_at / consumed_tokens_by_source / summary), and
-    `forward_step` (Megatron's forward-step function: its loss function reports
-    {name: [sum, count]}; every name becomes a metric, the first is the run's loss).
-    Optional: `step_metrics(step) -> dict` (extra scalars of the step, e.g. rollout statistics)
-    and `on_step_start(trainer, step)` (e.g. switching a distillation phase)."""
+class PretrainTask(Task):
+    """Pre-training: the stages of megatron_ext.data (corpus, --data-path, curriculum),
+    next-token cross-entropy (the task contract: task.py)."""
 
     kind = "pretrain"
     forward_step = staticmethod(forward_step)
@@ -191,7 +185,7 @@ def measure_cpu_peak_tflops() -> float:
 class Trainer:
     """One training run of a task (PretrainTask by default; posttrain/ has SFT and OPD)."""
 
-    def __init__(self, cfg: RunConfig, task=None):
+    def __init__(self, cfg: RunConfig, task: Optional[Task] = None):
         self.cfg = cfg
         self.preset = cfg.model
         self.task = task or PretrainTask()
@@ -392,7 +386,7 @@ class Trainer:
             dist.all_gather_object(gathered, list(losses[0]) if losses else None)
             self._report_names = next(n for n in gathered if n)
         names = self._report_names
-        total = torch.zeros(len(names), 2, device=_device())
+        total = torch.zeros(len(names), 2, device=run_device())
         for report in losses:  # non-empty on the last pipeline stage only
             for i, name in enumerate(names):
                 total[i] += report[name].to(total.device).float()
@@ -424,17 +418,20 @@ class Trainer:
         """--eval-iters global batches, or (by default) the whole set when the data knows its
         size (SFT held-out conversations), else 2 global batches."""
         eval_iters = self.cfg.logging.eval_iters
-        if eval_iters is None and hasattr(self.data, "validation_rows"):
+        rows = self.data.validation_rows(name) if eval_iters is None else None
+        if rows is not None:
             per = self.cfg.batch.micro_batch_size * self.dp_size
-            return max(1, -(-self.data.validation_rows(name) // per))
+            return max(1, -(-rows // per))
         return (eval_iters or 2) * self.num_microbatches
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """The task's evaluation if it has one, else validation LM loss per validation set
-        (per language when the data has languages; over assistant tokens for SFT)."""
+        """The task's evaluation (by default `validation_losses`), on current parameters."""
         self.sync_params()
-        if hasattr(self.task, "evaluate"):
-            return self.task.evaluate(self, step)
+        return self.task.evaluate(self, step)
+
+    def validation_losses(self, step: int) -> dict[str, float]:
+        """Validation LM loss per validation set (per language when the data has languages;
+        over assistant tokens for SFT), and the routing report of an MoE."""
         b = self.cfg.batch
         results = {}
         for chunk in self.model:
@@ -444,7 +441,7 @@ class Trainer:
                 name, self._eval_micro_batches(name), self.dp_rank, self.dp_size,
                 b.micro_batch_size,
             )
-            lm = torch.zeros(2, device=_device())
+            lm = torch.zeros(2, device=run_device())
             recording = self.routing.recording(name) if self.routing else contextlib.nullcontext()
             with torch.no_grad(), recording:
                 losses = get_forward_backward_func()(
@@ -509,7 +506,7 @@ class Trainer:
 
     def _params_finite(self) -> bool:
         """True on every rank iff every parameter of every rank is finite (collective)."""
-        bad = torch.zeros(1, device=_device())
+        bad = torch.zeros(1, device=run_device())
         for chunk in self.model:
             for p in chunk.parameters():
                 if not torch.isfinite(p).all():
@@ -584,11 +581,9 @@ class Trainer:
             log.warning(f"nothing to train: the checkpoint is at iteration {start} = "
                         f"--train-iters {b.train_iters}")
         for step in range(start, b.train_iters):
-            if hasattr(self.task, "on_step_start"):
-                self.task.on_step_start(self, step)
+            self.task.on_step_start(self, step)
             result = self.train_step(step)
-            if hasattr(self.task, "step_metrics"):
-                result["scalars"].update(self.task.step_metrics(step))
+            result["scalars"].update(self.task.step_metrics(step))
             self._check_finite(step, result["scalars"])
             self.state.iteration = step + 1
             self.state.consumed_samples = (step + 1) * b.global_batch_size

@@ -23,6 +23,7 @@ from megatron_ext.data.args import DataOptions, check_data_options, parse_data_p
 from megatron_ext.data.curriculum import SAMPLE_ROOT, load_curriculum
 from megatron_ext.data.errors import DataConfigError
 from megatron_ext.data.indexed import check_indexed_dataset
+from megatron_ext.task import TrainData
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -64,7 +65,7 @@ def _source_names(prefixes: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else list(prefixes)
 
 
-class PretrainingData:
+class PretrainingData(TrainData):
     """Train batches by step, stage and consumed-token bookkeeping, validation sets."""
 
     def __init__(self, stages: list[StagePlan], validation: dict[str, ValidationPlan], *,

@@ -73,10 +73,12 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_ext.data.args import DataOptions
 from megatron_ext.errors import ConfigError, DataConfigError, LayoutError
 from megatron_ext.posttrain import losses, rollout
 from megatron_ext.posttrain.rollout import RolloutSettings
 from megatron_ext.posttrain.teachers import TeacherSpec, detect_kind
+from megatron_ext.task import Task, TrainData
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +378,8 @@ class PhaseSettings:
 
 @dataclass(frozen=True)
 class OPDOptions:
-    """What the OPD flags mean once checked (the run's `cfg.data`)."""
+    """What the OPD flags mean once checked (the run's `cfg.task`; its tokenizer is
+    `cfg.data`'s, see opd_data_options)."""
 
     cascade: Cascade
     base: tuple  # ((flag dest, value), ...) after the command line and the cascade settings
@@ -385,9 +388,6 @@ class OPDOptions:
     eval_prompts: int = 64
     eval_assistant_data: Optional[tuple] = None  # None: off; (): the bundled SFT held-out split
     chunk_tokens: int = 1024
-    tokenizer_type: str = "SentencePieceTokenizer"
-    tokenizer_model: Optional[str] = None
-    data_cache_path: Optional[str] = None
 
     def phase_settings(self, index: int) -> PhaseSettings:
         v = {**dict(self.base), **dict(self.cascade.phases[index].overrides)}
@@ -428,6 +428,12 @@ def _check_base_settings(opts: OPDOptions) -> None:
         _phase_settings(given, f"{opts.cascade.path}: settings: ")
 
 
+def opd_data_options(args: argparse.Namespace) -> DataOptions:
+    """OPD's `cfg.data`: the tokenizer and cache only (its prompts are task options)."""
+    return DataOptions(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                       data_cache_path=args.data_cache_path)
+
+
 def opd_options(args: argparse.Namespace) -> OPDOptions:
     """The checked OPD options (call resolve_opd_args first)."""
     cascade = getattr(args, "opd_cascade", None) or resolve_opd_args(args).opd_cascade
@@ -444,9 +450,7 @@ def opd_options(args: argparse.Namespace) -> OPDOptions:
         eval_prompt_data=tuple(args.eval_prompt_data or rollout.DEFAULT_EVAL_PROMPTS),
         eval_prompts=int(args.eval_prompts),
         eval_assistant_data=None if args.eval_assistant_data is None else tuple(args.eval_assistant_data),
-        chunk_tokens=int(args.opd_chunk_tokens),
-        tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-        data_cache_path=args.data_cache_path)
+        chunk_tokens=int(args.opd_chunk_tokens))
     _check_base_settings(opts)
     for i, phase in enumerate(cascade.phases):
         ps = opts.phase_settings(i)
@@ -470,7 +474,7 @@ def _now() -> float:
     return time.perf_counter()
 
 
-class OPDData:
+class OPDData(TrainData):
     """The trainer's data interface over the task's rollouts (prepared in on_step_start)."""
 
     def __init__(self, task: "OPDTask"):
@@ -495,13 +499,13 @@ class OPDData:
         return self.task.summary()
 
 
-class OPDTask:
+class OPDTask(Task):
     """`posttrain_marco.py opd`: the trainer's task for cascaded on-policy distillation."""
 
     kind = "opd"
 
     def __init__(self, cfg):
-        self.cfg, self.opts = cfg, cfg.data
+        self.cfg, self.opts = cfg, cfg.task
         self.forward_step = self._forward_step  # bound: the loss needs the teacher
         self.teacher = None
         self.teacher_phase: Optional[int] = None
@@ -672,7 +676,7 @@ class OPDTask:
     def _forward_step(self, data_iterator, model):
         from megatron_ext import trainer as trainer_module
 
-        batch = trainer_module._to_device(next(data_iterator))
+        batch = trainer_module.to_device(next(data_iterator))
         # Right padding routes through the MoE layers too: kept out of the router's load-balancing
         # and z-losses, so the padding a layout adds (multiples of TP) changes nothing.
         padding = batch["position_ids"] >= batch["lengths"][:, None]
@@ -785,7 +789,7 @@ class OPDTask:
         """[tokens, exact reverse KL, sampled reverse KL, student lp, teacher lp, 0] sums."""
         from megatron_ext import trainer as trainer_module
 
-        batch = trainer_module._to_device(batch)
+        batch = trainer_module.to_device(batch)
         T, vocab = self.settings.rollout.temperature, self.tok.vocab_size
         rows = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(-1)
         chunk = self.opts.chunk_tokens
@@ -815,6 +819,8 @@ class OPDTask:
 
     def assistant_loss(self, trainer) -> dict:
         """Assistant-token loss of the student on held-out chat data (as SFT validates)."""
+        from megatron_ext.posttrain.sft import assistant_loss
+
         return assistant_loss(trainer.model, self._assistant_data(trainer), trainer.dp_rank,
                               trainer.dp_size, self.cfg.batch.micro_batch_size)
 
@@ -825,39 +831,11 @@ class OPDTask:
 
             o = self.opts
             opts = SFTDataOptions(valid_data_path=o.eval_assistant_data or None,
-                                  tokenizer_type=o.tokenizer_type,
-                                  tokenizer_model=o.tokenizer_model, data_cache_path=o.data_cache_path)
+                                  tokenizer_type=self.cfg.data.tokenizer_type,
+                                  tokenizer_model=self.cfg.data.tokenizer_model,
+                                  data_cache_path=self.cfg.data.data_cache_path)
             self._sft_eval = build_sft_data(opts, trainer.tokenizer,
                                             global_batch_size=self.cfg.batch.global_batch_size,
                                             seq_length=self.cfg.batch.seq_length, train_iters=1,
                                             seed=self.cfg.batch.seed, attention_mask=not te_usable())
         return self._sft_eval
-
-
-def assistant_loss(model_chunks, data, dp_rank: int, dp_size: int, micro_batch_size: int) -> dict:
-    """{"validation/lm_loss/<set>": assistant-token loss} of every validation set of SFT data
-    (each held-out conversation once), summed over data-parallel ranks."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_ext.posttrain.sft import sft_forward_step
-
-    out = {}
-    model = model_chunks[0] if isinstance(model_chunks, (list, tuple)) else model_chunks
-    was_training = model.training
-    model.eval()
-    try:
-        for name in data.validation_names():
-            count = max(1, -(-data.validation_rows(name) // (micro_batch_size * dp_size)))
-            total = torch.zeros(2, device=_device())
-            with torch.no_grad():
-                for batch in data.validation_micro_batches(name, count, dp_rank, dp_size,
-                                                           micro_batch_size):
-                    output, loss_func = sft_forward_step(iter([batch]), model)
-                    total += loss_func(output)[2]["lm loss"].to(total.device).float()
-            if dist.is_initialized() and dp_size > 1:
-                dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-            out[f"validation/lm_loss/{name}"] = (total[0] / total[1].clamp(min=1)).item()
-    finally:
-        model.train(was_training)
-    return out

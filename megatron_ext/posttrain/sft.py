@@ -19,9 +19,12 @@ import logging
 from functools import partial
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_ext import trainer as trainer_module
 from megatron_ext.layer_spec import te_usable
+from megatron_ext.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def _packed_seq_params(batch: dict):
 
 def sft_forward_step(data_iterator, model):
     """Assistant-token cross-entropy of one (possibly packed) micro-batch."""
-    batch = trainer_module._to_device(next(data_iterator))
+    batch = trainer_module.to_device(next(data_iterator))
     if "cu_seqlens" in batch and "attention_mask" not in batch:
         # TE path: [b, s] -> one [1, b*s] THD sequence.
         flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "position_ids", "labels", "loss_mask")}
@@ -51,7 +54,7 @@ def sft_forward_step(data_iterator, model):
     return output, partial(trainer_module.lm_loss_func, batch["loss_mask"])
 
 
-class SFTTask:
+class SFTTask(Task):
     """`posttrain_marco.py sft`: the trainer's task for supervised fine-tuning."""
 
     kind = "sft"
@@ -70,3 +73,26 @@ class SFTTask:
         for line in data.summary():
             log.info(line)
         return data
+
+def assistant_loss(model_chunks, data, dp_rank: int, dp_size: int, micro_batch_size: int) -> dict:
+    """{"validation/lm_loss/<set>": assistant-token loss} of every validation set of SFT data
+    (each held-out conversation once), summed over data-parallel ranks."""
+    out = {}
+    model = model_chunks[0] if isinstance(model_chunks, (list, tuple)) else model_chunks
+    was_training = model.training
+    model.eval()
+    try:
+        for name in data.validation_names():
+            count = max(1, -(-data.validation_rows(name) // (micro_batch_size * dp_size)))
+            total = torch.zeros(2, device=trainer_module.run_device())
+            with torch.no_grad():
+                for batch in data.validation_micro_batches(name, count, dp_rank, dp_size,
+                                                           micro_batch_size):
+                    output, loss_func = sft_forward_step(iter([batch]), model)
+                    total += loss_func(output)[2]["lm loss"].to(total.device).float()
+            if dist.is_initialized() and dp_size > 1:
+                dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            out[f"validation/lm_loss/{name}"] = (total[0] / total[1].clamp(min=1)).item()
+    finally:
+        model.train(was_training)
+    return out

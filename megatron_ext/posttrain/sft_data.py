@@ -56,6 +56,7 @@ from megatron_ext.data.args import add_tokenizer_args
 from megatron_ext.data.jsonl import EncodeStats, check_io, encoded_lines
 from megatron_ext.errors import DataConfigError
 from megatron_ext.posttrain.chat import ChatTokenizer, parse_chat_line, render_conversation
+from megatron_ext.task import TrainData
 
 FORMAT = "marco-sft-1"
 TOKENS, LOSS_MASK, INFO = "_tokens_document", "_loss_mask_document", "_chat.json"
@@ -427,7 +428,7 @@ def rank_rows(gbs: int, dp_rank: int, dp_size: int, mbs: int) -> list[list[int]]
 
 
 # ====================================================================== the trainer's data
-class SFTData:
+class SFTData(TrainData):
     """Packed (or padded) SFT batches by step, validation sets, consumed tokens by source."""
 
     def __init__(self, sources: list[ChatSource], train_docs: list[np.ndarray], weights: list[float],
