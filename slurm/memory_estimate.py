@@ -5,7 +5,13 @@
     python slurm/memory_estimate.py --preset mini --ep 8 --dp 32 --cp 2 --micro-batch-size 1 \
         --seq-length 8192 --recompute selective --recompute-modules moe_act layernorm
 
-The arithmetic quoted in slurm/config/*.sh and docs/cluster.md. Model state per GPU, with
+    python slurm/memory_estimate.py             # the shipped Nano and Mini OPD layouts
+    python slurm/memory_estimate.py opd --preset mini --ep 8 --dp 64 --decode-rows 16 [--check]
+
+The arithmetic quoted in slurm/config/*.sh and docs/cluster.md. On-policy distillation
+(`estimate_opd`) adds an in-process teacher's weights and the step's phases (rollout KV cache
+and prefill, teacher scoring, the training micro-batch), of which the largest counts;
+slurm/posttrain.sh refuses an OPD layout that does not fit (`opd --check`). Model state per GPU, with
 Megatron's DDP (`grad_reduce_in_fp32`) and the distributed optimizer:
   bf16 weights 2 B + fp32 gradient buffer 4 B for every parameter on the GPU, and
   fp32 master weight + Adam m + v = 12 B per parameter, sharded over the data-parallel ranks
@@ -180,7 +186,158 @@ def report(r: dict) -> str:
     return "\n".join([head] + [f"  {a:<15}{b_:<52}{g:6.1f} GiB" for a, b_, g in rows])
 
 
+# --------------------------------------------------------------------------------- OPD
+# In-process Megatron teachers the estimate knows (their published shapes), bf16, no gradients.
+TEACHERS = {
+    "qwen3-30b-a3b": dict(layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128,
+                          moe_ffn=768, topk=8, vocab=151936, tied=False),
+}
+H100_GIB = 79.6  # an H100 80 GB
+CONTEXT_GIB = 2.0  # CUDA context and NCCL buffers
+MARGIN = 0.9  # a layout fits when estimate + context <= 90% of the GPU
+CHUNK_TOKENS = 1024  # --opd-chunk-tokens: the fp32 [tokens, vocabulary] pieces of the loss
+
+
+def _teacher_bytes(t: dict, ep: int) -> float:
+    """The teacher's bf16 weights on one GPU: dense part replicated, experts split over EP."""
+    h, q, kv = t["hidden"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"]
+    layer = h * q + 2 * h * kv + q * h + 2 * t["head_dim"] + 2 * h + t["experts"] * h
+    dense = t["layers"] * layer + t["vocab"] * h * (1 if t["tied"] else 2) + h
+    experts = t["layers"] * t["experts"] * 3 * h * t["moe_ffn"] / ep
+    return 2 * (dense + experts)
+
+
+def _layer_bytes_per_token(h: int, q: int, kv: int, heads: int, experts: int, topk: int,
+                           ffn: int) -> int:
+    """One layer's activations per token (module docstring's list): a no-grad forward holds
+    about one layer's worth at a time."""
+    return (2 * h + 2 * h + 2 * (q + kv) + 2 * (q + 2 * kv) + 2 * q + 4 * heads
+            + 2 * h + 2 * h + 3 * 4 * experts + topk * (2 * h + 2 * 2 * ffn + 2 * ffn + 2 * h))
+
+
+def estimate_opd(preset_name: str, ep: int, dp: int, *, micro_batch_size: int = 1,
+                 prompt_len: int = 2048, response_len: int = 8192, decode_rows: int = 16,
+                 teacher: str | None = "qwen3-30b-a3b", loss: str = "sampled-rkl",
+                 recompute: str | None = "full", imbalance: float = 1.0) -> dict:
+    """Per-GPU peak of an OPD step (TP 1, bf16, distributed optimizer). The step's phases run
+    one after another, so the peak is what stays (the student's state, an in-process teacher's
+    weights) plus the largest phase:
+      rollout   the KV cache of `decode_rows` rows of prompt + response tokens, one layer's
+                kept rows while finished rows are dropped (in place), and the prefill: one
+                layer of decode_rows x prompt tokens, with [rows, heads, P, P] bf16 scores
+                where attention materialises them (SDPA with a mask)
+      scoring   (sampled-rkl) the teacher's logits of one micro-batch (bf16) and one fp32
+                chunk, plus one teacher layer's activations
+      training  the student's training micro-batch of prompt + response tokens (the
+                pre-training arithmetic, `estimate`), plus the teacher's logits and one chunk
+                beside it for the full-vocabulary losses (rkl, fkl, jsd)"""
+    from megatron_ext.presets import get_preset
+
+    seq = prompt_len + response_len
+    train = estimate(preset_name, ep, dp, micro_batch_size, seq, imbalance, recompute=recompute)
+    m = get_preset(preset_name)
+    h, V, L = m.hidden_size, m.vocab_size, m.num_layers
+    q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    state = (train["weights_bf16_gib"] + train["grads_fp32_gib"] + train["optimizer_gib"]) * GIB
+    t = TEACHERS[teacher] if teacher else None
+    teacher_weights = _teacher_bytes(t, ep) if t else 0.0
+    kv_position = L * 2 * kv * 2  # bytes of cache per row per position, all layers
+    cache = decode_rows * seq * kv_position
+    rollout = {
+        "kv_cache": cache,
+        "compaction": cache / L * 0.75 / 2,  # one buffer of one layer, 3/4 of the rows kept
+        "prefill": decode_rows * prompt_len * _layer_bytes_per_token(
+            h, q, kv, m.num_attention_heads, m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size)
+        + decode_rows * m.num_attention_heads * prompt_len ** 2 * 2,
+    }
+    tokens = micro_batch_size * seq
+    chunk = CHUNK_TOKENS * V * 4 * 2  # fp32 chunk and its log-softmax
+    scoring = {}
+    if t and loss == "sampled-rkl":
+        scoring = {"teacher_logits": tokens * t["vocab"] * 2 + chunk,
+                   "teacher_layer": tokens * _layer_bytes_per_token(
+                       t["hidden"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"],
+                       t["heads"], t["experts"], t["topk"], t["moe_ffn"])}
+    training = {"activations": (train["activations_dense_gib"] + train["activations_experts_gib"]) * GIB,
+                "logits": train["logits_gib"] * GIB + chunk}
+    if t and loss != "sampled-rkl":
+        training["teacher_logits"] = tokens * t["vocab"] * 2 + chunk
+    phases = {"rollout": sum(rollout.values()), "scoring": sum(scoring.values()),
+              "training": sum(training.values())}
+    largest = max(phases, key=phases.get)
+    total = state + teacher_weights + phases[largest]
+    return {
+        "preset": m.name, "ep": ep, "dp": dp, "micro_batch_size": micro_batch_size,
+        "prompt_len": prompt_len, "response_len": response_len, "decode_rows": decode_rows,
+        "teacher": teacher, "loss": loss, "recompute": recompute, "imbalance": imbalance,
+        "student_state_gib": state / GIB, "teacher_weights_gib": teacher_weights / GIB,
+        **{f"rollout_{k}_gib": v / GIB for k, v in rollout.items()},
+        **{f"scoring_{k}_gib": v / GIB for k, v in scoring.items()},
+        **{f"training_{k}_gib": v / GIB for k, v in training.items()},
+        **{f"{k}_phase_gib": v / GIB for k, v in phases.items()},
+        "largest_phase": largest, "total_gib": total / GIB,
+        "with_context_gib": total / GIB + CONTEXT_GIB,
+        "fits": total / GIB + CONTEXT_GIB <= MARGIN * H100_GIB,
+    }
+
+
+def opd_line(r: dict, name: str = "") -> str:
+    """One line: the OPD layout, its parts, the peak per GPU and whether it fits."""
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    return (f"{name or r['preset']} OPD: EP {r['ep']}, DP {r['dp']}, {r['decode_rows']} rows x "
+            f"{r['prompt_len'] + r['response_len']} tokens, teacher {r['teacher'] or 'apart'}: "
+            f"student state {r['student_state_gib']:.1f} + teacher {r['teacher_weights_gib']:.1f} + "
+            f"{r['largest_phase']} {r[r['largest_phase'] + '_phase_gib']:.1f} (rollout "
+            f"{r['rollout_phase_gib']:.1f}, scoring {r['scoring_phase_gib']:.1f}, training "
+            f"{r['training_phase_gib']:.1f}) = {r['total_gib']:.1f} GiB per GPU, "
+            f"{r['with_context_gib']:.1f} with CUDA/NCCL: {verdict} in {MARGIN:.0%} of an H100's "
+            f"{H100_GIB} GiB")
+
+
+def _shell_values(path: str) -> dict:
+    """NAME=value assignments of a slurm/config shell file (comments dropped)."""
+    import re
+
+    values = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            match = re.match(r"^([A-Z_0-9]+)=([^\s#]+)", line)
+            if match:
+                values[match.group(1)] = match.group(2)
+    return values
+
+
+def shipped_opd(model: str) -> dict:
+    """The OPD estimate of slurm/{model}_opd.sbatch as shipped: the layout of
+    slurm/config/{model}.sh, the OPD_* recipe of slurm/posttrain_recipe.sh, the rollout
+    lengths and loss of its cascade file, phase 1's in-process Qwen3-30B-A3B teacher."""
+    import yaml
+
+    values = {**_shell_values(os.path.join(REPO, "slurm", "posttrain_recipe.sh")),
+              **_shell_values(os.path.join(REPO, "slurm", "config", f"{model}.sh"))}
+    cascade = values.get("OPD_CASCADE", f"configs/posttrain/marco_{model}_cascade.yaml")
+    with open(os.path.join(REPO, cascade), encoding="utf-8") as f:
+        settings = yaml.safe_load(f).get("settings", {})
+    world = int(values["NODES"]) * int(values["GPUS_PER_NODE"])
+    return estimate_opd(values["PRESET"], int(values["EP"]), world // int(values["TP"]),
+                        micro_batch_size=int(values["OPD_MICRO_BATCH"]),
+                        prompt_len=int(settings.get("rollout-max-prompt-len", 2048)),
+                        response_len=int(settings.get("rollout-max-response-len", 8192)),
+                        decode_rows=int(values["OPD_DECODE_BATCH"]),
+                        loss=settings.get("opd-loss", "sampled-rkl"))
+
+
+SHIPPED_OPD = ("nano", "mini")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # the shipped post-training layouts
+        for model in SHIPPED_OPD:
+            print(opd_line(shipped_opd(model), model))
+        return 0
+    if argv[0] == "opd":
+        return opd_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", required=True)
     p.add_argument("--ep", type=int, required=True, help="expert-parallel size")
@@ -206,6 +363,46 @@ def main(argv=None) -> int:
                  vpp=a.vpp, cp=a.cp, recompute=a.recompute, recompute_modules=a.recompute_modules,
                  capacity_factor=a.capacity_factor, pad_to_capacity=a.pad_to_capacity)
     print(json.dumps(r) if a.json else report(r))
+    return 0
+
+
+def opd_main(argv) -> int:
+    """`memory_estimate.py opd ...`: one OPD layout; --check exits 2 with the one line when it
+    does not fit (slurm/posttrain.sh refuses such a layout before it starts)."""
+    p = argparse.ArgumentParser(prog="memory_estimate.py opd",
+                                description=estimate_opd.__doc__.split("\n")[0])
+    p.add_argument("--preset", required=True)
+    p.add_argument("--ep", type=int, required=True)
+    p.add_argument("--dp", type=int, required=True)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--response-len", type=int, default=8192)
+    p.add_argument("--decode-rows", type=int, default=16, help="--rollout-decode-batch-size")
+    p.add_argument("--teacher", choices=[*TEACHERS, "apart"], default="qwen3-30b-a3b",
+                   help="the in-process teacher, or 'apart' (served: no weights on the GPU)")
+    p.add_argument("--loss", default="sampled-rkl")
+    p.add_argument("--cascade", help="a cascade file: its rollout lengths and loss win")
+    p.add_argument("--check", action="store_true", help="exit 2 if the layout does not fit")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if a.cascade:
+        import yaml
+
+        with open(a.cascade, encoding="utf-8") as f:
+            settings = (yaml.safe_load(f) or {}).get("settings") or {}
+        a.prompt_len = int(settings.get("rollout-max-prompt-len", a.prompt_len))
+        a.response_len = int(settings.get("rollout-max-response-len", a.response_len))
+        a.loss = settings.get("opd-loss", a.loss)
+    r = estimate_opd(a.preset, a.ep, a.dp, micro_batch_size=a.micro_batch_size,
+                     prompt_len=a.prompt_len, response_len=a.response_len,
+                     decode_rows=a.decode_rows, teacher=None if a.teacher == "apart" else a.teacher,
+                     loss=a.loss)
+    line = json.dumps(r) if a.json else opd_line(r)
+    if a.check and not r["fits"]:
+        print(f"error: {line}; lower --rollout-decode-batch-size (MARCO_OPD_DECODE_BATCH) or raise EP",
+              file=sys.stderr)
+        return 2
+    print(line)
     return 0
 
 

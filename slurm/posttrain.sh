@@ -79,6 +79,11 @@ else
     total=$("$python" -c 'import sys, yaml
 print(sum(int(p["steps"]) for p in yaml.safe_load(open(sys.argv[1]))["phases"]))' "$cascade") \
         || die "cannot read the cascade $cascade"
+    # Refuse, in one line with the estimate, a layout that does not fit a GPU (80 GB, margin).
+    fit=$("$python" "$repo/slurm/memory_estimate.py" opd --check --preset "${MARCO_PRESET:-$PRESET}" \
+          --ep "$ep" --dp $((world / tp)) --micro-batch-size "$(setting MICRO_BATCH)" \
+          --decode-rows "$(setting DECODE_BATCH)" --cascade "$cascade" 2>&1) || die "${fit#error: }"
+    note "$fit" >&2  # stderr: a dry run's stdout stays the command
     cmd+=(--cascade "$cascade" --rollout-decode-batch-size "$(setting DECODE_BATCH)"
           --recompute-granularity full
           --prompt-data "$data_root/$(setting PROMPTS)"

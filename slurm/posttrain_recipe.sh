@@ -25,6 +25,12 @@ OPD_MIN_LR=1e-6                                      # [MARCO_OPD_MIN_LR]
 OPD_GLOBAL_BATCH=1024                                # [MARCO_OPD_GLOBAL_BATCH] sequences per step
 OPD_MICRO_BATCH=1                                    # [MARCO_OPD_MICRO_BATCH]
 OPD_DECODE_BATCH=16                                  # [MARCO_OPD_DECODE_BATCH] rows decoded together
+# OPD memory per GPU at the shipped layout (`python slurm/memory_estimate.py`; TP 1, EP 8, 64
+# GPUs, Qwen3-30B-A3B beside the student, 16 rows x 10,240 tokens): the student's state (Nano
+# 8.6, Mini 16.7 GiB) + the teacher's bf16 weights (9.6 GiB) + the largest phase, the rollout
+# (17.5 GiB of KV cache + prefill, ~22.5 GiB); scoring ~5.5 and the training micro-batch ~11.3
+# GiB come after it. Nano 42.5 GiB, Mini 51.1 GiB with CUDA/NCCL, of 79.6. slurm/posttrain.sh
+# refuses (one line, with the estimate) a layout over 90% of an H100.
 OPD_PROMPTS=opd/prompts.jsonl                        # [MARCO_OPD_PROMPTS] chat jsonl
 OPD_EVAL_PROMPTS=opd/heldout_prompts.jsonl           # [MARCO_OPD_EVAL_PROMPTS]
 OPD_SAVE_INTERVAL=50                                 # [MARCO_OPD_SAVE_INTERVAL]

@@ -245,3 +245,64 @@ def test_compaction_keeps_rows_in_the_same_cache_buffers(megatron_single_rank, f
             old, ptr = before[layer]
             assert k.untyped_storage().data_ptr() == ptr and k.shape[0] == 2
             assert torch.equal(k[:, :, :5], old.index_select(0, rows)[:, :, :5])
+
+
+def _memory_estimate():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("memory_estimate",
+                                                  REPO / "slurm" / "memory_estimate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_estimate_prints_the_shipped_opd_layouts_and_they_fit(capsys):
+    """`python slurm/memory_estimate.py`: one OPD line per shipped layout (Nano, Mini: EP 8,
+    16 rows of 2,048 + 8,192 tokens, Qwen3-30B-A3B beside the student), each under an H100's
+    80 GB with 10% margin and CUDA/NCCL included; the parts are the docstring's arithmetic."""
+    me = _memory_estimate()
+    assert me.main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" OPD:")[0] for line in lines] == ["nano", "mini"]
+    for line in lines:
+        assert line.endswith("fits in 90% of an H100's 79.6 GiB"), line
+    mini = me.shipped_opd("mini")
+    # 16 rows x 10,240 positions x 28 layers x 2 (K, V) x 8 KV heads x 128 x 2 B = 17.5 GiB.
+    assert mini["rollout_kv_cache_gib"] == pytest.approx(16 * 10240 * 28 * 2 * 8 * 128 * 2 / 2**30)
+    assert mini["rollout_kv_cache_gib"] == pytest.approx(17.5)
+    assert mini["teacher_weights_gib"] == pytest.approx(9.6, abs=0.05)  # 5.2B bf16 at EP 8
+    assert mini["with_context_gib"] < 0.9 * 79.6
+    assert me.shipped_opd("nano")["with_context_gib"] < mini["with_context_gib"]
+    # The full-vocabulary losses keep the teacher's logits beside the training micro-batch.
+    jsd = me.estimate_opd("mini", 8, 64, loss="jsd")
+    assert jsd["training_teacher_logits_gib"] == pytest.approx(
+        (10240 * 151936 * 2 + 1024 * 151936 * 8) / 2**30)
+
+
+def test_memory_estimate_refuses_an_opd_layout_that_does_not_fit(capsys):
+    me = _memory_estimate()
+    assert me.main(["opd", "--preset", "mini", "--ep", "8", "--dp", "64", "--decode-rows", "96",
+                    "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: mini OPD: EP 8, DP 64, 96 rows x 10240 tokens")
+    assert "does NOT fit" in err and "MARCO_OPD_DECODE_BATCH" in err
+    assert me.main(["opd", "--preset", "mini", "--ep", "8", "--dp", "64", "--check"]) == 0
+
+
+def test_opd_sbatch_refuses_a_layout_that_does_not_fit(tmp_path):
+    import subprocess
+
+    from conftest import REPO, subprocess_env
+
+    env = subprocess_env(QWEN3_30B_A3B_MCORE="/ckpt/qwen3-30b", MARCO_DRY_RUN="1",
+                         QWEN3_NEXT_80B_A3B="http://teacher-node:8000", MARCO_OUTPUT=str(tmp_path),
+                         MARCO_OPD_DECODE_BATCH="96")
+    run = subprocess.run(["bash", str(REPO / "slurm/mini_opd.sbatch")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("posttrain.sh: error: mini OPD: EP 8, DP 64, 96 rows")
+    assert len(run.stderr.strip().splitlines()) == 1
