@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_ext import data, parallel
+from megatron_ext.cli import add_expert_backend_flag
 from megatron_ext.config import (
     BatchOptions,
     CheckpointOptions,
@@ -26,7 +27,7 @@ from megatron_ext.config import (
     RunConfig,
 )
 from megatron_ext.errors import ConfigError, LayoutError
-from megatron_ext.layer_spec import default_expert_backend, te_usable, torch_grouped_problem
+from megatron_ext.layer_spec import resolve_expert_backend, te_usable
 from megatron_ext.parallel import ParallelLayout, megatron_names
 from megatron_ext.presets import PRESETS, ModelPreset, get_preset, override
 
@@ -57,11 +58,7 @@ def build_parser(
                    help="router z-loss coefficient (0 disables)")
     g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"],
                    help="default: alltoall when expert parallel size > 1, else allgather")
-    g.add_argument("--moe-expert-backend", default="auto",
-                   choices=["auto", "te", "torch-grouped", "sequential"],
-                   help="auto: te with TransformerEngine on GPU; else torch-grouped "
-                        "(sequential where torch._grouped_mm cannot run: fp32 on GPU, "
-                        "unaligned shapes)")
+    add_expert_backend_flag(g)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--recompute-granularity", choices=["full", "selective"])
 
@@ -294,15 +291,7 @@ def _model_options(args: argparse.Namespace, m: ModelPreset, layout: ParallelLay
         if args.fp8_recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
             raise ConfigError("--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10+); "
                               "use delayed, tensorwise or blockwise on H100")
-    backend = (default_expert_backend(params_dtype) if args.moe_expert_backend == "auto"
-               else args.moe_expert_backend)
-    if m.is_moe and backend == "torch-grouped":
-        problem = torch_grouped_problem(m.hidden_size, m.moe_ffn_hidden_size, layout.expert_tensor,
-                                        params_dtype)
-        if problem and args.moe_expert_backend == "auto":
-            backend = "sequential"  # the equivalent that runs any shape
-        elif problem:
-            raise ConfigError(f"--moe-expert-backend torch-grouped: {problem}")
+    backend = resolve_expert_backend(args.moe_expert_backend, params_dtype, m, layout.expert_tensor)
     if args.fp8_format and m.is_moe and backend != "te":
         raise ConfigError(f"--fp8-format {args.fp8_format}: FP8 runs in TransformerEngine's experts "
                           f"only; --moe-expert-backend {backend} would ignore it (use te)")

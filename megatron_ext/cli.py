@@ -6,10 +6,11 @@
                       written (exit 2). Anything else is a bug and keeps its traceback.
   atomic_directory    all-or-nothing output directories: written as a temporary sibling and
                       renamed at the end; temporaries left by killed runs are cleaned first.
-  tool_parser, hf_to_mcore_parser, add_dtype_flag
+  tool_parser, hf_to_mcore_parser, add_dtype_flag, add_expert_backend_flag
                       the parser a tool starts from (its docstring's first paragraph as the
-                      description), with the flags of the HF -> Megatron converters, and the
-                      checkpoint --dtype flag the converters share.
+                      description), with the flags of the HF -> Megatron converters, the
+                      checkpoint --dtype flag the converters share, and --moe-expert-backend
+                      (EXPERT_BACKEND_CHOICES) of every tool that builds a model.
   require_*, torch_dtype, human_bytes
                       the checks and formats several tools share; require_recorded_sha256 is
                       the check that a file a checkpoint records (its tokenizer) is unchanged.
@@ -101,6 +102,20 @@ def hf_to_mcore_parser(doc: str, *, hf_dir: str, preset: str) -> argparse.Argume
     p.add_argument("--save", required=True, help="output checkpoint root")
     p.add_argument("--preset", help=preset)
     return p
+
+
+# The expert modules an MoE can be built with (layer_spec.py), named once; `auto` and the
+# fall-backs are layer_spec.resolve_expert_backend's, which every model builder calls.
+EXPERT_BACKENDS = ("te", "torch-grouped", "sequential")
+EXPERT_BACKEND_CHOICES = ("auto", *EXPERT_BACKENDS)
+
+
+def add_expert_backend_flag(g, what: str = "") -> None:
+    """--moe-expert-backend of the trainer and of every tool that builds a model."""
+    g.add_argument("--moe-expert-backend", default="auto", choices=EXPERT_BACKEND_CHOICES,
+                   help=f"{what}auto: TransformerEngine's grouped GEMM with TE on a GPU; else "
+                        "torch._grouped_mm (torch-grouped), or SequentialMLP where it cannot run "
+                        "(fp32 on a GPU, unaligned shapes). Checkpoints load into any")
 
 
 def add_dtype_flag(p: argparse.ArgumentParser, help: str) -> None:

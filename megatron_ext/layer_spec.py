@@ -40,9 +40,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_ext.attention import SDPAttention
+from megatron_ext.cli import EXPERT_BACKEND_CHOICES, EXPERT_BACKENDS
+from megatron_ext.errors import ConfigError
 from megatron_ext.experts import TorchGroupedMLP
-
-EXPERT_BACKENDS = ("te", "torch-grouped", "sequential")
 
 try:  # TransformerEngine is an optional GPU extra.
     import transformer_engine  # noqa: F401
@@ -80,6 +80,30 @@ def torch_grouped_problem(hidden: int, expert_ffn: int, expert_tp: int,
             return (f"torch._grouped_mm needs 16-byte aligned rows, but the {what} is {cols} "
                     f"({cols * itemsize} bytes in {str(params_dtype).replace('torch.', '')})")
     return None
+
+
+def resolve_expert_backend(choice: str, params_dtype: torch.dtype, preset, expert_tp: int = 1, *,
+                           fall_back: bool | None = None, flag: str = "--moe-expert-backend") -> str:
+    """The one decision of which expert module runs (the trainer, the teachers, the tools):
+    `choice` (EXPERT_BACKEND_CHOICES), the weights' dtype, the preset's shapes and the expert-TP
+    size -> "te", "torch-grouped" or "sequential". `auto` is `default_expert_backend`, and
+    where torch._grouped_mm cannot run the shapes, sequential; an explicit torch-grouped there
+    is refused in one line, unless `fall_back` (a teacher at the student's choice)."""
+    if choice not in EXPERT_BACKEND_CHOICES:
+        raise ConfigError(f"{flag} {choice!r}: expected one of {', '.join(EXPERT_BACKEND_CHOICES)}")
+    fall_back = choice == "auto" if fall_back is None else fall_back
+    backend = default_expert_backend(params_dtype) if choice == "auto" else choice
+    if backend == "te" and not te_usable():
+        raise ConfigError(f"{flag} te: TransformerEngine's grouped GEMM needs TransformerEngine "
+                          "and a GPU (use auto)")
+    if preset.is_moe and backend == "torch-grouped":
+        problem = torch_grouped_problem(preset.hidden_size, preset.moe_ffn_hidden_size, expert_tp,
+                                        params_dtype)
+        if problem and fall_back:
+            return "sequential"  # the equivalent that runs any shape
+        if problem:
+            raise ConfigError(f"{flag} torch-grouped: {problem}")
+    return backend
 
 
 class RMSNorm(torch.nn.Module):

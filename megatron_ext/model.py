@@ -30,7 +30,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.config import ModelOptions, MoEOptions
-from megatron_ext.layer_spec import marco_block_spec
+from megatron_ext.layer_spec import marco_block_spec, resolve_expert_backend
 from megatron_ext.parallel import ParallelLayout, megatron_values
 from megatron_ext.presets import TRANSFORMER_SHAPE, ModelPreset
 
@@ -261,11 +261,14 @@ def load_model_from_checkpoint(path: str, expert_backend: str = "sequential",
     """Build the model a checkpoint describes (this rank's stage, at the current parallel
     layout) and load its weights. Megatron's parallel state must be initialised
     (`parallel.init_distributed`); the checkpoint may have been saved at any TP/PP/EP layout.
-    Returns (model, preset)."""
+    `expert_backend`: a --moe-expert-backend choice (`auto` included), resolved for the
+    checkpoint's shapes by layer_spec.resolve_expert_backend. Returns (model, preset)."""
     from megatron_ext import checkpointing
 
     preset = checkpointing.preset_from_checkpoint(path)
-    options = ModelOptions(params_dtype=params_dtype, expert_backend=expert_backend,
+    backend = resolve_expert_backend(expert_backend, params_dtype, preset,
+                                     ParallelLayout.current().expert_tensor)
+    options = ModelOptions(params_dtype=params_dtype, expert_backend=backend,
                            moe=recorded_router(path))
     model, _ = build_stage(preset, options)
     checkpointing.load_checkpoint(path, [model], load_rng=False)

@@ -31,7 +31,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import UsageError, atomic_directory, fail, quiet_imports, tool_parser  # noqa: E402
+from megatron_ext.cli import (  # noqa: E402
+    UsageError,
+    add_expert_backend_flag,
+    atomic_directory,
+    fail,
+    quiet_imports,
+    tool_parser,
+)
 from megatron_ext.errors import MarcoError  # noqa: E402
 from megatron_ext.evaluation import harness  # noqa: E402
 from megatron_ext.evaluation.harness import Plan  # noqa: E402
@@ -58,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --load: instead of the tokenizer the checkpoint records")
     p.add_argument("--tokenizer-model", help="with --load: .model file or HF tokenizer directory")
     p.add_argument("--max-length", type=int, help="context length (default: the model's)")
-    p.add_argument("--moe-expert-backend", default="sequential",
-                   choices=["sequential", "torch-grouped", "te"],
-                   help="with --load: MoE expert implementation (checkpoints load into any)")
+    add_expert_backend_flag(p, "with --load: ")
     p.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval's stderr bootstrap")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random/numpy/torch/few-shot seed")
     p.add_argument("--task-cache", help="where the bundled tasks are generated "

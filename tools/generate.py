@@ -31,9 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import UsageError, run_tool  # noqa: E402
-
-EXPERT_BACKENDS = ("auto", "sequential", "torch-grouped", "te")
+from megatron_ext.cli import UsageError, add_expert_backend_flag, run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="default: 1")
-    g.add_argument("--moe-expert-backend", default="auto", choices=EXPERT_BACKENDS,
-                   help="auto: the trainer's choice (TransformerEngine's grouped GEMM where usable, "
-                   "else torch._grouped_mm, SequentialMLP for fp32 on a GPU); same checkpoint for all")
+    add_expert_backend_flag(g)
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on GPU, fp32 on CPU")
     return p
@@ -176,12 +172,6 @@ def layout_from_args(args, preset):
     return layout
 
 
-def expert_backend(choice: str, dtype) -> str:
-    from megatron_ext.layer_spec import default_expert_backend
-
-    return default_expert_backend(dtype) if choice == "auto" else choice
-
-
 def params_dtype(choice: str):
     import torch
 
@@ -249,7 +239,7 @@ def run(args) -> int:
 
         dtype = params_dtype(args.dtype)
         model, _ = load_model_from_checkpoint(
-            args.load, expert_backend=expert_backend(args.moe_expert_backend, dtype), params_dtype=dtype)
+            args.load, expert_backend=args.moe_expert_backend, params_dtype=dtype)
         results = run_generation(model, prompts, params, args, codec.vocab_size)
     if parallel.is_rank_zero():
         rows = [output_row(obj, g, codec) for (_, obj), g in zip(requests, results)]

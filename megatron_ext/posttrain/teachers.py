@@ -147,7 +147,7 @@ class MegatronTeacher(Teacher):
 
     def __init__(self, spec: TeacherSpec, options, seq_length: int):
         from megatron_ext import checkpointing
-        from megatron_ext.layer_spec import torch_grouped_problem
+        from megatron_ext.layer_spec import resolve_expert_backend
         from megatron_ext.model import build_model, marco_config, recorded_router
         from megatron_ext.parallel import ParallelLayout
 
@@ -157,11 +157,9 @@ class MegatronTeacher(Teacher):
         if self.preset.is_moe and self.preset.num_experts % layout.expert:
             raise ConfigError(f"teacher {spec.path}: {self.preset.num_experts} experts do not "
                               f"split over --expert-model-parallel-size {layout.expert}")
-        backend = options.expert_backend
-        if self.preset.is_moe and backend == "torch-grouped" and torch_grouped_problem(
-                self.preset.hidden_size, self.preset.moe_ffn_hidden_size, layout.expert_tensor,
-                options.params_dtype):
-            backend = "sequential"
+        # The student's expert backend where the teacher's shapes allow it, else sequential.
+        backend = resolve_expert_backend(options.expert_backend, options.params_dtype, self.preset,
+                                         layout.expert_tensor, fall_back=True)
         # The teacher's router as its checkpoint records it, never the student's flags (score
         # function, expert bias, capacity factor); the student's dtype and dispatcher; no FP8
         # (a frozen scorer: bf16 GEMMs take any row count, FP8 ones multiples of 16).
