@@ -170,7 +170,7 @@ def test_checkpoints_of_the_two_specs_load_into_each_other(megatron_single_rank,
         if te_like:
             provider = _te_like_provider()
             with monkeypatch.context() as m:
-                m.setattr(layer_spec, "_backend", lambda backend, use_te: provider(backend))
+                m.setattr(layer_spec, "_provider", lambda backend, use_te: provider())
                 return build_model(p, marco_config(p), "sequential")
         return build_model(p, marco_config(p), "sequential")
 
@@ -220,15 +220,27 @@ def test_gpu_check_script_is_clean_and_dry_runs_on_cpu(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     steps = [line.split("]")[0][3:].split(",")[0] for line in lines if line.startswith("+ [")]
-    assert steps == ["environment", "install-wheels", "install-project", "imports", "gpu-tests",
-                     "nano-slice", "summary"]
+    assert steps == ["environment", "install-wheels", "install-project", "imports", "train",
+                     "generate", "evaluate", "sft-step", "opd-step", "gpu-tests", "summary"]
     assert any("pip install" in line and "--no-index --no-deps" in line
                and "megatron_core-0.16.1-cp312" in line for line in lines)
     assert any("-m pytest -m gpu tests/test_gpu.py" in line for line in lines)
-    assert any("bench_gpu_nano_slice.py" in line and "--rows sequential torch-grouped hf" in line
-               for line in lines)
+    # What a user runs on a GPU: generation and evaluation of the checkpoint trained in the
+    # check, a bf16 SFT step and a bf16 OPD step with that checkpoint as in-process teacher.
+    by_step = {line.split("]")[0][3:].split(",")[0]: line for line in lines if line.startswith("+ [")}
+    ckpt = "/tmp/marco-gpu-check/ckpt"
+    assert "pretrain_marco.py --preset tiny --bf16" in by_step["train"] and ckpt in by_step["train"]
+    assert f"tools/generate.py --load {ckpt}" in by_step["generate"]
+    assert f"tools/evaluate.py --load {ckpt}" in by_step["evaluate"]
+    assert "posttrain_marco.py sft" in by_step["sft-step"] and "--bf16" in by_step["sft-step"]
+    assert (f"posttrain_marco.py opd --load /tmp/marco-gpu-check/sft --teacher {ckpt}"
+            in by_step["opd-step"] and "--bf16" in by_step["opd-step"])
     limits = [int(line.split("<= ")[1].split("s]")[0]) for line in lines if "<= " in line]
-    assert sum(limits) <= 8 * 60, limits
+    assert sum(limits) <= 6 * 60, limits  # install included
     assert not out.exists()  # a dry run writes nothing
+    bench = subprocess.run(["bash", script, str(out), "--bench", "--dry-run"],
+                           capture_output=True, text=True, timeout=60)
+    assert any("bench_gpu_nano_slice.py" in line and "--rows sequential torch-grouped hf" in line
+               for line in bench.stdout.splitlines())
     bad = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage: bash bench/gpu_check.sh OUTDIR" in bad.stderr

@@ -11,6 +11,7 @@ experts without TE):
   - save and resume with the distributed optimizer, on one GPU: the resumed steps repeat the
     uninterrupted run's losses (fp32 to 1e-5; bf16 within kernel non-determinism);
   - export of the GPU-trained checkpoint: transformers' logits == Megatron's (fp32 compute);
+  - the tools' loader puts the whole model on the GPU, and generation never drops tokens;
   - the routing recorder's hooks do not synchronise the GPU (1.9);
   - TE: checkpoints of the TE and the non-TE spec load into each other (1.4), and the TE-only
     levers (FP8, permutation fusion) train a few steps.
@@ -170,7 +171,7 @@ def test_export_of_gpu_trained_checkpoint_matches_transformers(trained, megatron
     assert export.main(["--load", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).cuda().eval()
     model, preset = load_model_from_checkpoint(str(ckpt), params_dtype=torch.float32)
-    model = model.cuda().eval()
+    model = model.eval()  # on the GPU as loaded: no .cuda() here (it hid norms left on the CPU)
     ids = tokens(seq=96, vocab=preset.vocab_size, seed=1).cuda()
     with torch.no_grad():
         ours = model(ids, torch.arange(96, device="cuda").expand_as(ids), None).float()
@@ -178,6 +179,31 @@ def test_export_of_gpu_trained_checkpoint_matches_transformers(trained, megatron
     gap = (ours - theirs).abs().max().item()
     print(f"export of the GPU-trained checkpoint: logits max abs diff {gap:.2e}")
     assert gap < 1e-3, gap
+
+
+def test_loaded_checkpoint_is_on_the_gpu_and_generates_dropless(trained, megatron_single_rank,
+                                                                fresh_moe_tracker):
+    """A checkpoint loaded by the tools' loader has every parameter and buffer on the GPU (the
+    RMSNorms and routers stayed on the CPU), generates, and a capacity-factor copy of it
+    generates the same greedy tokens (Megatron drops tokens in eval mode too)."""
+    from megatron_ext.config import ModelOptions, MoEOptions
+    from megatron_ext.model import build_stage, load_model_from_checkpoint
+    from megatron_ext.posttrain.generation import SamplingParams, generate
+
+    ckpt, _ = trained
+    model, preset = load_model_from_checkpoint(str(ckpt), params_dtype=torch.bfloat16)
+    where = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert where == {"cuda"}, where
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, preset.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 20, (16,), generator=g)]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    expected = generate(model, prompts, params)
+    dropping, _ = build_stage(preset, ModelOptions(
+        params_dtype=torch.bfloat16, moe=MoEOptions(expert_capacity_factor=0.25)))
+    dropping.load_state_dict(model.state_dict())
+    got = generate(dropping, prompts, params)
+    assert [x.output_ids for x in got] == [x.output_ids for x in expected]
 
 
 def test_routing_recorder_never_syncs_the_gpu():
