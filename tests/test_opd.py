@@ -285,8 +285,10 @@ def test_hf_teacher_and_its_import_as_megatron_teacher_give_the_same_loss(teache
         assert values[0] == pytest.approx(values[1], rel=1e-5, abs=1e-5), (loss, values)
 
 
-def test_http_teacher_scores_what_the_in_process_teacher_scores(teachers):
-    """tools/serve_teacher.py in a thread: the http teacher's log-probs are the HF model's."""
+def test_served_teacher_scores_what_the_in_process_teacher_scores(teachers):
+    """tools/serve_teacher.py in a thread, scored through SGLang's native /generate
+    (max_new_tokens 0): the served teacher's log-probs are the HF model's, at temperature 1
+    (SGLang scores prompt tokens at T = 1; another temperature is refused)."""
     import threading
 
     from megatron_ext.config import ModelOptions
@@ -294,23 +296,30 @@ def test_http_teacher_scores_what_the_in_process_teacher_scores(teachers):
     from megatron_ext.posttrain.teachers import TeacherSpec, load_teacher
 
     serve = load_tool("serve_teacher")
-    server = serve.make_server(serve.Scorer(teachers["dense"][0], dtype="fp32", batch_size=2),
+    server = serve.make_server(serve.Model(teachers["dense"][0], dtype="fp32", batch_size=2),
                                "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         student_tok = ChatTokenizer.from_args("SentencePieceTokenizer", None)
         kw = dict(student_tokenizer=student_tok, options=ModelOptions(), seq_length=64)
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        remote = load_teacher(TeacherSpec(url, "http"), **kw)  # token map checked via /info
+        url = f"sglang:http://127.0.0.1:{server.server_address[1]}"
+        remote = load_teacher(TeacherSpec(url, "sglang"), **kw)  # token map: /get_model_info
         local = load_teacher(TeacherSpec(teachers["dense"][0], "hf"), **kw)
         batch = _rows(seed=4)
         args = (batch["tokens"], batch["position_ids"], batch["lengths"], batch["labels"])
-        got, want = (t.token_logprobs(*args, temperature=0.7, vocab_size=VOCAB) for t in (remote, local))
+        got, want = (t.token_logprobs(*args, temperature=1.0, vocab_size=VOCAB) for t in (remote, local))
         mask = batch["loss_mask"] > 0
         torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+        # The same sampled-rkl loss as with the in-process teacher.
+        student = torch.randn(*batch["tokens"].shape, VOCAB, generator=torch.Generator().manual_seed(2))
+        task = _fake_task("sampled-rkl", VOCAB)
+        values = [task._loss(dict(batch, teacher_logprobs=lp), None, student)[0].item() for lp in (got, want)]
+        assert values[0] == pytest.approx(values[1], rel=1e-5, abs=1e-5)
         with pytest.raises(ConfigError, match="per-token log-probs only"):
             remote.logits(*args[:3])
+        with pytest.raises(ConfigError, match="temperature 1"):
+            remote.token_logprobs(*args, temperature=0.7, vocab_size=VOCAB)
     finally:
         server.shutdown()
         server.server_close()
@@ -425,7 +434,7 @@ def test_marco_recipes_and_sbatch_dry_runs(teachers, model, phase2, tmp_path):
         args = resolve_opd_args(posttrain_marco.build_parser().parse_args(argv))
     c = args.opd_cascade
     assert [(p.steps, p.lr, p.teacher.kind) for p in c.phases] == [(1900, 1e-6, "megatron"),
-                                                                   (phase2, 1e-6, "http")]
+                                                                   (phase2, 1e-6, "sglang")]
     assert (args.rollout_batch_size, args.n_samples_per_prompt, args.global_batch_size) == (512, 2, 1024)
     lengths = (args.rollout_max_prompt_len, args.rollout_max_response_len, args.seq_length)
     assert lengths == (2048, 8192, 10240)

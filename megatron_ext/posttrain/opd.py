@@ -174,11 +174,11 @@ def _teacher(raw, where: str) -> TeacherSpec:
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (path, tokenizer, kind)")
     path = _expand(str(raw["path"]), where)
-    if not path.startswith(("http://", "https://")):
+    if not path.startswith(("sglang:", "http://", "https://")):
         path = os.path.abspath(path)
     kind = raw.get("kind") or detect_kind(path, where)
-    if kind not in ("megatron", "hf", "http"):
-        raise ConfigError(f"{where}: kind {kind!r} is not one of megatron, hf, http")
+    if kind not in ("megatron", "hf", "sglang"):
+        raise ConfigError(f"{where}: kind {kind!r} is not one of megatron, hf, sglang")
     tokenizer = raw.get("tokenizer")
     if tokenizer is not None:
         tokenizer = os.path.abspath(_expand(str(tokenizer), where))
@@ -298,6 +298,23 @@ def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--opd-beta", type=float,
                    help="jsd: weight of the teacher in the mixture, 0 = forward KL, 1 = reverse "
                         "KL (cascade, else 0.5)")
+    g.add_argument("--rollout-engine", choices=("megatron", "sglang"), default="megatron",
+                   help="who samples the rollouts: the student in process (the Megatron "
+                        "generator), or SGLang servers (--rollout-url) holding the student's "
+                        "weights, synced every --rollout-sync-interval steps")
+    g.add_argument("--rollout-url", nargs="+", metavar="URL",
+                   help="--rollout-engine sglang: the servers (http://HOST:PORT, SGLang or "
+                        "tools/serve_teacher.py); requests are spread over them")
+    g.add_argument("--rollout-sync-interval", type=int, default=1,
+                   help="--rollout-engine sglang: steps between weight syncs (1: every step, "
+                        "on-policy; N: rollouts up to N-1 optimizer steps old)")
+    g.add_argument("--rollout-sync-dir", metavar="DIR",
+                   help="--rollout-engine sglang: a directory the servers read (shared file "
+                        "system) for the synced weights (default: --save/rollout-weights)")
+    g.add_argument("--rollout-timeout", type=float, default=600.0,
+                   help="seconds a request to a rollout engine or served teacher may take")
+    g.add_argument("--rollout-retries", type=int, default=2,
+                   help="further tries of a request after a connection failure, timeout or 5xx")
     g.add_argument("--opd-chunk-tokens", type=int,
                    help="full-vocabulary losses: tokens per chunk (memory bound; cascade, else 1024)")
     add_tokenizer_args(g, cache_help="where the bundled SFT sample is prepared for --eval-assistant-data",
@@ -388,6 +405,18 @@ class OPDOptions:
     eval_prompts: int = 64
     eval_assistant_data: Optional[tuple] = None  # None: off; (): the bundled SFT held-out split
     chunk_tokens: int = 1024
+    engine: str = "megatron"  # --rollout-engine
+    engine_urls: tuple = ()  # --rollout-url
+    sync_interval: int = 1
+    sync_dir: Optional[str] = None
+    timeout: float = 600.0  # --rollout-timeout (engines and served teachers)
+    retries: int = 2
+
+    def client_options(self, urls: tuple = ()):
+        from megatron_ext.inference.sglang_client import ClientOptions
+
+        return ClientOptions(urls=tuple(urls or self.engine_urls), timeout=self.timeout,
+                             retries=self.retries)
 
     def phase_settings(self, index: int) -> PhaseSettings:
         v = {**dict(self.base), **dict(self.cascade.phases[index].overrides)}
@@ -450,15 +479,49 @@ def opd_options(args: argparse.Namespace) -> OPDOptions:
         eval_prompt_data=tuple(args.eval_prompt_data or rollout.DEFAULT_EVAL_PROMPTS),
         eval_prompts=int(args.eval_prompts),
         eval_assistant_data=None if args.eval_assistant_data is None else tuple(args.eval_assistant_data),
-        chunk_tokens=int(args.opd_chunk_tokens))
+        chunk_tokens=int(args.opd_chunk_tokens), **_engine_options(args))
     _check_base_settings(opts)
     for i, phase in enumerate(cascade.phases):
         ps = opts.phase_settings(i)
-        if phase.teacher.kind == "http" and ps.loss in losses.FULL_VOCAB:
-            raise ConfigError(f"{cascade.path or '--teacher'}: phase {i + 1} ({phase.name}): "
-                              f"--opd-loss {ps.loss} needs the teacher's full logits; its http "
-                              "scorer returns per-token log-probs only (use sampled-rkl)")
+        where = f"{cascade.path or '--teacher'}: phase {i + 1} ({phase.name})"
+        if phase.teacher.kind == "sglang" and ps.loss in losses.FULL_VOCAB:
+            raise ConfigError(f"{where}: --opd-loss {ps.loss} needs the teacher's full logits; a "
+                              "served (sglang) teacher returns per-token log-probs only (use "
+                              "sampled-rkl)")
+        if phase.teacher.kind == "sglang" and ps.rollout.temperature != 1.0:
+            raise ConfigError(f"{where}: --rollout-temperature {ps.rollout.temperature:g} with a "
+                              "served (sglang) teacher: SGLang scores prompt tokens at temperature "
+                              "1 only (use 1.0, Marco's setting)")
     return opts
+
+
+def _engine_options(args) -> dict:
+    """--rollout-engine and its flags, checked."""
+    engine, urls = args.rollout_engine, tuple(args.rollout_url or ())
+    if args.rollout_sync_interval < 1:
+        raise ConfigError(f"--rollout-sync-interval must be >= 1, got {args.rollout_sync_interval}")
+    if not (args.rollout_timeout > 0 and math.isfinite(args.rollout_timeout)):
+        raise ConfigError(f"--rollout-timeout must be a positive number of seconds, got "
+                          f"{args.rollout_timeout}")
+    if args.rollout_retries < 0:
+        raise ConfigError(f"--rollout-retries must be >= 0, got {args.rollout_retries}")
+    if engine == "megatron" and urls:
+        raise ConfigError("--rollout-url is for --rollout-engine sglang (the default engine, "
+                          "megatron, samples in process)")
+    sync_dir = args.rollout_sync_dir
+    if engine == "sglang":
+        if not urls:
+            raise ConfigError("--rollout-engine sglang: give --rollout-url URL [URL ...]")
+        if sync_dir is None and not getattr(args, "save", None):
+            raise ConfigError("--rollout-engine sglang: give --rollout-sync-dir (a directory the "
+                              "servers read) or --save (then --save/rollout-weights)")
+        sync_dir = os.path.abspath(sync_dir or os.path.join(args.save, "rollout-weights"))
+        from megatron_ext.inference.sglang_client import ClientOptions
+
+        ClientOptions(urls=urls, timeout=args.rollout_timeout).check("--rollout-url")
+    return {"engine": engine, "engine_urls": urls, "sync_interval": int(args.rollout_sync_interval),
+            "sync_dir": sync_dir, "timeout": float(args.rollout_timeout),
+            "retries": int(args.rollout_retries)}
 
 
 # ====================================================================== the task
@@ -515,6 +578,9 @@ class OPDTask(Task):
         self._teacher_seconds = 0.0
         self._train_start = 0.0
         self._sft_eval = None
+        self.engine = None  # --rollout-engine sglang: the client (rank 0) and the weight sync
+        self.weight_sync = None
+        self.synced_step: Optional[int] = None
 
     # ------------------------------------------------------------------ setup
     def build_data(self, trainer) -> OPDData:
@@ -534,10 +600,16 @@ class OPDTask(Task):
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.multiple = self.tp * (8 if torch.cuda.is_available() else 1)
         self.per_rank = trainer.dp_size > 1 and per_rank_supported(trainer.model)
-        # Before the first step: every in-process teacher's token map is the student's.
+        # Before the first step: every teacher's token map is the student's (a served one's
+        # as its server reports it), and so is a rollout engine's.
         for phase in self.opts.cascade.phases:
-            if phase.teacher.kind != "http":
+            if phase.teacher.kind == "sglang":
+                served = self._served_teacher(phase.teacher)
+                check_token_maps(self.tok, served.tokenizer, phase.teacher.label)
+            else:
                 check_token_maps(self.tok, teacher_tokenizer(phase.teacher), phase.teacher.label)
+        if self.opts.engine == "sglang":
+            self._start_engine(trainer)
         data = OPDData(self)
         for line in self.summary():
             trainer.log(line)
@@ -563,6 +635,51 @@ class OPDTask(Task):
               f"{len(self.eval_set)} prompts")
         return lines
 
+    def _should_stop(self):
+        trainer = getattr(self, "trainer", None)
+        return None if trainer is None else trainer.stop_signal.received
+
+    def _served_teacher(self, spec):
+        from megatron_ext.posttrain.teachers import ServedTeacher
+
+        return ServedTeacher(spec, self.opts.client_options(), self._should_stop)
+
+    def _start_engine(self, trainer) -> None:
+        """--rollout-engine sglang: the client and weight sync (rank 0 talks to the engines);
+        each engine must be up and serve the student's token map."""
+        import torch.distributed as dist
+
+        from megatron_ext.inference.sglang_client import SGLangClient
+        from megatron_ext.inference.weight_sync import DiskWeightSync
+        from megatron_ext.posttrain.teachers import TeacherSpec, check_token_maps, served_tokenizer
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            self.engine = SGLangClient(self.opts.client_options(), what="rollout engine",
+                                       should_stop=self._should_stop)
+            self.engine.health()
+            for url, info in zip(self.opts.engine_urls, self.engine.model_info()):
+                spec = TeacherSpec(path=url, kind="sglang", name=f"rollout engine {url}")
+                check_token_maps(self.tok, served_tokenizer(info, spec, url), spec.label)
+        self.weight_sync = DiskWeightSync(self.opts.sync_dir, self.cfg.model, self.engine,
+                                          self.cfg.model_options.moe.aux_loss_coeff)
+        trainer.log(f"OPD rollouts on SGLang engines {' '.join(self.opts.engine_urls)}; weights "
+                    f"synced through {self.opts.sync_dir} every {self.opts.sync_interval} step(s)")
+
+    def _sync_weights(self, trainer, step: int) -> dict:
+        """Before step `step`'s rollout: the engines get the weights after `step` optimizer
+        steps when due (every --rollout-sync-interval steps, and always on the run's first)."""
+        if self.weight_sync is None:
+            return {}
+        due = self.synced_step is None or step % self.opts.sync_interval == 0
+        if not due:
+            return {}
+        cost = self.weight_sync.sync(trainer.model, step)
+        self.synced_step = step
+        trainer.log(f"weights of step {step} synced to the rollout engines: "
+                    f"{cost['seconds']:.2f} s, {cost['bytes'] / 1e9:.3f} GB")
+        return {"time/weight_sync_sec": cost["seconds"], "rollout/weight_sync_gb": cost["bytes"] / 1e9}
+
     # ------------------------------------------------------------------ phases
     def _ensure_teacher(self, trainer, index: int) -> None:
         from megatron_ext.posttrain.teachers import load_teacher
@@ -578,7 +695,9 @@ class OPDTask(Task):
         phase = self.opts.cascade.phases[index]
         cfg = self.cfg
         self.teacher = load_teacher(phase.teacher, student_tokenizer=self.tok,
-                                    options=cfg.model_options, seq_length=cfg.batch.seq_length)
+                                    options=cfg.model_options, seq_length=cfg.batch.seq_length,
+                                    client_options=self.opts.client_options(),
+                                    should_stop=self._should_stop)
         self.teacher_phase = index
         trainer.log(f"OPD phase {index + 1}/{len(self.opts.cascade.phases)} {phase.name} "
                     f"(steps {phase.start + 1}-{phase.end}): teacher {phase.teacher.path}")
@@ -609,6 +728,7 @@ class OPDTask(Task):
             # phase's "before"; its "after" is the evaluation at the phase's last step).
             trainer.metrics.log_scalars(step, self._evaluate(trainer, index, step))
             t0 = _now()
+        sync = self._sync_weights(trainer, step)
         t1 = _now()
         batches, stats = self._rollout(trainer, step)
         t2 = _now()
@@ -618,8 +738,8 @@ class OPDTask(Task):
         t3 = _now()
         self.prepared = (step, batches)
         self._info = {"opd/phase": index + 1, **rollout.statistics_dict(stats, "rollout"),
-                      "time/teacher_load_sec": t1 - t0, "time/rollout_sec": t2 - t1,
-                      "time/teacher_sec": t3 - t2}
+                      "time/teacher_load_sec": t1 - t0 - sync.get("time/weight_sync_sec", 0.0),
+                      "time/rollout_sec": t2 - t1, "time/teacher_sec": t3 - t2, **sync}
         self._teacher_seconds = 0.0
         self._train_start = _now()
 
@@ -645,6 +765,12 @@ class OPDTask(Task):
         mine = [g for rows in mb_rows for g in rows]
         chosen = self.prompts.stream(step * s.rollout_batch_size, s.rollout_batch_size,
                                      self.cfg.batch.seed)
+        if self.opts.engine == "sglang":
+            samples = self._served_rollout(step, chosen, s)
+            by_row = {x.row: x for x in samples}
+            batches = [rollout.collate([by_row[g] for g in rows_], self.tok.pad_id, self.multiple)
+                       for rows_ in mb_rows]
+            return batches, rollout.statistics(samples)
         rows = mine if self.per_rank else list(range(gbs))
         with self._recording(trainer):
             samples = rollout.sample(trainer.model, [self.prompts.prompts[chosen[g // n]] for g in rows],
@@ -654,6 +780,30 @@ class OPDTask(Task):
         batches = [rollout.collate([by_row[g] for g in rows_], self.tok.pad_id, self.multiple)
                    for rows_ in mb_rows]
         return batches, self._reduce(rollout.statistics(samples))
+
+    def _served_rollout(self, step: int, chosen: list, s: RolloutSettings) -> list:
+        """The whole global batch sampled by the engines (rank 0 asks, every rank gets it)."""
+        import torch.distributed as dist
+
+        from megatron_ext.inference import sglang_client
+
+        n, rows = s.n_samples_per_prompt, list(range(s.global_batch_size))
+        box: list = [None]
+        if self.engine is not None:
+            try:
+                box = [rollout.sample_served(self.engine, [self.prompts.prompts[chosen[g // n]]
+                                                           for g in rows], rows, s, self.tok,
+                                             weight_version=self.synced_step)]
+            except sglang_client.Interrupted as e:
+                box = [("Interrupted", f"{e}, during the rollout of step {step + 1}: exiting "
+                                       "without saving (the rollout is incomplete)")]
+            except sglang_client.EngineError as e:
+                box = [("EngineError", f"step {step + 1} rollout: {e}")]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], tuple):
+            raise getattr(sglang_client, box[0][0])(box[0][1])
+        return box[0]
 
     def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
         """Sums over data-parallel ranks when each rank sampled only its own rows."""

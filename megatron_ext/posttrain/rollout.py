@@ -159,6 +159,19 @@ def sample(model, prompts: list[list[int]], rows: list[int], settings: RolloutSe
             for r, g in zip(rows, out)]
 
 
+def sample_served(client, prompts: list[list[int]], rows: list[int], settings: RolloutSettings,
+                  tok: ChatTokenizer, *, weight_version: Optional[int] = None) -> list[Sample]:
+    """Sample `rows` on a served engine (megatron_ext/inference/sglang_client.py: SGLang's
+    /generate with token ids in and out; every reply checked, the weight version included).
+    One request per --rollout-batch-size rows' worth of prompts, spread over the engines."""
+    out = client.generate(prompts, temperature=settings.temperature, top_p=settings.top_p,
+                          top_k=settings.top_k, max_new_tokens=settings.max_response_len,
+                          stop_token_ids=tok.stop_ids, vocab_size=tok.vocab_size,
+                          weight_version=weight_version)
+    return [Sample(r, list(p), g.output_ids, g.logprobs, g.finish_reason)
+            for r, p, g in zip(rows, prompts, out)]
+
+
 def collate(samples: list[Sample], pad_id: int, multiple: int = 1) -> dict:
     """Training rows of `samples`, right-padded to the longest (a multiple of `multiple`)."""
     longest = max(s.length for s in samples)

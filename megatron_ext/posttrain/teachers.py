@@ -12,9 +12,14 @@ A teacher is named by a path (a cascade phase's `teacher:`), its kind found from
   hf         a `transformers` causal-LM directory (config.json + weights), loaded with
              AutoModelForCausalLM on every rank (e.g. Qwen3-Next-80B-A3B, which this stack
              cannot build; on a cluster it is served instead, see docs/posttraining.md).
-  http       `http://HOST:PORT`: a scorer in another process (tools/serve_teacher.py) that
-             returns one log-prob per token; enough for `sampled-rkl`, not for the
-             full-vocabulary losses.
+  sglang     `sglang:http://HOST:PORT` (or a bare `http://HOST:PORT`): a served teacher, SGLang
+             or tools/serve_teacher.py, scored through SGLang's native /generate API on the
+             student's ids (`max_new_tokens` 0, `return_logprob`, `logprob_start_len` 0) by
+             megatron_ext/inference/sglang_client.py, which checks every reply (one finite
+             log-prob <= 0 per token sent, the ids echoed). One log-prob per token: enough for
+             `sampled-rkl`, not for the full-vocabulary losses; SGLang returns prompt log-probs
+             at temperature 1, so the rollout temperature must be 1. Its token map is the
+             served tokenizer's (/get_model_info: the map itself, or its tokenizer path).
 
 Scoring never re-tokenises text: the teacher gets the student's token ids and returns, at the
 rollout temperature and in fp32, log softmax(logits / T) over the real vocabulary (logits cut to
@@ -26,11 +31,8 @@ tokens included); otherwise a one-line error names both tokenizers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,7 +44,8 @@ from megatron_ext.posttrain.chat import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
-KINDS = ("megatron", "hf", "http")
+KINDS = ("megatron", "hf", "sglang")
+SERVED_PREFIX = "sglang:"
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,12 @@ class TeacherSpec:
 
 
 def detect_kind(path: str, where: str) -> str:
-    """megatron | hf | http, from what `path` holds; a ConfigError naming `where` otherwise."""
-    if path.startswith(("http://", "https://")):
-        return "http"
+    """megatron | hf | sglang, from what `path` holds; a ConfigError naming `where` otherwise."""
+    if path.startswith((SERVED_PREFIX, "http://", "https://")):
+        return "sglang"
     if not os.path.isdir(path):
-        raise ConfigError(f"{where}: teacher {path} is not a directory or an http:// scorer")
+        raise ConfigError(f"{where}: teacher {path} is not a directory or a served teacher "
+                          "(sglang:http://HOST:PORT)")
     if any(os.path.exists(os.path.join(path, f)) for f in
            ("latest_checkpointed_iteration.txt", "marco_model.json", "metadata.json")):
         return "megatron"
@@ -217,58 +221,72 @@ class HFTeacher(Teacher):
         self.model = None
 
 
-class HTTPTeacher(Teacher):
-    """A scorer in another process (tools/serve_teacher.py): POST /score with the rows' ids
-    returns each row's per-token log-probs of the next token at the given temperature."""
+def served_url(path: str) -> str:
+    """The URL of a served teacher's path (`sglang:URL` or a bare URL)."""
+    return path[len(SERVED_PREFIX):] if path.startswith(SERVED_PREFIX) else path
+
+
+class ServedTeacher(Teacher):
+    """A teacher behind SGLang's native API (SGLang or tools/serve_teacher.py): the student's
+    rows are scored with `max_new_tokens` 0, each token's log-prob given the ones before it."""
 
     full_logits = False
 
-    def __init__(self, spec: TeacherSpec, timeout: float = 600.0):
-        self.spec, self.timeout = spec, timeout
-        info = self._call("/info", None)
-        self.remote = info
-        self.tokenizer = _RemoteTokenizer(info, spec.path)
+    def __init__(self, spec: TeacherSpec, client_options=None, should_stop=None):
+        from megatron_ext.inference.sglang_client import ClientOptions, SGLangClient
 
-    def _call(self, route: str, payload: Optional[dict]):
-        url = self.spec.path.rstrip("/") + route
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.loads(r.read())
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ConfigError(f"teacher {self.spec.path}: the scorer did not answer {route} "
-                              f"({getattr(e, 'reason', e)})") from None
+        self.spec = spec
+        self.url = served_url(spec.path)
+        opts = client_options or ClientOptions(urls=(self.url,))
+        self.client = SGLangClient(dataclasses.replace(opts, urls=(self.url,)), what="teacher",
+                                   should_stop=should_stop)
+        self.remote = self.client.model_info()[0]
+        self.tokenizer = served_tokenizer(self.remote, spec, self.url)
 
     def logits(self, tokens, position_ids, lengths):
-        raise ConfigError(f"teacher {self.spec.path}: an http scorer returns per-token log-probs "
+        raise ConfigError(f"teacher {self.spec.path}: a served teacher returns per-token log-probs "
                           "only; the full-vocabulary losses (rkl, fkl, jsd) need an in-process "
                           "teacher (use --opd-loss sampled-rkl)")
 
     def token_logprobs(self, tokens, position_ids, lengths, labels, *, temperature, vocab_size):
+        if temperature != 1.0:
+            raise ConfigError(f"teacher {self.spec.path}: SGLang returns prompt log-probs at "
+                              f"temperature 1; the rollout temperature is {temperature:g}")
         rows = [tokens[i, :int(n)].tolist() for i, n in enumerate(lengths)]
-        out = self._call("/score", {"tokens": rows, "temperature": temperature,
-                                    "vocab_size": vocab_size})["logprobs"]
+        scores = self.client.score(rows)
         result = torch.zeros(tokens.shape, dtype=torch.float32)
-        for i, lp in enumerate(out):
+        for i, lp in enumerate(scores):
             result[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
         return result
 
 
 class _RemoteTokenizer:
-    """The token map a scorer reports (its /info), for the token-map check."""
+    """A token map a server reports (its /get_model_info), for the token-map check."""
 
-    def __init__(self, info: dict, url: str):
-        self.name = f"{info.get('tokenizer', '?')} (served at {url})"
-        self._map = {str(k): int(v) for k, v in (info.get("token_map") or {}).items()}
+    def __init__(self, token_map: dict, name: str):
+        self.name = name
+        self._map = {str(k): int(v) for k, v in token_map.items()}
         self.vocab_size = len(self._map)
 
     def token_map(self) -> dict[str, int]:
         return dict(self._map)
 
 
+def served_tokenizer(info: dict, spec: TeacherSpec, url: str):
+    """The served model's tokenizer: the token map it reports, else the tokenizer at the path it
+    reports (a shared filesystem), else the cascade's `tokenizer:`; otherwise one line."""
+    if isinstance(info.get("token_map"), dict):
+        return _RemoteTokenizer(info["token_map"], f"{info.get('tokenizer_path', '?')} (served at {url})")
+    path = spec.tokenizer or info.get("tokenizer_path")
+    if isinstance(path, str) and os.path.exists(path):
+        return teacher_tokenizer(dataclasses.replace(spec, tokenizer=path))
+    raise ConfigError(f"teacher {spec.path}: the server reports tokenizer_path {path!r}, not "
+                      "readable here; give `tokenizer:` in the cascade file (the served "
+                      "tokenizer, for the token-map check)")
+
+
 def load_teacher(spec: TeacherSpec, *, student_tokenizer: ChatTokenizer, options,
-                 seq_length: int) -> Teacher:
+                 seq_length: int, client_options=None, should_stop=None) -> Teacher:
     """Build a phase's teacher and check it against the student: token map, vocabulary."""
     if spec.kind == "megatron":
         teacher = MegatronTeacher(spec, options, seq_length)
@@ -276,9 +294,9 @@ def load_teacher(spec: TeacherSpec, *, student_tokenizer: ChatTokenizer, options
     elif spec.kind == "hf":
         teacher = HFTeacher(spec, options.params_dtype)
         size = teacher.model.get_output_embeddings().weight.shape[0]
-    elif spec.kind == "http":
-        teacher = HTTPTeacher(spec)
-        size = int(teacher.remote.get("vocab_size", student_tokenizer.vocab_size))
+    elif spec.kind == "sglang":
+        teacher = ServedTeacher(spec, client_options, should_stop)
+        size = int(teacher.remote.get("vocab_size") or student_tokenizer.vocab_size)
     else:
         raise ConfigError(f"teacher {spec.path}: unknown kind {spec.kind!r} ({', '.join(KINDS)})")
     check_token_maps(student_tokenizer, teacher.tokenizer, spec.label)
