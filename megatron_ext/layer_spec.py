@@ -8,7 +8,7 @@ is the expert backend:
   torch-grouped TorchGroupedMLP (torch._grouped_mm; GPUs without TransformerEngine)
   sequential    SequentialMLP (one MLP per expert; the CPU backend)
 
-Two backend providers build the rest of the layer: TransformerEngine's modules where TE is
+Two module providers build the rest of the layer: TransformerEngine's modules where TE is
 installed and a GPU is present, otherwise Megatron-Core's local modules with our RMSNorm.
 Checkpoints of the two specs are interchangeable in both directions. Their weight keys are the
 same (`sharded_state_dict_keys_map` names the local spec's separate input/pre-MLP norms as
@@ -126,12 +126,8 @@ class RMSNorm(torch.nn.Module):
 
 
 class MarcoLocalSpecProvider(LocalSpecProvider):
-    """Megatron-Core local modules, our RMSNorm and SDPA attention, a choice of experts."""
-
-    def __init__(self, expert_backend: str):
-        if expert_backend == "te":
-            raise ValueError("--moe-expert-backend te needs TransformerEngine and a GPU")
-        self.expert_backend = expert_backend
+    """Megatron-Core local modules, our RMSNorm and SDPA attention; grouped experts are
+    torch._grouped_mm's (TorchGroupedMLP), ungrouped ones SequentialMLP."""
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return RMSNorm
@@ -140,35 +136,43 @@ class MarcoLocalSpecProvider(LocalSpecProvider):
         return SDPAttention
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
-        if self.expert_backend == "torch-grouped":
+        if moe_use_grouped_gemm:
             return TorchGroupedMLP, None
         return SequentialMLP, MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
         )
 
 
-def _te_spec_provider(expert_backend: str):
+def _te_spec_provider(torch_grouped: bool):
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
     class MarcoTESpecProvider(TESpecProvider):
-        """TransformerEngine modules with a choice of expert module."""
+        """TransformerEngine modules; grouped experts are TE's grouped GEMM, or
+        torch._grouped_mm's when asked (`torch_grouped`)."""
 
         def grouped_mlp_modules(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm):
-            if expert_backend == "torch-grouped":
+            if moe_use_grouped_gemm and torch_grouped:
                 return TorchGroupedMLP, None
-            return super().grouped_mlp_modules(expert_backend == "te", False)
+            return super().grouped_mlp_modules(moe_use_grouped_gemm, False)
 
     return MarcoTESpecProvider()
 
 
-def _backend(expert_backend: str, use_te: bool | None):
+def _provider(expert_backend: str, use_te: bool | None):
+    """The module provider (TransformerEngine's or Megatron-Core's local modules) that builds
+    the layer; `expert_backend` (already resolved) only says which grouped experts TE's takes.
+    Whether experts are grouped at all is the config's `moe_grouped_gemm`."""
     if expert_backend not in EXPERT_BACKENDS:
         raise ValueError(
             f"--moe-expert-backend: unknown backend {expert_backend!r}; "
             f"expected one of {', '.join(EXPERT_BACKENDS)}"
         )
     use_te = te_usable() if use_te is None else use_te
-    return _te_spec_provider(expert_backend) if use_te else MarcoLocalSpecProvider(expert_backend)
+    if use_te:
+        return _te_spec_provider(expert_backend == "torch-grouped")
+    if expert_backend == "te":
+        raise ValueError("--moe-expert-backend te needs TransformerEngine and a GPU")
+    return MarcoLocalSpecProvider()
 
 
 def marco_block_spec(
@@ -181,7 +185,7 @@ def marco_block_spec(
     layer = marco_layer_spec(config, expert_backend, use_te)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
-        layer_norm=_backend(expert_backend, use_te).layer_norm(rms_norm=True),
+        layer_norm=_provider(expert_backend, use_te).layer_norm(rms_norm=True),
     )
 
 
@@ -189,25 +193,25 @@ def marco_layer_spec(
     config: TransformerConfig, expert_backend: str, use_te: bool | None = None
 ) -> ModuleSpec:
     """The layer spec for a Marco model (MoE when `config.num_moe_experts` is set)."""
-    backend = _backend(expert_backend, use_te)
-    fused_norm = backend.fuse_layernorm_and_linear()
+    provider = _provider(expert_backend, use_te)
+    fused_norm = provider.fuse_layernorm_and_linear()
     is_moe = config.num_moe_experts is not None
-    qk_norm = backend.layer_norm(rms_norm=True, for_qk=True)
-    norm = backend.layer_norm(rms_norm=True)
+    qk_norm = provider.layer_norm(rms_norm=True, for_qk=True)
+    norm = provider.layer_norm(rms_norm=True)
     # The column-parallel linear after a pre-norm: TE fuses the norm into it.
-    norm_linear = (backend.column_parallel_layer_norm_linear() if fused_norm
-                   else backend.column_parallel_linear())
+    norm_linear = (provider.column_parallel_layer_norm_linear() if fused_norm
+                   else provider.column_parallel_linear())
 
     if is_moe:
         mlp = get_moe_module_spec_for_backend(
-            backend=backend,
+            backend=provider,  # Megatron-Core's name for the provider
             num_experts=config.num_moe_experts,
-            moe_grouped_gemm=expert_backend != "sequential",
+            moe_grouped_gemm=config.moe_grouped_gemm,
         )
     else:
         mlp = ModuleSpec(
             module=MLP,
-            submodules=MLPSubmodules(linear_fc1=norm_linear, linear_fc2=backend.row_parallel_linear()),
+            submodules=MLPSubmodules(linear_fc1=norm_linear, linear_fc2=provider.row_parallel_linear()),
         )
 
     return ModuleSpec(
@@ -219,8 +223,8 @@ def marco_layer_spec(
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=norm_linear,
-                    core_attention=backend.core_attention(),
-                    linear_proj=backend.row_parallel_linear(),
+                    core_attention=provider.core_attention(),
+                    linear_proj=provider.row_parallel_linear(),
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,
                 ),
