@@ -306,3 +306,67 @@ def test_opd_sbatch_refuses_a_layout_that_does_not_fit(tmp_path):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("posttrain.sh: error: mini OPD: EP 8, DP 64, 96 rows")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ 6. TE masks
+class _TEMaskSemantics(torch.nn.Module):
+    """A core attention with TransformerEngine's documented mask semantics (DotProductAttention):
+    `causal` and `no_mask` ignore `attention_mask`; `padding` / `padding_causal` take padding
+    masks (True = padded), one [b, 1, 1, s] tensor for self-attention or a (query, key) pair,
+    and give padded queries a zero output; `causal` is aligned top-left. Plain fp32 math."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, **_):
+        q, k, v = (t.permute(1, 2, 0, 3).float() for t in (query, key, value))  # [b, h, s, d]
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        sq, skv = q.shape[2], k.shape[2]
+        kind = attn_mask_type.name
+        masked = torch.zeros(1, 1, sq, skv, dtype=torch.bool)
+        q_pad = torch.zeros(q.shape[0], 1, sq, 1, dtype=torch.bool)
+        if kind in ("causal", "padding_causal"):
+            masked = masked | (torch.arange(skv)[None, :] > torch.arange(sq)[:, None])
+        if kind.startswith("padding"):
+            q_mask, kv_mask = (attention_mask if isinstance(attention_mask, tuple)
+                               else (attention_mask, attention_mask))
+            masked = masked | kv_mask
+            q_pad = q_mask.transpose(-1, -2)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        probs = scores.masked_fill(masked, float("-inf")).softmax(-1).nan_to_num(0.0)
+        out = (probs @ v).masked_fill(q_pad, 0.0)
+        return out.permute(2, 0, 1, 3).reshape(sq, q.shape[0], -1).to(query.dtype)
+
+
+def test_left_padded_generation_on_te_shaped_attention_equals_sdpa(monkeypatch, megatron_single_rank,
+                                                                    fresh_moe_tracker):
+    """Left-padded prompts (prefill and decode steps): an attention that reads masks as
+    TransformerEngine does generates what our SDPA attention generates (ids, log-probs), once
+    generation hands it the padding in TE's terms; handed Megatron's causal / no_mask types
+    as before, it attended to the padding and its log-probs differed."""
+    import contextlib
+
+    from megatron.core.transformer.attention import Attention
+
+    from megatron_ext.model import build_stage
+    from megatron_ext.posttrain import generation
+    from megatron_ext.posttrain.generation import SamplingParams, generate
+
+    torch.manual_seed(6)
+    model, config = build_stage(_tiny(), ModelOptions())
+    prompts = [[5, 9, 11, 40, 41, 42, 43], [7, 8], [60, 61, 62, 63]]
+    params = SamplingParams(max_new_tokens=5, temperature=0.0)
+    sdpa = generate(model, prompts, params)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.core_attention = _TEMaskSemantics(1.0 / config.kv_channels ** 0.5)
+    te = generate(model, prompts, params)
+    assert [g.output_ids for g in te] == [g.output_ids for g in sdpa]
+    torch.testing.assert_close(torch.tensor([lp for g in te for lp in g.logprobs]),
+                               torch.tensor([lp for g in sdpa for lp in g.logprobs]),
+                               atol=1e-4, rtol=0)
+    monkeypatch.setattr(generation, "te_padding_masks", lambda m: contextlib.nullcontext())
+    unmasked = generate(model, prompts, params)
+    gap = max(abs(a - b) for x, y in zip(unmasked, sdpa) for a, b in zip(x.logprobs, y.logprobs))
+    assert gap > 1e-3  # the defect: the padding was attended to

@@ -45,6 +45,10 @@ Design.
   whether or not the model trains, and a 16-row decode step would get a capacity of one token
   per expert, so rollouts would not come from the trained policy. `dropless` lifts the capacity
   factor (the config's and the token dispatchers' copies) while generating and scoring.
+- Padding on the TE spec: TransformerEngine's attention ignores the mask for the `causal` and
+  `no_mask` types that Megatron passes, so while generating each TE core attention gets the
+  padding as TE reads it (`te_padding_masks`: `padding_causal` prefill, `padding` decode steps);
+  tested on CPU against an attention with TE's documented mask semantics.
 - An FP8 student (--fp8-format) generates in bf16 (`without_fp8`): decode steps feed token
   counts that are not multiples of 16, which TE's FP8 GEMMs refuse. Its rollout log-probs are
   then bf16 ones; the training forward that the loss uses stays in FP8.
@@ -302,7 +306,7 @@ def _inference_layout(gpt):
         config.sequence_parallel = False
     gpt.eval()
     try:
-        with _without_cpu_device_mode(), dropless(gpt), without_fp8(gpt):
+        with _without_cpu_device_mode(), dropless(gpt), without_fp8(gpt), te_padding_masks(gpt):
             yield
     finally:
         for module, attr in switched:
@@ -336,6 +340,56 @@ def without_fp8(model):
     leaving FP8 out is exact bf16 arithmetic, not a different model."""
     config = getattr(model, "config", None)
     return _lifted([(config, {"fp8": None})] if config is not None else [])
+
+
+@contextlib.contextmanager
+def te_padding_masks(model):
+    """TransformerEngine's attention reads a mask only for the padding and arbitrary mask types:
+    with the spec's `causal` (the prefill) and the `no_mask` Megatron switches to while decoding
+    it would attend to the left padding. Inside the block, every core attention that is not our
+    SDPAttention gets the padding in TE's terms (`te_mask_call`); where no mask is passed
+    nothing changes."""
+    from megatron.core.transformer.attention import Attention
+
+    from megatron_ext.attention import SDPAttention
+
+    handles = [m.core_attention.register_forward_pre_hook(te_mask_call, with_kwargs=True)
+               for m in model.modules()
+               if isinstance(m, Attention) and not isinstance(m.core_attention, SDPAttention)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def te_mask_call(module, args, kwargs):
+    """(args, kwargs) of a core-attention call with generation's boolean mask (True = masked;
+    [b, 1, s_q, s_kv], causal + padded keys) recast as TE takes padding: prefill (s_q = s_kv)
+    `padding_causal` with the [b, 1, 1, s] padded positions, one mask for queries and keys;
+    a decode step `padding` with (no padded query, the [b, 1, 1, s_kv] padded keys). The last
+    query is a real token in every left-padded row and sees every key but the padding, so its
+    mask row is the padding of the keys."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    args = list(args)
+    mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+    if mask is None:
+        return None
+    query, key = args[0], args[1]  # [s, b, heads, d]
+    kv_pad = mask[:, :, -1:, :]
+    if query.shape[0] == key.shape[0]:
+        mask, kind = kv_pad, AttnMaskType.padding_causal
+    else:
+        q_pad = torch.zeros(kv_pad.shape[0], 1, 1, query.shape[0], dtype=torch.bool,
+                            device=kv_pad.device)
+        mask, kind = (q_pad, kv_pad), AttnMaskType.padding
+    if len(args) > 3:
+        args[3] = mask
+    else:
+        kwargs["attention_mask"] = mask
+    kwargs["attn_mask_type"] = kind
+    return tuple(args), kwargs
 
 
 @contextlib.contextmanager
