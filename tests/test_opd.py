@@ -33,7 +33,7 @@ import pytest
 import torch
 from conftest import REPO, _free_port, load_tool, subprocess_env
 
-from megatron_ext.errors import ConfigError
+from megatron_ext.errors import ConfigError, MarcoError
 from megatron_ext.posttrain import losses
 
 VOCAB = 8192  # the bundled SentencePiece tokenizer's
@@ -589,3 +589,101 @@ def _worker(jobs_file: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+# ====================================================================== the SGLang rollout engine
+ENGINE_ARGS = ["--train-iters", "2", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+               "--rollout-max-response-len", "6", "--rollout-top-k", "1", "--micro-batch-size", "2",
+               "--seed", "7", "--log-interval", "100", "--rollout-max-prompt-len", "48",
+               "--adam-eps", "1e-6", "--lr", "1e-3"]
+
+
+@pytest.fixture
+def served_student(teachers, tmp_path):
+    """tools/serve_teacher.py serving the student's HF directory (weights replaced from
+    tmp_path by /update_weights_from_disk), in a thread of this process."""
+    import threading
+
+    serve = load_tool("serve_teacher")
+    model = serve.Model(str(teachers["root"] / "student-hf"), str(teachers["tokenizer"]),
+                        dtype="fp32", batch_size=4)
+    server = serve.make_server(model, "127.0.0.1", 0, update_root=str(tmp_path), socket_timeout=5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", model
+    server.shutdown()
+    server.server_close()
+
+
+def _tokens_recorded(monkeypatch):
+    """Every training row's tokens, as rollout.collate builds them."""
+    from megatron_ext.posttrain import rollout
+
+    seen, collate = [], rollout.collate
+
+    def spy(samples, pad_id, multiple=1):
+        seen.append([s.prompt_ids + s.output_ids for s in samples])
+        return collate(samples, pad_id, multiple)
+
+    monkeypatch.setattr(rollout, "collate", spy)
+    return seen
+
+
+def test_sglang_engine_rolls_out_and_trains_as_the_megatron_engine(teachers, served_student, tmp_path,
+                                                                  monkeypatch, fresh_module_tracker):
+    import threading
+
+    """The same seed, greedy (top-k 1) rollouts: --rollout-engine sglang against
+    tools/serve_teacher.py serving the student (its weights synced from disk before each
+    step, the step checked on every reply) samples the tokens the in-process generator samples
+    and trains to the same losses; a served teacher gives the in-process teacher's loss."""
+    url, model = served_student
+    base = ["--load", teachers["student"][1], *ENGINE_ARGS]
+    runs, seen = {}, _tokens_recorded(monkeypatch)
+    for name, extra in [("megatron", ["--teacher", teachers["dense"][1]]),
+                        ("sglang", ["--teacher", teachers["dense"][1], "--rollout-engine", "sglang",
+                                    "--rollout-url", url, "--rollout-sync-dir", str(tmp_path / "sync")])]:
+        log = tmp_path / f"{name}.jsonl"
+        _run_opd(*base, *extra, "--log-json", str(log))
+        runs[name] = (list(seen), _records(log)[0])
+        seen.clear()
+    (tok_m, steps_m), (tok_s, steps_s) = runs["megatron"], runs["sglang"]
+    assert tok_m == tok_s and len(tok_m) == 4  # two steps x two micro-batches
+    assert model.weight_version == "1"  # synced before step 2's rollout (and step 1's)
+    for got, want in zip(steps_s, steps_m, strict=True):
+        for key in ("opd_loss", "reverse_kl", "student_logprob", "teacher_logprob", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+        assert got["time/weight_sync_sec"] > 0 and got["rollout/weight_sync_gb"] > 0
+        assert got["logprob_diff"] < 1e-3  # the engine's sampling log-probs are the trainer's
+    # The teacher served (sglang:URL, scored through /generate) trains to the in-process loss.
+    serve = load_tool("serve_teacher")
+    server = serve.make_server(serve.Model(teachers["dense"][0], dtype="fp32"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        log = tmp_path / "served-teacher.jsonl"
+        _run_opd(*base, "--teacher", f"sglang:http://127.0.0.1:{server.server_address[1]}",
+                 "--log-json", str(log))
+    finally:
+        server.shutdown()
+        server.server_close()
+    for got, want in zip(_records(log)[0], steps_m, strict=True):
+        for key in ("opd_loss", "teacher_logprob", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+
+
+def test_an_engine_still_on_old_weights_is_refused_before_training(teachers, served_student, tmp_path,
+                                                                   monkeypatch, fresh_module_tracker):
+    """A server that answers the weight update but keeps serving the previous weights (its
+    weight_version unchanged) stops the run in one line naming its URL; nothing is saved."""
+    import posttrain_marco
+
+    url, model = served_student
+    monkeypatch.setattr(model, "reload", lambda path, version: None)  # 'success', nothing loaded
+    save = tmp_path / "ckpt"
+    with pytest.raises(MarcoError) as e:
+        posttrain_marco.main(["opd", "--load", teachers["student"][1], *ENGINE_ARGS, "--teacher",
+                              teachers["dense"][1], "--rollout-engine", "sglang", "--rollout-url",
+                              url, "--rollout-sync-dir", str(tmp_path / "sync"), "--save", str(save)])
+    message = str(e.value)
+    assert "\n" not in message and url in message and "weight_version 'default'" in message
+    assert not any(save.glob("iter_*"))
