@@ -83,10 +83,11 @@ class SDPAttention(MegatronModule):
             if dropout > 0 and not self.config.sequence_parallel
             else contextlib.nullcontext()
         )
+        k, v, gqa = _grouped_kv(q, k, v, keep)
         with rng:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=causal,
-                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
+                scale=self.softmax_scale, enable_gqa=gqa,
             )
         # [b, heads, s, d] -> [s, b, heads * d]
         return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_per_partition)
@@ -102,6 +103,20 @@ class SDPAttention(MegatronModule):
         context = F.scaled_dot_product_attention(folded, k, v, attn_mask=keep, scale=self.softmax_scale)
         # [b, kv_heads, heads / kv_heads, d] = [b, heads, d] -> [1, b, heads * d]
         return context.reshape(1, batch, self.hidden_per_partition)
+
+
+def _grouped_kv(q, k, v, keep):
+    """(k, v, enable_gqa) for SDPA. On CUDA a boolean mask together with grouped K/V heads
+    has no fused kernel (flash takes GQA but no mask, memory-efficient a mask but no GQA), so
+    SDPA would fall back to the math kernel and its [b, heads, s, s] scores (4 GiB in fp32 at
+    one row of 8,192 tokens x 16 heads): there K/V are repeated per query head instead (a
+    [b, heads, s, d] copy) and the memory-efficient kernel runs. On CPU the fused kernel takes
+    both (measured at 8,192 tokens, 16/8 heads: +0.25 GiB peak, no score matrix)."""
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and keep is not None and q.is_cuda:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    return k, v, gqa
 
 
 def _fold_query_heads(q, k, keep, dropout: float) -> bool:

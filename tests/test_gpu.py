@@ -12,6 +12,7 @@ experts without TE):
     uninterrupted run's losses (fp32 to 1e-5; bf16 within kernel non-determinism);
   - export of the GPU-trained checkpoint: transformers' logits == Megatron's (fp32 compute);
   - the tools' loader puts the whole model on the GPU, and generation never drops tokens;
+  - SDPA with a mask and grouped K/V heads stays on a fused kernel (no [b, h, s, s] scores);
   - the routing recorder's hooks do not synchronise the GPU (1.9);
   - TE: checkpoints of the TE and the non-TE spec load into each other (1.4), and the TE-only
     levers (FP8, permutation fusion) train a few steps.
@@ -204,6 +205,27 @@ def test_loaded_checkpoint_is_on_the_gpu_and_generates_dropless(trained, megatro
     dropping.load_state_dict(model.state_dict())
     got = generate(dropping, prompts, params)
     assert [x.output_ids for x in got] == [x.output_ids for x in expected]
+
+
+def test_sdpa_with_a_mask_and_grouped_heads_stays_fused():
+    """A padding mask with grouped K/V heads (generation's prefill, the non-TE spec): no math
+    kernel fallback, whose [1, 16, 8192, 8192] bf16 scores alone would be 2 GiB."""
+    import torch.nn.functional as F
+
+    from megatron_ext.attention import _grouped_kv
+
+    q = torch.randn(1, 16, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    keep = torch.ones(8192, 8192, dtype=torch.bool, device="cuda").tril()[None, None]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    k2, v2, gqa = _grouped_kv(q, k, v, keep)
+    F.scaled_dot_product_attention(q, k2, v2, attn_mask=keep, enable_gqa=gqa)
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - before) / 2**30
+    print(f"SDPA, mask + GQA at 8192 tokens: +{extra:.2f} GiB peak")
+    assert extra < 1.0, extra
 
 
 def test_routing_recorder_never_syncs_the_gpu():

@@ -370,3 +370,28 @@ def test_left_padded_generation_on_te_shaped_attention_equals_sdpa(monkeypatch, 
     unmasked = generate(model, prompts, params)
     gap = max(abs(a - b) for x, y in zip(unmasked, sdpa) for a, b in zip(x.logprobs, y.logprobs))
     assert gap > 1e-3  # the defect: the padding was attended to
+
+
+# ------------------------------------------------------------------------------ SDPA kernels
+def test_sdpa_with_a_mask_and_grouped_heads_repeats_kv_on_cuda(monkeypatch):
+    """Mask + GQA has no fused CUDA kernel (math fallback: [b, heads, s, s] scores), so on CUDA
+    SDPAttention repeats K/V per query head; the attention is the same (here on CPU, with the
+    tensors posing as CUDA ones), and without a mask or on CPU K/V stay grouped."""
+    import torch.nn.functional as F
+
+    from megatron_ext import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 6, 8, generator=g) for h in (4, 2, 2))
+    keep = torch.rand(2, 1, 6, 6, generator=g) > 0.3
+    keep |= torch.eye(6, dtype=torch.bool)
+    k2, v2, gqa = attention._grouped_kv(q, k, v, keep)
+    assert gqa and k2 is k  # CPU: grouped (its fused kernel takes both)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    k2, v2, gqa = attention._grouped_kv(q, k, v, keep)
+    assert not gqa and k2.shape[1] == 4
+    assert attention._grouped_kv(q, k, v, None)[2]  # no mask: flash takes GQA
+    monkeypatch.undo()
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k2, v2, attn_mask=keep),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                                              enable_gqa=True))
