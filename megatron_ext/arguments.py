@@ -128,6 +128,24 @@ def build_parser(
                         "(as Megatron-LM)")
     g.add_argument("--peak-tflops", type=float,
                    help="per-device peak for MFU (default: 989 on H100 bf16, measured on CPU)")
+    g.add_argument("--wandb-project", default=None,
+                   help="log to Weights & Biases under this project (beside TensorBoard; needs "
+                        "`pip install wandb`; WANDB_MODE=offline writes the run locally)")
+    g.add_argument("--wandb-exp-name", default=None,
+                   help="the W&B run name (default: W&B's generated one)")
+    g.add_argument("--wandb-save-dir", default=None,
+                   help="directory for W&B's local files (default: --tensorboard-dir's parent, "
+                        "else the working directory)")
+    g.add_argument("--profile", action="store_true",
+                   help="torch profiler trace of steps --profile-step-start to "
+                        "--profile-step-end, written to --tensorboard-dir (TensorBoard's "
+                        "profiler plugin shows it)")
+    g.add_argument("--profile-step-start", type=int, default=10,
+                   help="first profiled step (0-based iteration, as Megatron-LM)")
+    g.add_argument("--profile-step-end", type=int, default=12,
+                   help="the profile stops before this step")
+    g.add_argument("--profile-ranks", nargs="+", type=int, default=[0],
+                   help="global ranks that write a trace")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", help="checkpoint directory")
@@ -135,6 +153,16 @@ def build_parser(
     g.add_argument("--exit-interval", type=int,
                    help="stop (after saving) once the iteration is a multiple of this")
     g.add_argument("--load", help="resume from this checkpoint directory")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (Megatron-Core's asynchronous "
+                        "torch_dist save): training goes on while a forked writer saves; the "
+                        "checkpoint becomes 'latest' once every rank's write is done")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None, metavar="N",
+                   help="after each save delete older checkpoints but the last N (default: "
+                        "keep all); see --keep-checkpoint-every")
+    g.add_argument("--keep-checkpoint-every", type=int, default=None, metavar="K",
+                   help="with --keep-last-checkpoints, also keep every checkpoint whose "
+                        "iteration is a multiple of K")
     _add_switches(g, {
         "--no-load-optim": "load model weights only",
         "--no-load-rng": None,
@@ -399,6 +427,12 @@ def _refuse_cp_for_posttraining(args: argparse.Namespace) -> None:
         raise LayoutError(f"--context-parallel-size {args.context_parallel_size}: {stage} does "
                           "not support context parallelism (packed / variable-length rows); "
                           "use 1 and scale with data, tensor or expert parallelism")
+    if stage == "opd" and getattr(args, "tp_comm_overlap", False):
+        # TE's userbuffers are sized once for seq_length x micro-batch tokens; OPD rows are as
+        # wide as their micro-batch's longest row, and decode steps one token (SFT rows are
+        # always --seq-length wide).
+        raise LayoutError("--tp-comm-overlap: opd does not support it (TE's userbuffers need one "
+                          "fixed sequence length; OPD rows and decode steps vary); drop the flag")
 
 
 def _check_cp(args: argparse.Namespace) -> None:
@@ -477,11 +511,37 @@ def _optim(args: argparse.Namespace, on_gpu: bool) -> OptimizerOptions:
 def _checkpoint(args: argparse.Namespace) -> CheckpointOptions:
     if args.save_interval is not None and not args.save:
         raise ConfigError("--save-interval needs --save")
+    for name in ("keep_last_checkpoints", "keep_checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{_flag(name)} must be >= 1, got {value}")
+    if args.keep_checkpoint_every is not None and args.keep_last_checkpoints is None:
+        raise ConfigError("--keep-checkpoint-every needs --keep-last-checkpoints (without it "
+                          "every checkpoint is kept)")
     return CheckpointOptions(
         save=args.save, save_interval=args.save_interval, load=args.load,
         no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, finetune=args.finetune,
         optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
         exit_interval=args.exit_interval, overwrite_save=args.overwrite_save,
+        async_save=args.async_save, keep_last=args.keep_last_checkpoints,
+        keep_every=args.keep_checkpoint_every,
+    )
+
+
+def _logging(args: argparse.Namespace) -> LoggingOptions:
+    if args.profile:
+        if not args.tensorboard_dir:
+            raise ConfigError("--profile writes its trace to --tensorboard-dir: give one")
+        if not 0 <= args.profile_step_start < args.profile_step_end:
+            raise ConfigError(f"--profile-step-start {args.profile_step_start} must be >= 0 and "
+                              f"below --profile-step-end {args.profile_step_end}")
+    return LoggingOptions(
+        log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
+        log_json=args.log_json, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        peak_tflops=args.peak_tflops, wandb_project=args.wandb_project,
+        wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
+        profile=args.profile, profile_step_start=args.profile_step_start,
+        profile_step_end=args.profile_step_end, profile_ranks=tuple(args.profile_ranks),
     )
 
 
@@ -505,11 +565,7 @@ def check_args(args: argparse.Namespace, data_options: Callable = data.DataOptio
         checkpoint=_checkpoint(args),
         data=data_options(args),
         task=task_options(args) if task_options else None,
-        logging=LoggingOptions(
-            log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
-            log_json=args.log_json, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-            peak_tflops=args.peak_tflops,
-        ),
+        logging=_logging(args),
         data_parallel_size=dp,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
         describe=args.describe,

@@ -86,6 +86,7 @@ log = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "marco_model.json"
+RUN_CONFIG_FILE = "marco_run_config.json"  # the run's whole RunConfig (config.RunConfig.to_json)
 LOCK_FILE = ".marco_save.lock"
 CHECKPOINT_VERSION = 1
 _ITER = re.compile(r"iter_(\d{7})")
@@ -557,13 +558,16 @@ def _prepare_save(d: SaveDirectory, iteration: int, tmp: str) -> Optional[str]:
     return None
 
 
-def _commit(d: SaveDirectory, iteration: int, tmp: str, model_info: Optional[dict]) -> Optional[str]:
+def _commit(d: SaveDirectory, iteration: int, tmp: str, model_info: Optional[dict],
+            run_config: Optional[dict] = None) -> Optional[str]:
     """Rank 0: tmp -> iter_N (an existing one moved aside first), then 'latest'."""
     final = iteration_dir(d.root, iteration)
     aside, placed, free = None, False, None
     try:
         if model_info is not None:
             _atomic_write_text(os.path.join(tmp, MODEL_FILE), json.dumps(model_info, indent=2))
+        if run_config is not None:
+            _atomic_write_text(os.path.join(tmp, RUN_CONFIG_FILE), json.dumps(run_config, indent=1))
         if os.path.exists(final):
             aside = f"{final}.old-{os.getpid()}"
             os.replace(final, aside)
@@ -615,6 +619,72 @@ def _failed(root: str, iteration: int, cause: str, free: Optional[int] = None) -
     return f"--save {root}: saving iteration {iteration} failed ({cause}){full}; nothing written, {kept}"
 
 
+def keep_iterations(iterations: list[int], keep_last: Optional[int],
+                    keep_every: Optional[int]) -> set[int]:
+    """The retention rule (--keep-last-checkpoints N, --keep-checkpoint-every K): the last N
+    iterations, plus every multiple of K; all of them when N is None."""
+    if keep_last is None:
+        return set(iterations)
+    kept = set(sorted(iterations)[-keep_last:])
+    if keep_every:
+        kept |= {n for n in iterations if n % keep_every == 0}
+    return kept
+
+
+def apply_retention(root: str, keep_last: Optional[int], keep_every: Optional[int]) -> list[int]:
+    """Rank 0, after a commit: delete the complete checkpoints the rule does not keep (never
+    the one 'latest' names). Returns the deleted iterations."""
+    if keep_last is None:
+        return []
+    _, latest = _latest(root)
+    present = _complete_iterations(root)
+    kept = keep_iterations(present, keep_last, keep_every) | {latest}
+    removed = [n for n in present if n not in kept]
+    for n in removed:
+        shutil.rmtree(iteration_dir(root, n), ignore_errors=True)
+        log.info(f"removed {iteration_dir(root, n)} (--keep-last-checkpoints {keep_last}"
+                 + (f", --keep-checkpoint-every {keep_every})" if keep_every else ")"))
+    return removed
+
+
+class AsyncSaves:
+    """--async-save: Megatron-Core's AsyncCallsQueue of checkpoint writes (one forked writer
+    per save). A save's commit (rename to iter_N, 'latest', retention) is its finalize step,
+    run on every rank once every rank's write is done: at a later step's `poll()`, or at
+    `wait()` (before the next save, before exit, and at the end of training)."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+        self.pending: list[tuple[str, int, str]] = []  # (root, iteration, tmp) being written
+
+    def schedule(self, request, root: str, iteration: int, tmp: str) -> None:
+        self.pending.append((root, iteration, tmp))
+        self.queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        self._finalize(blocking=False)
+
+    def wait(self) -> None:
+        if self.pending:
+            self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        global _SAVING
+        try:
+            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, CheckpointException) as e:
+            root, iteration, tmp = self.pending.pop(0)
+            free = _free(root)
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(_failed(root, iteration, _cause(e), free)) from None
+        finally:
+            _SAVING = bool(self.queue.get_num_unfinalized_calls())
+        del self.pending[:len(done)]
+
+
 def save_checkpoint(
     root: str,
     state: TrainState,
@@ -624,10 +694,19 @@ def save_checkpoint(
     model_info: Optional[dict] = None,
     optimizer_fully_reshardable: bool = False,
     directory: Optional[SaveDirectory] = None,
+    run_config: Optional[dict] = None,
+    retention: tuple[Optional[int], Optional[int]] = (None, None),
+    async_saves: Optional[AsyncSaves] = None,
 ) -> str:
     """Save on every rank (collective); returns the final checkpoint directory. `directory`:
     the run's `claim_save_directory(root)`; without one, the invariants still hold (a
-    checkpoint this process did not write is never replaced, 'latest' never moves back)."""
+    checkpoint this process did not write is never replaced, 'latest' never moves back).
+    `run_config` (RunConfig.to_json) is saved beside `marco_model.json`; `retention`
+    (keep last N, keep every K) is applied after the commit. With `async_saves` the write is
+    scheduled in the background and committed by `async_saves.poll()/wait()`; the returned
+    directory exists only then."""
+    if async_saves is not None:
+        async_saves.wait()  # one save in flight at a time: the previous one is committed first
     d = directory or _UNCLAIMED.setdefault(os.path.realpath(root), SaveDirectory(root))
     final = iteration_dir(root, state.iteration)
     tmp = f"{final}.tmp"
@@ -651,21 +730,49 @@ def save_checkpoint(
     strategy = get_default_save_sharded_strategy()
     if dist.is_initialized() and _dp_group().size() > 1:
         strategy = FullyParallelSaveStrategyWrapper(strategy, _dp_group())
+    iteration = state.iteration
+
+    def commit() -> None:
+        _barrier()
+        _agree(_commit(d, iteration, tmp, model_info, run_config) if _rank() == 0 else None)
+        if _rank() == 0:
+            apply_retention(root, *retention)
+        _barrier()
+
     global _SAVING
     _SAVING = True
     try:
-        dist_checkpointing.save(sharded, tmp, sharded_strategy=strategy, content_metadata=metadata)
+        request = dist_checkpointing.save(sharded, tmp, sharded_strategy=strategy,
+                                          content_metadata=metadata,
+                                          async_sharded_save=async_saves is not None)
+        if async_saves is not None:
+            request.add_finalize_fn(commit)
+            async_saves.schedule(request, root, iteration, tmp)
+            return final
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         free = _free(root)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_failed(root, state.iteration, _cause(e), free)) from None
     finally:
-        _SAVING = False
-    _barrier()
-    _agree(_commit(d, state.iteration, tmp, model_info) if _rank() == 0 else None)
-    _barrier()
+        _SAVING = async_saves is not None and bool(async_saves.pending)
+    commit()
     return final
+
+
+def read_run_config(checkpoint: str) -> dict:
+    """The run configuration a checkpoint was saved with (`RUN_CONFIG_FILE`, JSON form of
+    config.RunConfig); `checkpoint` is a root or one iteration directory."""
+    ckpt = resolve_checkpoint_dir(checkpoint)
+    path = os.path.join(ckpt, RUN_CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{ckpt}: no {RUN_CONFIG_FILE} (saved by an older version, or "
+                              "converted/upcycled rather than trained)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable run configuration ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------

@@ -116,6 +116,9 @@ class CheckpointOptions:
     optim_fully_reshardable: bool = False
     exit_interval: Optional[int] = None
     overwrite_save: bool = False  # --save may hold another run's checkpoints: replace them
+    async_save: bool = False  # --async-save: Megatron-Core's asynchronous torch_dist write
+    keep_last: Optional[int] = None  # --keep-last-checkpoints N (None: keep every checkpoint)
+    keep_every: Optional[int] = None  # --keep-checkpoint-every K: iterations kept whatever N says
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,13 @@ class LoggingOptions:
     eval_interval: int = 0
     eval_iters: Optional[int] = None  # None: the data's whole validation set if it knows it, else 2
     peak_tflops: Optional[float] = None
+    wandb_project: Optional[str] = None  # --wandb-project (None: no W&B)
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    profile: bool = False  # --profile: torch profiler trace of steps [start, end)
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: tuple = (0,)
 
 
 @dataclass(frozen=True)
@@ -151,3 +161,76 @@ class RunConfig:
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        """The whole configuration as JSON-able data (`from_json` rebuilds an equal RunConfig):
+        what the trainer prints at start and saves with every checkpoint."""
+        return _encode(self)
+
+    @staticmethod
+    def from_json(record: dict) -> "RunConfig":
+        cfg = _decode(record)
+        if not isinstance(cfg, RunConfig):
+            raise ValueError(f"not a run configuration: {type(cfg).__name__}")
+        return cfg
+
+
+def format_run_config(record: dict) -> str:
+    """A `RunConfig.to_json()` record as 'section.field  value' lines, in field order (as
+    Megatron-LM prints its arguments at start): the trainer's start-up block and
+    tools/show_run_config.py's output."""
+    lines = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and "__dtype__" in value:
+            lines.append((prefix, value["__dtype__"]))
+        elif isinstance(value, dict) and "__tuple__" in value:
+            lines.append((prefix, " ".join(str(_decode(v)) for v in value["__tuple__"])))
+        elif isinstance(value, dict) and value:
+            for k, v in value.items():
+                if k != "__class__":
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            lines.append((prefix, value))
+
+    walk("", record)
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
+
+
+# JSON form: a dataclass is {"__class__": "module:Qualname", field: value...}, a tuple
+# {"__tuple__": [...]}, a torch dtype {"__dtype__": "bfloat16"}; the rest is JSON as is.
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        return {"__class__": f"{cls.__module__}:{cls.__qualname__}",
+                **{f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__dtype__" in value:
+        return getattr(torch, value["__dtype__"])
+    if "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    if "__class__" in value:
+        import importlib
+
+        module, _, qualname = value["__class__"].partition(":")
+        cls: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        return cls(**{k: _decode(v) for k, v in value.items() if k != "__class__"})
+    return {k: _decode(v) for k, v in value.items()}

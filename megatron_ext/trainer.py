@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from functools import partial
@@ -33,7 +34,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from megatron_ext import checkpointing, data, parallel
-from megatron_ext.config import RunConfig
+from megatron_ext.config import RunConfig, format_run_config
 from megatron_ext.errors import CheckpointError, TrainingError
 from megatron_ext.flops import (
     H100_BF16_PEAK_TFLOPS,
@@ -41,7 +42,7 @@ from megatron_ext.flops import (
     checkpoint_bytes,
     training_flops_per_token,
 )
-from megatron_ext.metrics import MetricsWriter, peak_memory_gib
+from megatron_ext.metrics import MetricsWriter, StepClock, peak_memory_gib, start_profiler
 from megatron_ext.model import build_stages
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ext.routing import RoutingRecorder
@@ -239,7 +240,10 @@ class Trainer:
         )
         lg = cfg.logging
         self.metrics = MetricsWriter(self.is_logging_rank, lg.tensorboard_dir, lg.log_json,
-                                     lg.log_interval)
+                                     lg.log_interval, cfg.batch.train_iters,
+                                     wandb=self._wandb_settings(cfg))
+        self.clock = StepClock(cfg.batch.train_iters)
+        self.async_saves = checkpointing.AsyncSaves() if cfg.checkpoint.async_save else None
         self.routing = (
             RoutingRecorder(self.model, self.preset.num_layers, self.preset.num_experts)
             if self.preset.is_moe
@@ -247,6 +251,16 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _wandb_settings(cfg: RunConfig) -> Optional[dict]:
+        lg = cfg.logging
+        if not lg.wandb_project:
+            return None
+        tb = lg.tensorboard_dir
+        save_dir = lg.wandb_save_dir or (os.path.dirname(os.path.abspath(tb)) if tb else None)
+        return {"project": lg.wandb_project, "name": lg.wandb_exp_name, "dir": save_dir,
+                "config": cfg.to_json()}
+
     def _check_checkpoint_paths(self, cfg: RunConfig):
         """--load complete and holding this model; --save claimed (locked, not another run's,
         writable, room for a checkpoint): one line and exit 2 now, not after hours of training."""
@@ -356,6 +370,8 @@ class Trainer:
             "peak_memory_gib": peak_memory_gib(),
             "step_time_sec": elapsed,
             "consumed_samples": (step + 1) * b.global_batch_size,
+            "consumed_tokens": (step + 1) * tokens,
+            "eta_sec": self.clock.eta(step + 1, elapsed),
         }
         per_layer = {}
         if self.preset.is_moe:
@@ -541,8 +557,11 @@ class Trainer:
             ),
             optimizer_fully_reshardable=ck.optim_fully_reshardable,
             directory=self.save_dir,
+            run_config=self.cfg.to_json(),
+            retention=(ck.keep_last, ck.keep_every),
+            async_saves=self.async_saves,
         )
-        self.log(f"saved checkpoint {path}")
+        self.log(f"{'writing (async)' if self.async_saves else 'saved'} checkpoint {path}")
 
     def _check_finite(self, step: int, scalars: dict) -> None:
         """Megatron-LM's --check-for-nan-in-loss-and-grad: stop before anything is saved."""
@@ -557,7 +576,10 @@ class Trainer:
     def train(self) -> list[float]:
         """Steps from the loaded iteration to --train-iters (or a stop); the loss per step."""
         try:
-            return self._train()
+            losses = self._train()
+            if self.async_saves is not None:
+                self.async_saves.wait()  # the last checkpoint committed before returning
+            return losses
         finally:
             self.stop_signal.restore()
 
@@ -573,6 +595,8 @@ class Trainer:
             f"global batch {b.global_batch_size} x {b.seq_length} tokens, "
             f"steps {start} -> {b.train_iters}"
         )
+        self.log("run configuration (saved with every checkpoint as "
+                 f"{checkpointing.RUN_CONFIG_FILE}):\n{format_run_config(cfg.to_json())}")
         if cfg.skip_train:
             self.metrics.log_scalars(start, self.evaluate(max(start - 1, 0)))
             self.metrics.close()
@@ -580,9 +604,14 @@ class Trainer:
         if start == b.train_iters:
             log.warning(f"nothing to train: the checkpoint is at iteration {start} = "
                         f"--train-iters {b.train_iters}")
+        profiler = start_profiler(cfg.logging, self.rank, start)
         for step in range(start, b.train_iters):
             self.task.on_step_start(self, step)
             result = self.train_step(step)
+            if profiler is not None:
+                profiler.step()
+            if self.async_saves is not None:
+                self.async_saves.poll()  # commits a finished background save
             result["scalars"].update(self.task.step_metrics(step))
             self._check_finite(step, result["scalars"])
             self.state.iteration = step + 1
@@ -606,5 +635,7 @@ class Trainer:
             if ck.save and start < b.train_iters and not (
                     ck.save_interval and self.state.iteration % ck.save_interval == 0):
                 self.save()
+        if profiler is not None:
+            profiler.stop()
         self.metrics.close()
         return losses

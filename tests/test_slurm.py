@@ -373,7 +373,7 @@ def test_mini_stage1_sbatch_on_cpu_saves_on_usr1_requeues_and_resumes(tmp_path):
     stopped = int(latest.read_text())
     assert 4 < stopped < 8, output[-3000:]
     assert f"signal 10: saved at iteration {stopped}, exiting" in output
-    assert re.search(r"step +1 \| lm loss .* \| stage 1$", output, re.M), output[-3000:]
+    assert re.search(r"step +1/\d+ \| .* \| lm loss .* \| stage 1$", output, re.M), output[-3000:]
     assert "world 2 (TP 1 PP 1 EP 1 DP 2)" in output
     assert (save / f"iter_{stopped:07d}" / "metadata.json").exists()
     assert (slurm_log / "scontrol.log").read_text().splitlines() == [f"requeue {job}"]
