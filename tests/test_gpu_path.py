@@ -395,3 +395,14 @@ def test_sdpa_with_a_mask_and_grouped_heads_repeats_kv_on_cuda(monkeypatch):
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k2, v2, attn_mask=keep),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                                               enable_gqa=True))
+
+
+def test_tp_comm_overlap_is_refused_for_opd_at_parse_time():
+    """TE's userbuffers are sized for one sequence length; OPD rows and decode steps vary."""
+    import posttrain_marco
+    from megatron_ext.arguments import check_args
+    from megatron_ext.errors import LayoutError
+
+    args = posttrain_marco.build_parser().parse_args(["opd", "--tp-comm-overlap"])
+    with pytest.raises(LayoutError, match="^--tp-comm-overlap: opd does not support it"):
+        check_args(args)
