@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -72,7 +75,7 @@ def test_divergence_equals_plain_formula(kind, beta):
     temperature = 0.7
     ref_in = s.detach()[:, :v].clone().requires_grad_()
     expected = _reference(ref_in / temperature, t[:, :v] / temperature, kind, beta)
-    got = losses.full_vocab_divergence(s, t, kind=kind, beta=beta, temperature=temperature,
+    got = losses.full_vocab_divergence(s, t, opd_loss=kind, beta=beta, temperature=temperature,
                                        vocab_size=v, chunk_tokens=4)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
@@ -89,7 +92,7 @@ def test_divergence_equals_plain_formula(kind, beta):
     # A subset of rows, in one chunk or many: the same values.
     rows = torch.tensor([7, 1, 4])
     for chunk in (1, 2, 100):
-        sub = losses.full_vocab_divergence(s, t, kind=kind, beta=beta, temperature=temperature,
+        sub = losses.full_vocab_divergence(s, t, opd_loss=kind, beta=beta, temperature=temperature,
                                            vocab_size=v, rows=rows, chunk_tokens=chunk)
         torch.testing.assert_close(sub, got[rows].detach(), atol=1e-7, rtol=1e-6)
 
@@ -687,3 +690,54 @@ def test_an_engine_still_on_old_weights_is_refused_before_training(teachers, ser
     message = str(e.value)
     assert "\n" not in message and url in message and "weight_version 'default'" in message
     assert not any(save.glob("iter_*"))
+
+
+def _fail_generate(model, how):
+    import threading
+    import time as _time
+
+    real = model.generate
+
+    def generate(rows, params):
+        out = real(rows, params)
+        if how == "short":
+            return [([], [], {"type": "length", "length": 0}) for _ in out]
+        if how == "positive":
+            return [(ids, [0.5] * len(lps), f) for ids, lps, f in out]
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # while it hangs
+        _time.sleep(60)
+        return out
+
+    return generate
+
+
+@pytest.mark.parametrize("where,how,pattern", [
+    ("engine", "short", "0 generated tokens"), ("engine", "positive", "log-prob 0.5"),
+    ("teacher", "positive", "log-prob 0.5"), ("engine", "hang", "signal 15 while waiting")])
+def test_a_misbehaving_engine_or_teacher_stops_the_run_before_training(
+        teachers, served_student, tmp_path, monkeypatch, fresh_module_tracker, where, how, pattern):
+    """A rollout engine or served teacher answering wrongly stops OPD in one line naming its
+    URL before the step trains (no checkpoint); SIGTERM during a hung rollout request ends the
+    run at once (--rollout-timeout 30 s), without saving, saying so."""
+    import posttrain_marco
+
+    url, model = served_student
+    if where == "engine":
+        monkeypatch.setattr(model, "generate", _fail_generate(model, how))
+        extra = ["--teacher", teachers["dense"][1], "--rollout-engine", "sglang", "--rollout-url", url,
+                 "--rollout-sync-dir", str(tmp_path / "sync"), "--rollout-timeout", "30"]
+    else:  # the served student's process scores as a teacher (same token map)
+        real = model.score
+        monkeypatch.setattr(model, "score", lambda rows: [[None] + [0.5] * (len(r) - 1)
+                                                          for r in real(rows)])
+        extra = ["--teacher", f"sglang:{url}"]
+    save = tmp_path / "ckpt"
+    start = time.monotonic()
+    with pytest.raises(MarcoError) as e:
+        posttrain_marco.main(["opd", "--load", teachers["student"][1], *ENGINE_ARGS, *extra,
+                              "--save", str(save), "--save-interval", "1"])
+    message = str(e.value)
+    assert "\n" not in message and url in message and pattern in message, message
+    assert not any(save.glob("iter_*"))
+    if how == "hang":
+        assert "exiting without saving" in message and time.monotonic() - start < 30
