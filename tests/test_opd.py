@@ -405,7 +405,7 @@ def test_flags_are_resolved_from_the_cascade_and_checked(teachers, tmp_path):
     args = resolve_opd_args(parse(["opd", "--cascade", str(path), "--rollout-max-prompt-len", "100"]))
     assert (args.train_iters, args.global_batch_size, args.seq_length) == (9, 6, 160)
     assert args.rollout_batch_size == 3 and args.rollout_max_prompt_len == 100
-    for extra, pattern in [(["--global-batch-size", "8"], "must equal --rollout-batch-size 3"),
+    for extra, pattern in [(["--global-batch-size", "4"], "must divide --rollout-batch-size 3"),
                            (["--train-iters", "10"], "exceeds the cascade's 9 steps"),
                            (["--seq-length", "150"], "shorter than"),
                            (["--teacher", ckpt], "exclusive")]:
@@ -741,3 +741,44 @@ def test_a_misbehaving_engine_or_teacher_stops_the_run_before_training(
     assert not any(save.glob("iter_*"))
     if how == "hang":
         assert "exiting without saving" in message and time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("model,nodes,engines", [("nano", 11, 2), ("mini", 13, 4)])
+def test_sglang_sbatch_dry_run_starts_servers_and_passes_their_urls(teachers, model, nodes, engines):
+    """slurm/{model}_opd_sglang.sbatch (dry run): rollout engines and the served teacher are
+    started with `python -m sglang.launch_server` on their own nodes, /health is waited for,
+    and the training command (on the remaining 8 nodes) gets their URLs."""
+    import shlex
+
+    import posttrain_marco
+    from megatron_ext.posttrain.opd import resolve_opd_args
+
+    env = subprocess_env(QWEN3_30B_A3B_MCORE=teachers["moe30b"][1], MARCO_DRY_RUN="1",
+                         MARCO_CKPT_ROOT="/ckpt", MARCO_DATA_ROOT="/data",
+                         MARCO_SGLANG_TEACHERS="QWEN3_NEXT_80B_A3B=/models/qwen3-next-80b:1")
+    run = subprocess.run(["bash", str(REPO / f"slurm/{model}_opd_sglang.sbatch")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    servers = [shlex.split(line.rstrip(" &")) for line in lines if "sglang.launch_server" in line]
+    assert len(servers) == engines + 1
+    hosts = [next(a.split("=")[1] for a in s if a.startswith("--nodelist=")) for s in servers]
+    assert hosts == [f"node{i}" for i in range(engines + 1)]  # each on its own node
+    paths = [s[s.index("--model-path") + 1] for s in servers]
+    assert paths[-1] == "/models/qwen3-next-80b" and all(p.endswith("student-initial") for p in paths[:-1])
+    urls = [f"http://node{i}:30000" for i in range(engines)]
+    assert f"# wait for /health: {' '.join(urls)} http://node{engines}:30000" in lines
+    exports = dict(line[len("export "):].split("=", 1) for line in lines if line.startswith("export "))
+    assert exports["QWEN3_NEXT_80B_A3B"] == f"sglang:http://node{engines}:30000"
+    srun = shlex.split(lines[-1])
+    trainers = ",".join(f"node{i}" for i in range(engines + 1, nodes))
+    assert "--nodes=8" in srun and f"--nodelist={trainers}" in srun
+    argv = srun[srun.index("posttrain_marco.py") + 1:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QWEN3_30B_A3B_MCORE", teachers["moe30b"][1])
+        mp.setenv("QWEN3_NEXT_80B_A3B", exports["QWEN3_NEXT_80B_A3B"])
+        args = resolve_opd_args(posttrain_marco.build_parser().parse_args(argv))
+    assert args.rollout_engine == "sglang" and args.rollout_url == urls
+    assert args.rollout_sync_dir.endswith(f"rollout/{model}/weights")
+    assert [p.teacher.kind for p in args.opd_cascade.phases] == ["megatron", "sglang"]
+    assert args.opd_cascade.phases[1].teacher.path == f"sglang:http://node{engines}:30000"
