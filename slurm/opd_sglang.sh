@@ -91,7 +91,8 @@ trainers=("${hosts[@]:next}")
 
 export MARCO_NNODES=${#trainers[@]}
 export MARCO_EXTRA_ARGS="${MARCO_EXTRA_ARGS:-} --rollout-engine sglang --rollout-url ${urls[*]} --rollout-sync-dir $shared/weights"
-export MARCO_SRUN_ARGS="${MARCO_SRUN_ARGS:-} --nodelist=$(IFS=,; echo "${trainers[*]}")"
+trainer_list=$(IFS=,; echo "${trainers[*]}")
+export MARCO_SRUN_ARGS="${MARCO_SRUN_ARGS:-} --nodelist=$trainer_list"
 export "${teacher_env[@]+"${teacher_env[@]}"}"
 
 if [[ -n $dry_run ]]; then
@@ -124,6 +125,5 @@ for url in "${health[@]}"; do
     done
     note "$url is up"
 done
-export SLURM_JOB_NODELIST
-SLURM_JOB_NODELIST=$(IFS=,; echo "${trainers[*]}")
+export SLURM_JOB_NODELIST=$trainer_list
 bash "$repo/slurm/posttrain.sh" "$model" opd

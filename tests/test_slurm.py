@@ -80,7 +80,8 @@ def _value(flags: list[str], name: str):
 
 # ----------------------------------------------------------------------------- static checks
 def test_every_script_passes_bash_n_and_shellcheck():
-    others = ["evaluate.sbatch", "preprocess.sbatch", *POSTTRAIN]  # tested with their tools / below
+    others = ["evaluate.sbatch", "preprocess.sbatch", *POSTTRAIN,  # tested with their tools / below
+              "nano_opd_sglang.sbatch", "mini_opd_sglang.sbatch"]  # tests/test_opd.py
     assert sorted(p.name for p in SLURM.glob("*.sbatch")) == sorted([*SCRIPTS, *others])
     for path in _bash_files():
         result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
