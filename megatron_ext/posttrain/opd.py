@@ -97,12 +97,22 @@ DEFAULTS: dict[str, Any] = {
     "opd_beta": 0.5,
     "opd_chunk_tokens": 1024,
     "eval_prompts": 64,
+    # slime's defaults where Marco's paper is silent (docs/posttraining.md, "The cascade file").
+    "opd_loss_reduction": "sample-mean",
+    "eps_clip": 0.2,
+    "eps_clip_high": None,
+    "use_tis": False,
+    "tis_clip": 2.0,
+    "tis_clip_low": 0.0,
+    "entropy_coef": 0.0,
+    "routing_replay": False,
 }
 # What a phase may override (the batch shape and the prompt set are the run's).
 PHASE_OVERRIDES = ("rollout_temperature", "rollout_top_p", "rollout_top_k",
                    "rollout_max_response_len", "rollout_decode_batch_size", "opd_loss",
                    "opd_kl_coef", "opd_beta")
 EVAL_STREAM = 1 << 40  # the held-out sampling stream: step_seed(--seed, EVAL_STREAM)
+ROLLOUT_STATE = "opd_rollout"  # TrainState.extra key: the rollout a mid-rollout checkpoint needs
 
 
 # ====================================================================== the cascade
@@ -317,6 +327,28 @@ def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="further tries of a request after a connection failure, timeout or 5xx")
     g.add_argument("--opd-chunk-tokens", type=int,
                    help="full-vocabulary losses: tokens per chunk (memory bound; cascade, else 1024)")
+    g.add_argument("--opd-loss-reduction", choices=losses.REDUCTIONS,
+                   help="sample-mean: a mean over each response's tokens, then over responses "
+                        "(slime's default); token-mean: over all response tokens of the global "
+                        "batch (slime's --calculate-per-token-loss) (cascade, else sample-mean)")
+    g.add_argument("--eps-clip", type=float,
+                   help="sampled-rkl: the clipped surrogate's lower range, ratio >= 1 - eps "
+                        "(cascade, else 0.2; acts from the second optimizer step of a rollout)")
+    g.add_argument("--eps-clip-high", type=float,
+                   help="sampled-rkl: the upper range, ratio <= 1 + eps-high (cascade, else "
+                        "--eps-clip)")
+    g.add_argument("--use-tis", action="store_true", default=None,
+                   help="sampled-rkl: truncated importance sampling, the loss times "
+                        "clip(exp(trainer - sampler log-prob), --tis-clip-low, --tis-clip)")
+    g.add_argument("--tis-clip", type=float, help="--use-tis upper clip (cascade, else 2.0)")
+    g.add_argument("--tis-clip-low", type=float, help="--use-tis lower clip (cascade, else 0)")
+    g.add_argument("--entropy-coef", type=float,
+                   help="subtract this x the student's entropy on the response tokens from the "
+                        "loss (cascade, else 0: logged only)")
+    g.add_argument("--routing-replay", action="store_true", default=None,
+                   help="MoE student: the generator records each token's top-k experts per "
+                        "layer and the trainer's forwards of the rollout route the same way "
+                        "(Megatron-Core's RouterReplay)")
     add_tokenizer_args(g, cache_help="where the bundled SFT sample is prepared for --eval-assistant-data",
                        if_missing=True)
     # Filled by resolve_opd_args: the cascade's total steps, rollout x samples, prompt + response.
@@ -358,13 +390,20 @@ def resolve_opd_args(args: argparse.Namespace) -> argparse.Namespace:
             in_file = dest in file_settings and value == file_settings[dest]
             where = f"{cascade.path}: settings: " if in_file else ""
             raise ConfigError(f"{where}--{dest.replace('_', '-')} must be an integer >= 1, got {value!r}")
-    gbs = int(args.rollout_batch_size) * int(args.n_samples_per_prompt)
+    rollout_rows = int(args.rollout_batch_size) * int(args.n_samples_per_prompt)
     if args.global_batch_size is None:
-        args.global_batch_size = gbs
-    elif args.global_batch_size != gbs:
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} must equal "
-                          f"--rollout-batch-size {args.rollout_batch_size} x --n-samples-per-prompt "
-                          f"{args.n_samples_per_prompt} = {gbs} (one optimizer step per rollout)")
+        args.global_batch_size = rollout_rows
+    elif args.global_batch_size < 1 or rollout_rows % args.global_batch_size:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} must divide --rollout-batch-size "
+                          f"{args.rollout_batch_size} x --n-samples-per-prompt {args.n_samples_per_prompt} "
+                          f"= {rollout_rows} (each rollout gives a whole number of optimizer steps)")
+    per_rollout = rollout_rows // args.global_batch_size
+    for i, phase in enumerate(cascade.phases, 1):
+        if phase.steps % per_rollout:
+            where = f"{cascade.path}: phase {i} ({phase.name})" if cascade.path else "--train-iters"
+            raise ConfigError(f"{where}: {phase.steps} steps is not a multiple of the {per_rollout} "
+                              f"optimizer steps of each rollout ({rollout_rows} rows / "
+                              f"--global-batch-size {args.global_batch_size})")
     total = cascade.total_steps
     if args.train_iters is None:
         args.train_iters = total
@@ -388,9 +427,18 @@ def resolve_opd_args(args: argparse.Namespace) -> argparse.Namespace:
 @dataclass(frozen=True)
 class PhaseSettings:
     rollout: RolloutSettings
-    loss: str
+    opd_loss: str
     kl_coef: float
     beta: float
+    reduction: str = "sample-mean"  # --opd-loss-reduction (the run's)
+    policy: losses.PolicyLoss = losses.PolicyLoss()  # sampled-rkl's surrogate (kl_coef in it)
+    entropy_coef: float = 0.0
+
+    @property
+    def full_vocab(self) -> bool:
+        """The loss needs the teacher's logits in the forward step (else its log-prob of each
+        sampled token, scored once per rollout)."""
+        return losses.needs_teacher_logits(self.opd_loss)
 
 
 @dataclass(frozen=True)
@@ -411,6 +459,7 @@ class OPDOptions:
     sync_dir: Optional[str] = None
     timeout: float = 600.0  # --rollout-timeout (engines and served teachers)
     retries: int = 2
+    routing_replay: bool = False  # --routing-replay
 
     def client_options(self, urls: tuple = ()):
         from megatron_ext.inference.sglang_client import ClientOptions
@@ -444,7 +493,35 @@ def _phase_settings(v: dict, where: str) -> PhaseSettings:
         raise ConfigError(f"{where}--opd-kl-coef must be a positive number, got {kl_coef}")
     if not 0 <= beta <= 1:
         raise ConfigError(f"{where}--opd-beta must be in [0, 1], got {beta}")
-    return PhaseSettings(settings, v["opd_loss"], kl_coef, beta)
+    if v["opd_loss_reduction"] not in losses.REDUCTIONS:
+        raise ConfigError(f"{where}--opd-loss-reduction {v['opd_loss_reduction']!r}: expected one of "
+                          f"{', '.join(losses.REDUCTIONS)}")
+    policy = _policy(v, kl_coef, where)
+    entropy_coef = _finite(v["entropy_coef"], "--entropy-coef", where)
+    return PhaseSettings(settings, v["opd_loss"], kl_coef, beta, v["opd_loss_reduction"], policy,
+                         entropy_coef)
+
+
+def _finite(value, flag: str, where: str, low: float = -math.inf) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}{flag} must be a number, got {value!r}") from None
+    if not math.isfinite(out) or out < low:
+        raise ConfigError(f"{where}{flag} must be a finite number >= {low:g}, got {value!r}")
+    return out
+
+
+def _policy(v: dict, kl_coef: float, where: str) -> losses.PolicyLoss:
+    """slime's clipped surrogate and TIS settings, checked."""
+    eps = _finite(v["eps_clip"], "--eps-clip", where, 0.0)
+    high = None if v["eps_clip_high"] is None else _finite(v["eps_clip_high"], "--eps-clip-high", where, 0.0)
+    low_tis = _finite(v["tis_clip_low"], "--tis-clip-low", where, 0.0)
+    tis = _finite(v["tis_clip"], "--tis-clip", where, 0.0)
+    if tis <= low_tis:
+        raise ConfigError(f"{where}--tis-clip {tis:g} must exceed --tis-clip-low {low_tis:g}")
+    return losses.PolicyLoss(kl_coef=kl_coef, eps_clip=eps, eps_clip_high=high,
+                             use_tis=bool(v["use_tis"]), tis_clip=tis, tis_clip_low=low_tis)
 
 
 def _check_base_settings(opts: OPDOptions) -> None:
@@ -479,13 +556,14 @@ def opd_options(args: argparse.Namespace) -> OPDOptions:
         eval_prompt_data=tuple(args.eval_prompt_data or rollout.DEFAULT_EVAL_PROMPTS),
         eval_prompts=int(args.eval_prompts),
         eval_assistant_data=None if args.eval_assistant_data is None else tuple(args.eval_assistant_data),
-        chunk_tokens=int(args.opd_chunk_tokens), **_engine_options(args))
+        chunk_tokens=int(args.opd_chunk_tokens), routing_replay=bool(args.routing_replay),
+        **_engine_options(args))
     _check_base_settings(opts)
     for i, phase in enumerate(cascade.phases):
         ps = opts.phase_settings(i)
         where = f"{cascade.path or '--teacher'}: phase {i + 1} ({phase.name})"
-        if phase.teacher.kind == "sglang" and ps.loss in losses.FULL_VOCAB:
-            raise ConfigError(f"{where}: --opd-loss {ps.loss} needs the teacher's full logits; a "
+        if phase.teacher.kind == "sglang" and ps.full_vocab:
+            raise ConfigError(f"{where}: --opd-loss {ps.opd_loss} needs the teacher's full logits; a "
                               "served (sglang) teacher returns per-token log-probs only (use "
                               "sampled-rkl)")
         if phase.teacher.kind == "sglang" and ps.rollout.temperature != 1.0:
@@ -537,6 +615,17 @@ def _now() -> float:
     return time.perf_counter()
 
 
+@dataclass
+class Rollout:
+    """One rollout's training rows on this rank: batches[j] are the micro-batches of optimizer
+    step first_step + j."""
+
+    first_step: int
+    batches: list
+    statistics: dict
+    times: dict
+
+
 class OPDData(TrainData):
     """The trainer's data interface over the task's rollouts (prepared in on_step_start)."""
 
@@ -573,6 +662,7 @@ class OPDTask(Task):
         self.teacher = None
         self.teacher_phase: Optional[int] = None
         self.prepared = None
+        self.current_rollout: Optional[Rollout] = None
         self.settings: Optional[PhaseSettings] = None
         self._info: dict = {}
         self._teacher_seconds = 0.0
@@ -600,6 +690,8 @@ class OPDTask(Task):
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.multiple = self.tp * (8 if torch.cuda.is_available() else 1)
         self.per_rank = trainer.dp_size > 1 and per_rank_supported(trainer.model)
+        # Optimizer steps per rollout (resolve_opd_args checked that it divides).
+        self.per_rollout = first.global_batch_size // self.cfg.batch.global_batch_size
         # Before the first step: every teacher's token map is the student's (a served one's
         # as its server reports it), and so is a rollout engine's.
         for phase in self.opts.cascade.phases:
@@ -621,7 +713,7 @@ class OPDTask(Task):
             s = self.opts.phase_settings(i)
             lr = f"lr {p.lr:g}" if p.lr is not None else "lr --lr"
             lines.append(f"OPD phase {i + 1}/{len(c.phases)} {p.name}: steps {p.start + 1}-{p.end}, "
-                         f"{lr}, teacher {p.teacher.kind} {p.teacher.path}, loss {s.loss}, "
+                         f"{lr}, teacher {p.teacher.kind} {p.teacher.path}, loss {s.opd_loss}, "
                          f"T {s.rollout.temperature:g}, top-p {s.rollout.top_p:g}, "
                          f"response <= {s.rollout.max_response_len}")
         s = self.opts.phase_settings(0).rollout
@@ -631,8 +723,17 @@ class OPDTask(Task):
             f"{s.max_prompt_len} tokens left out), "
             + ("each data-parallel rank samples its own rows" if self.per_rank else
                "every rank samples the whole batch")
-            + f"; held-out: {min(self.opts.eval_prompts, len(self.eval_set))} of "
+            + f"; {self.per_rollout} optimizer step(s) of {self.cfg.batch.global_batch_size} rows "
+              f"per rollout; held-out: {min(self.opts.eval_prompts, len(self.eval_set))} of "
               f"{len(self.eval_set)} prompts")
+        s = self.opts.phase_settings(0)
+        p = s.policy
+        high = p.eps_clip if p.eps_clip_high is None else p.eps_clip_high
+        lines.append(f"OPD loss: {s.reduction} reduction; sampled-rkl surrogate clip "
+                     f"[{1 - p.eps_clip:g}, {1 + high:g}]"
+                     + (f", TIS clip [{p.tis_clip_low:g}, {p.tis_clip:g}]" if p.use_tis else ", no TIS")
+                     + f", entropy coefficient {s.entropy_coef:g}"
+                     + (", routing replay" if self.opts.routing_replay else ""))
         return lines
 
     def _should_stop(self):
@@ -728,18 +829,15 @@ class OPDTask(Task):
             # phase's "before"; its "after" is the evaluation at the phase's last step).
             trainer.metrics.log_scalars(step, self._evaluate(trainer, index, step))
             t0 = _now()
-        sync = self._sync_weights(trainer, step)
-        t1 = _now()
-        batches, stats = self._rollout(trainer, step)
-        t2 = _now()
-        if self.settings.loss == "sampled-rkl":
-            for b in batches:
-                b["teacher_logprobs"] = self._teacher_logprobs(b)
-        t3 = _now()
-        self.prepared = (step, batches)
-        self._info = {"opd/phase": index + 1, **rollout.statistics_dict(stats, "rollout"),
-                      "time/teacher_load_sec": t1 - t0 - sync.get("time/weight_sync_sec", 0.0),
-                      "time/rollout_sec": t2 - t1, "time/teacher_sec": t3 - t2, **sync}
+        first = step - step % self.per_rollout
+        if self.current_rollout is None or self.current_rollout.first_step != first:
+            self.current_rollout = self._new_rollout(trainer, step, first, t0)
+            times = self.current_rollout.times
+        else:  # a later optimizer step of the same rollout
+            times = {"time/teacher_load_sec": _now() - t0, "time/rollout_sec": 0.0,
+                     "time/teacher_sec": 0.0}
+        self.prepared = (step, self.current_rollout.batches[step - first])
+        self._info = {"opd/phase": index + 1, **self.current_rollout.statistics, **times}
         self._teacher_seconds = 0.0
         self._train_start = _now()
 
@@ -748,7 +846,138 @@ class OPDTask(Task):
         info = dict(self._info)
         info["time/teacher_sec"] += self._teacher_seconds
         info["time/train_sec"] = elapsed - self._teacher_seconds
+        if (step + 1) % self.per_rollout == 0:  # the rollout is used up: no checkpoint needs it
+            self.trainer.state.extra.pop(ROLLOUT_STATE, None)
         return info
+
+    def _new_rollout(self, trainer, step: int, first: int, t0: float) -> "Rollout":
+        """The rollout that optimizer steps first .. first + per_rollout - 1 train on: sampled,
+        scored by the teacher (sampled-rkl) and, with several steps per rollout, by the
+        student as it is now (the policy that sampled: the clipped surrogate's old log-probs);
+        or, resuming inside a rollout, the one the checkpoint kept."""
+        sync = self._sync_weights(trainer, step) if step == first else {}
+        t1 = _now()
+        if step != first:
+            samples, stats = self._restored_rollout(trainer, first)
+            batches = self._step_batches(samples)
+            t2 = t3 = _now()
+        else:
+            samples, stats = self._rollout(trainer, first // self.per_rollout)
+            t2 = _now()
+            batches = self._step_batches(samples)
+            self._score(trainer, batches, samples)
+            t3 = _now()
+        if step == first and self.per_rollout > 1 and self.cfg.checkpoint.save:
+            self._keep_rollout(trainer, first, samples)
+        times = {"time/teacher_load_sec": t1 - t0 - sync.get("time/weight_sync_sec", 0.0),
+                 "time/rollout_sec": t2 - t1, "time/teacher_sec": t3 - t2, **sync}
+        return Rollout(first, batches, rollout.statistics_dict(stats, "rollout"), times)
+
+    def _my_rows(self, trainer) -> list[list[list[int]]]:
+        """Rollout rows of this rank: [optimizer step of the rollout][micro-batch] -> rows."""
+        from megatron_ext.posttrain.sft_data import rank_rows
+
+        gbs = self.cfg.batch.global_batch_size
+        mb_rows = rank_rows(gbs, trainer.dp_rank, trainer.dp_size, self.cfg.batch.micro_batch_size)
+        return [[[j * gbs + g for g in rows] for rows in mb_rows] for j in range(self.per_rollout)]
+
+    def _step_batches(self, samples: dict) -> list[list[dict]]:
+        """Each optimizer step's micro-batches, their tokens weighted for the reduction with
+        the step's totals (response tokens and responses over the whole global batch)."""
+        steps = [[rollout.collate([samples[g] for g in rows], self.tok.pad_id, self.multiple)
+                  for rows in mbs] for mbs in self._my_rows(self.trainer)]
+        totals = torch.tensor([[sum(float(b["loss_mask"].sum()) for b in mbs),
+                                sum(b["tokens"].shape[0] for b in mbs)] for mbs in steps],
+                              dtype=torch.float64)
+        totals = self._dp_sum(totals)
+        for (tokens, responses), mbs in zip(totals.tolist(), steps):
+            for b in mbs:
+                w = losses.response_weights(b["loss_mask"].sum(1), tokens, responses,
+                                            self.settings.reduction)
+                b["loss_weights"] = b["loss_mask"] * w[:, None]
+        return steps
+
+    def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Summed over the data-parallel group (every rank holds its own rows' share)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+            return t
+        out = t.to(_device())
+        dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
+        return out.cpu()
+
+    def _score(self, trainer, batches: list, samples: dict) -> None:
+        """Per response token of each micro-batch (and kept with its samples): the teacher's
+        log-prob (sampled-rkl) and, with several optimizer steps per rollout, the student's
+        now, before the rollout's first step (no gradient)."""
+        for rows_of_step, mbs in zip(self._my_rows(trainer), batches):
+            for rows, batch in zip(rows_of_step, mbs):
+                keys = [] if self.settings.full_vocab else ["teacher_logprobs"]
+                if self.per_rollout > 1:
+                    keys.append("old_logprobs")
+                for key in keys:
+                    if key == "teacher_logprobs":
+                        values = self._teacher_logprobs(batch)
+                    else:
+                        values = self._student_logprobs(trainer, batch)
+                    batch[key] = values * batch["loss_mask"]
+                    rollout.set_response_values(samples, rows, key, batch, values)
+
+    def _student_logprobs(self, trainer, batch: dict) -> torch.Tensor:
+        """The student's log-probs of `batch`'s labels, [b, s], no gradient (the policy that
+        sampled the rollout, before its first optimizer step)."""
+        from megatron_ext import trainer as trainer_module
+
+        model = trainer.model[0]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self._replaying(batch):
+                b = trainer_module.to_device(batch)
+                logits = model(b["tokens"], b["position_ids"], None)
+                lp = losses.selected_logprobs(
+                    logits, b["labels"], temperature=self.settings.rollout.temperature,
+                    vocab_size=self.tok.vocab_size, vocab_parallel=self.tp > 1,
+                    chunk_tokens=self.opts.chunk_tokens)
+        finally:
+            model.train(was_training)
+        return lp.reshape(batch["labels"].shape).float().cpu()
+
+    def _keep_rollout(self, trainer, first: int, samples: dict) -> None:
+        """With several optimizer steps per rollout a checkpoint may fall inside one: the whole
+        rollout (every rank's rows, the sampling policy's log-probs with them) goes into the
+        trainer state that checkpoints save, until its last step (step_metrics drops it)."""
+        import torch.distributed as dist
+
+        mine = {g: rollout.sample_state(samples[g]) for mbs in self._my_rows(trainer)
+                for rows in mbs for g in rows}
+        parts = [mine]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine)
+        rows = {g: row for part in parts for g, row in part.items()}
+        trainer.state.extra[ROLLOUT_STATE] = {"first_step": first, "rows": rows}
+
+    def _restored_rollout(self, trainer, first: int):
+        kept = trainer.state.extra.get(ROLLOUT_STATE)
+        if not kept or kept.get("first_step") != first:
+            from megatron_ext.errors import CheckpointError
+
+            raise CheckpointError(
+                f"--load {self.cfg.checkpoint.load}: iteration {trainer.state.iteration} is inside "
+                f"the rollout that began at step {first + 1}, but the checkpoint does not hold "
+                "that rollout (resume from a checkpoint at a rollout boundary)")
+        samples = {int(g): rollout.sample_from_state(row) for g, row in kept["rows"].items()}
+        return samples, rollout.statistics(list(samples.values()))
+
+    def _replaying(self, batch: dict):
+        """While the student's forward of `batch` runs: its routing replayed from the rollout
+        (--routing-replay), else nothing."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     def _recording(self, trainer):
         import contextlib
@@ -756,30 +985,23 @@ class OPDTask(Task):
         routing = getattr(trainer, "routing", None)
         return routing.recording("rollout") if routing is not None else contextlib.nullcontext()
 
-    def _rollout(self, trainer, step: int):
-        from megatron_ext.posttrain.sft_data import rank_rows
-
+    def _rollout(self, trainer, index: int):
+        """Rollout number `index`: {row: Sample} of the rows this rank holds (its own, or all
+        of them), and the statistics of the whole rollout."""
         s = self.settings.rollout
-        n, gbs = s.n_samples_per_prompt, s.global_batch_size
-        mb_rows = rank_rows(gbs, trainer.dp_rank, trainer.dp_size, self.cfg.batch.micro_batch_size)
-        mine = [g for rows in mb_rows for g in rows]
-        chosen = self.prompts.stream(step * s.rollout_batch_size, s.rollout_batch_size,
+        n, total = s.n_samples_per_prompt, s.global_batch_size
+        chosen = self.prompts.stream(index * s.rollout_batch_size, s.rollout_batch_size,
                                      self.cfg.batch.seed)
         if self.opts.engine == "sglang":
-            samples = self._served_rollout(step, chosen, s)
-            by_row = {x.row: x for x in samples}
-            batches = [rollout.collate([by_row[g] for g in rows_], self.tok.pad_id, self.multiple)
-                       for rows_ in mb_rows]
-            return batches, rollout.statistics(samples)
-        rows = mine if self.per_rank else list(range(gbs))
+            samples = self._served_rollout(index * self.per_rollout, chosen, s)
+            return {x.row: x for x in samples}, rollout.statistics(samples)
+        rows = ([g for mbs in self._my_rows(trainer) for b in mbs for g in b] if self.per_rank
+                else list(range(total)))
         with self._recording(trainer):
             samples = rollout.sample(trainer.model, [self.prompts.prompts[chosen[g // n]] for g in rows],
-                                     rows, s, self.tok, rollout.step_seed(self.cfg.batch.seed, step),
+                                     rows, s, self.tok, rollout.step_seed(self.cfg.batch.seed, index),
                                      per_rank=self.per_rank)
-        by_row = {x.row: x for x in samples}
-        batches = [rollout.collate([by_row[g] for g in rows_], self.tok.pad_id, self.multiple)
-                   for rows_ in mb_rows]
-        return batches, self._reduce(rollout.statistics(samples))
+        return {x.row: x for x in samples}, self._reduce(rollout.statistics(samples))
 
     def _served_rollout(self, step: int, chosen: list, s: RolloutSettings) -> list:
         """The whole global batch sampled by the engines (rank 0 asks, every rank gets it)."""
@@ -817,10 +1039,27 @@ class OPDTask(Task):
         return t.cpu()
 
     def _teacher_logprobs(self, batch: dict) -> torch.Tensor:
-        s = self.settings
-        return self.teacher.token_logprobs(
-            batch["tokens"], batch["position_ids"], batch["lengths"], batch["labels"],
-            temperature=s.rollout.temperature, vocab_size=self.tok.vocab_size).float().cpu()
+        """The teacher's log-probs of `batch`'s labels, [b, s]. A Megatron teacher's forward
+        is a collective of the tensor-parallel group (each rank holds a shard); any other is
+        asked once per data-parallel group's rows: tensor-parallel rank 0 scores and sends
+        the result to the rest of its group."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from megatron_ext.posttrain.teachers import MegatronTeacher
+
+        def score() -> torch.Tensor:
+            return self.teacher.token_logprobs(
+                batch["tokens"], batch["position_ids"], batch["lengths"], batch["labels"],
+                temperature=self.settings.rollout.temperature,
+                vocab_size=self.tok.vocab_size).float().cpu()
+
+        if self.tp == 1 or isinstance(self.teacher, MegatronTeacher):
+            return score()
+        group = parallel_state.get_tensor_model_parallel_group()
+        box = [score() if parallel_state.get_tensor_model_parallel_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        return box[0]
 
     # ------------------------------------------------------------------ the loss
     def _forward_step(self, data_iterator, model):
@@ -830,25 +1069,36 @@ class OPDTask(Task):
         # Right padding routes through the MoE layers too: kept out of the router's load-balancing
         # and z-losses, so the padding a layout adds (multiples of TP) changes nothing.
         padding = batch["position_ids"] >= batch["lengths"][:, None]
-        output = model(batch["tokens"], batch["position_ids"], None, padding_mask=padding)
+        with self._replaying(batch):
+            output = model(batch["tokens"], batch["position_ids"], None, padding_mask=padding)
         teacher = None
-        if self.settings.loss in losses.FULL_VOCAB:
+        if self.settings.full_vocab:
             t0 = _now()
             teacher = self.teacher.logits(batch["tokens"], batch["position_ids"], batch["lengths"])
             self._teacher_seconds += _now() - t0
         return output, partial(self._loss, batch, teacher)
 
     def _loss(self, batch: dict, teacher, output: torch.Tensor):
+        """The micro-batch's sum of weight x per-token loss and its response-token count (the
+        trainer divides by the global batch's: losses.py, "Reduction"), and the reports."""
         s = self.settings
         T, vocab = s.rollout.temperature, self.tok.vocab_size
         rows = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(-1)
         labels = batch["labels"]
         chunk = self.opts.chunk_tokens
-        student = losses.selected_logprobs(output, labels, rows, temperature=T, vocab_size=vocab,
-                                           vocab_parallel=self.tp > 1, chunk_tokens=chunk)
+
+        def at(key: str):
+            return batch[key].reshape(-1)[rows].to(output.device) if key in batch else None
+
+        student, entropy = losses.selected_logprobs(
+            output, labels, rows, temperature=T, vocab_size=vocab, vocab_parallel=self.tp > 1,
+            chunk_tokens=chunk, with_entropy=True)
+        old, sampler = at("old_logprobs"), at("rollout_logprobs")
+        clipfrac = torch.zeros_like(student)
         if teacher is None:
-            teacher_lp = batch["teacher_logprobs"].reshape(-1)[rows]
-            per_token = losses.sampled_rkl(student, teacher_lp, s.kl_coef)
+            teacher_lp = at("teacher_logprobs")
+            per_token, info = s.policy.per_token(student, teacher_lp, old, sampler)
+            clipfrac = info["clipfrac"]
         else:
             logits, parallel = teacher
             with torch.no_grad():
@@ -857,23 +1107,32 @@ class OPDTask(Task):
                                                       chunk_tokens=chunk)
             per_token = s.kl_coef * losses.full_vocab_divergence(
                 output.reshape(-1, output.shape[-1]), logits.reshape(-1, logits.shape[-1]),
-                rows=rows, kind=s.loss, beta=s.beta, temperature=T, vocab_size=vocab,
+                rows=rows, opd_loss=s.opd_loss, beta=s.beta, temperature=T, vocab_size=vocab,
                 student_parallel=self.tp > 1, teacher_parallel=parallel,
                 chunk_tokens=chunk)
+        if s.entropy_coef:
+            per_token = per_token - s.entropy_coef * entropy
+        weighted = per_token * at("loss_weights")
         n = float(rows.numel())
-        sampled = student.detach()
+        current = student.detach()
+        # The sampler's log-probs against the trainer's for the policy that sampled (slime's
+        # train_rollout_logprob_abs_diff): the old log-probs, or the current ones at one step
+        # per rollout.
+        trainer_lp = current if old is None else old
 
         def report(x: torch.Tensor) -> torch.Tensor:
             return torch.stack([x.detach().float().sum(), torch.tensor(n, device=x.device)])
 
         reports = {
-            "opd loss": report(per_token),
-            "reverse kl": report(sampled - teacher_lp),
-            "student logprob": report(sampled),
+            "opd loss": report(weighted),
+            "reverse kl": report(current - teacher_lp),
+            "student logprob": report(current),
             "teacher logprob": report(teacher_lp),
-            "logprob diff": report((sampled - batch["rollout_logprobs"].reshape(-1)[rows]).abs()),
+            "logprob diff": report((trainer_lp - sampler).abs()),
+            "entropy": report(entropy),
+            "clipfrac": report(clipfrac),
         }
-        return per_token.sum(), torch.tensor(int(n), dtype=torch.int, device=output.device), reports
+        return weighted.sum(), torch.tensor(int(n), dtype=torch.int, device=output.device), reports
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, trainer, step: int) -> dict:
@@ -956,7 +1215,7 @@ class OPDTask(Task):
                                                chunk_tokens=chunk)
             exact = losses.full_vocab_divergence(
                 logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, t_logits.shape[-1]),
-                rows=rows, kind="rkl", temperature=T, vocab_size=vocab,
+                rows=rows, opd_loss="rkl", temperature=T, vocab_size=vocab,
                 student_parallel=self.tp > 1, teacher_parallel=parallel,
                 chunk_tokens=chunk).sum()
         else:

@@ -13,14 +13,18 @@ A sample ends at its first stop token (<|im_end|> or EOS), which is kept (the st
 learn to stop) and nothing after it counts; a sample that reaches --rollout-max-response-len
 without one is truncated ("length") and counted. A training row is prompt + response:
 `tokens`, `labels` (tokens shifted left), `loss_mask` (1 exactly where the label is a response
-token), `position_ids`, and per response token the student's sampling log-prob
-(`rollout_logprobs`) and, once scored, the teacher's (`teacher_logprobs`). Rows are right-padded
+token), `loss_weights` (the reduction's per-token weights, losses.response_weights; 1 on the
+response tokens until the step sets them), `position_ids`, and per response token the
+student's sampling log-prob (`rollout_logprobs`) and, once scored, the teacher's
+(`teacher_logprobs`) and, with several optimizer steps per rollout, the student's at the start
+of the rollout (`old_logprobs`, the clipped surrogate's). Rows are right-padded
 to the longest row of their micro-batch (rounded up to a multiple of `multiple`, e.g. the
 tensor-parallel size for sequence parallelism); padding carries no loss whatever its id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +144,9 @@ class Sample:
     output_ids: list[int]
     rollout_logprobs: list[float]
     finish_reason: str  # "stop" | "length"
+    # Scored after sampling, per response token (collate's keys of the same names).
+    teacher_logprobs: Optional[list[float]] = None
+    old_logprobs: Optional[list[float]] = None
 
     @property
     def length(self) -> int:
@@ -180,7 +187,8 @@ def collate(samples: list[Sample], pad_id: int, multiple: int = 1) -> dict:
     tokens = torch.full((b, width), pad_id, dtype=torch.long)
     labels = torch.full((b, width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(b, width, dtype=torch.float32)
-    rollout = torch.zeros(b, width, dtype=torch.float32)
+    per_token = {key: torch.zeros(b, width, dtype=torch.float32) for key in RESPONSE_VALUES
+                 if all(getattr(s, key) is not None for s in samples)}
     for i, s in enumerate(samples):
         ids = s.prompt_ids + s.output_ids
         n, p = len(ids), len(s.prompt_ids)
@@ -188,11 +196,34 @@ def collate(samples: list[Sample], pad_id: int, multiple: int = 1) -> dict:
         labels[i, :n - 1] = tokens[i, 1:n]
         # labels[t] = ids[t + 1] is a response token for t in [p - 1, n - 2].
         loss_mask[i, p - 1:n - 1] = 1.0
-        rollout[i, p - 1:n - 1] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        for key, values in per_token.items():
+            values[i, p - 1:n - 1] = torch.tensor(getattr(s, key), dtype=torch.float32)
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+            "loss_weights": loss_mask.clone(),
             "position_ids": torch.arange(width).expand(b, width).contiguous(),
             "lengths": torch.tensor([s.length for s in samples], dtype=torch.long),
-            "rollout_logprobs": rollout}
+            **per_token}
+
+
+RESPONSE_VALUES = ("rollout_logprobs", "teacher_logprobs", "old_logprobs")
+
+
+def set_response_values(samples: dict, rows: list[int], key: str, batch: dict,
+                        values: torch.Tensor) -> None:
+    """Store `values` ([b, s] over collate's rows of samples[rows]) of each response token in
+    that sample's field `key`."""
+    for i, g in enumerate(rows):
+        picked = values[i][batch["loss_mask"][i] > 0]
+        setattr(samples[g], key, picked.float().tolist())
+
+
+def sample_state(sample: Sample) -> dict:
+    """A sample as plain data (a checkpoint's trainer state)."""
+    return dataclasses.asdict(sample)
+
+
+def sample_from_state(state: dict) -> Sample:
+    return Sample(**state)
 
 
 def statistics(samples: list[Sample]) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""OPD steps as slime takes them (megatron_ext/posttrain/opd.py), end to end in process.
+
+- The reduction is fixed once per step: 1, 2 and 4 micro-batches train the same step (losses
+  and gradient norms), for sample-mean (the default) and token-mean; the two differ.
+- Several optimizer steps per rollout (--global-batch-size a divisor of the rollout's rows): one
+  rollout per two steps, the sampling policy's log-probs kept with it (the surrogate's ratios
+  move off 1 at the rollout's second step), and a run stopped inside a rollout (its checkpoint
+  holds the rollout) and resumed trains exactly what the uninterrupted run trains.
+- Bad settings are one line naming the flag or the phase.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_opd import _records, _run_opd, fresh_module_tracker, teachers  # noqa: F401, F811
+
+from megatron_ext.errors import ConfigError
+
+BASE = ["--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "6",
+        "--seed", "11", "--log-interval", "100", "--rollout-max-prompt-len", "48",
+        "--adam-eps", "1e-6", "--lr", "1e-3"]
+KEYS = ("opd_loss", "reverse_kl", "student_logprob", "teacher_logprob", "grad_norm", "entropy",
+        "clipfrac", "logprob_diff")
+
+
+@pytest.fixture
+def uneven(monkeypatch):
+    """The random student never samples a stop token, so every response would reach the length
+    limit: cut row g's response to 1 + g % 5 tokens (ending there, as at a stop token), so the
+    global batch holds responses of uneven lengths; the rest of the step is the real one."""
+    import dataclasses
+
+    from megatron_ext.posttrain import rollout
+
+    sample = rollout.sample
+
+    def cut(*args, **kwargs):
+        out = sample(*args, **kwargs)
+        return [dataclasses.replace(x, output_ids=x.output_ids[:1 + x.row % 5],
+                                    rollout_logprobs=x.rollout_logprobs[:1 + x.row % 5],
+                                    finish_reason="stop" if x.row % 5 + 1 < len(x.output_ids)
+                                    else x.finish_reason)
+                for x in out]
+
+    monkeypatch.setattr(rollout, "sample", cut)
+
+
+def _steps(teachers, tmp_path, name, *extra):  # noqa: F811
+    log = tmp_path / f"{name}.jsonl"
+    _run_opd("--teacher", teachers["moe30b"][1], "--load", teachers["student"][1], *BASE, *extra,
+             "--log-json", str(log))
+    return _records(log)[0]
+
+
+def _same(got, want, rel=1e-5, keys=KEYS):
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for key in keys:
+            assert g[key] == pytest.approx(w[key], rel=rel, abs=1e-6), (g["step"], key)
+
+
+def test_micro_batching_does_not_change_the_step(teachers, tmp_path, fresh_module_tracker,  # noqa: F811
+                                                 uneven):
+    # Without the router's aux and z-losses, which Megatron takes per micro-batch.
+    no_aux = ["--moe-aux-loss-coeff", "0", "--moe-z-loss-coeff", "0"]
+    runs = {}
+    for reduction in ("sample-mean", "token-mean"):
+        for mbs in (1, 2, 4):
+            runs[reduction, mbs] = _steps(teachers, tmp_path, f"{reduction}-{mbs}", "--train-iters", "2",
+                                          "--micro-batch-size", str(mbs), "--opd-loss-reduction", reduction,
+                                          *no_aux)
+        _same(runs[reduction, 1], runs[reduction, 4])
+        _same(runs[reduction, 2], runs[reduction, 4])
+    # Step 1: the same rollout and per-token values, not the same loss (uneven lengths).
+    a, b = runs["sample-mean", 2][0], runs["token-mean", 2][0]
+    assert a["rollout/response_length"] == b["rollout/response_length"]
+    assert a["reverse_kl"] == pytest.approx(b["reverse_kl"], rel=1e-6)
+    assert abs(a["opd_loss"] - b["opd_loss"]) > 1e-3
+    assert b["opd_loss"] == pytest.approx(b["reverse_kl"], rel=1e-6)  # token-mean: the KL's mean
+    a = runs["sample-mean", 2]
+    # One step per rollout: the clip never acts, the sampler's gap is the current policy's.
+    assert all(r["clipfrac"] == 0 for r in a)
+
+
+def test_several_steps_per_rollout_resume_inside_a_rollout_is_exact(teachers, tmp_path,  # noqa: F811
+                                                                     fresh_module_tracker,  # noqa: F811
+                                                                     uneven):
+    two = ["--train-iters", "4", "--global-batch-size", "2", "--micro-batch-size", "1",
+           "--eps-clip", "0.001", "--use-tis"]
+    straight = _steps(teachers, tmp_path, "straight", *two)
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    # A rollout every other step; the second step trains the same rollout's other rows.
+    assert [r["time/rollout_sec"] > 0 for r in straight] == [True, False, True, False]
+    # The old log-probs are the policy's at the rollout: ratio 1 at its first step, off 1 after
+    # an update (a clip range of 0.001 catches it).
+    assert straight[0]["clipfrac"] == 0 and straight[2]["clipfrac"] == 0
+    assert straight[1]["clipfrac"] > 0 and straight[3]["clipfrac"] > 0
+    ckpt, parts = tmp_path / "ckpt", []
+    for i, exit_at in enumerate([1, 3, None]):  # stops inside rollouts 1 and 2
+        load = teachers["student"][1] if i == 0 else str(ckpt)
+        extra = ["--exit-interval", str(exit_at)] if exit_at else []
+        log = tmp_path / f"part{i}.jsonl"
+        _run_opd("--teacher", teachers["moe30b"][1], "--load", load, "--save", str(ckpt), *BASE, *two,
+                 *extra, "--log-json", str(log))
+        parts += _records(log)[0]
+    _same(parts, straight, rel=1e-6, keys=KEYS + ("rollout/response_length", "lr"))
+
+
+def test_bad_settings_name_the_flag(teachers):  # noqa: F811
+    import posttrain_marco
+    from megatron_ext.posttrain.opd import opd_options, resolve_opd_args
+
+    parse = posttrain_marco.build_parser().parse_args
+    base = ["opd", "--teacher", teachers["moe30b"][1], *BASE]
+    cases = [(["--train-iters", "4", "--global-batch-size", "3"], "--global-batch-size 3 must divide"),
+             (["--train-iters", "3", "--global-batch-size", "2"], "3 steps is not a multiple of the 2"),
+             (["--train-iters", "2", "--tis-clip", "0.5", "--tis-clip-low", "1"],
+              "--tis-clip 0.5 must exceed"),
+             (["--train-iters", "2", "--eps-clip", "-1"], "--eps-clip must be a finite number >= 0")]
+    for argv, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            opd_options(resolve_opd_args(parse(base + argv)))
