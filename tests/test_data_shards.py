@@ -77,6 +77,13 @@ def test_shards_merge_to_one_process_bytes_and_rerun_only_what_is_unfinished(tmp
     assert listing["mixed"]["tokens"] == sum(s["tokens"] for s in listing["mixed"]["shards"])
     assert listing["mixed"]["bytes"] == (out / "mixed_text_document.bin").stat().st_size
     assert listing["ja"]["data_path"] == f"{listing['ja']['tokens']} shards/ja/00000_text_document"
+    # tools/data_plan.py --output-dir reads the shards' counts.
+    curriculum = tmp_path / "c.yaml"
+    curriculum.write_text("sources: {mixed: mixed_text_document, ja: ja_text_document}\n"
+                          "stages: [{name: one, end: 100K, blend: {mixed: 3, ja: 1}}]\n")
+    assert load_tool("data_plan").main([str(manifest), str(curriculum), "--output-dir", str(out)]) == 0
+    plan = capsys.readouterr().out
+    assert f"| mixed | {listing['mixed']['tokens']:,} (preprocessed) | one | 75,000 |" in plan, plan
 
     # A killed task 1: its record gone, a temporary left behind. Only task 1 is pending; the
     # final step refuses to merge until it ran; other shards are not rewritten.
