@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from megatron_ext.cli import run_tool  # noqa: E402
+from megatron_ext.cli import HelpFormatter, run_tool  # noqa: E402
 
 
 def windows(prefixes: list[str], seq_length: int, per_dataset: int):
@@ -68,11 +68,12 @@ def checkpoint_loss(path: str, tokens, labels, batch: int = 8) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--load", nargs="+", required=True, help="checkpoints (roots or iter dirs)")
     p.add_argument("--data", nargs="+", required=True, help="indexed dataset prefixes")
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--sequences-per-dataset", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=256, help="tokens per evaluated sequence")
+    p.add_argument("--sequences-per-dataset", type=int, default=4,
+                   help="sequences evaluated from each --data prefix")
     p.add_argument("--json", help="also write the results here")
     return p
 

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from megatron_ext.cli import UsageError, run_tool  # noqa: E402
+from megatron_ext.cli import HelpFormatter, UsageError, run_tool  # noqa: E402
 
 CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus")
 
@@ -35,13 +35,14 @@ def corpus_prompt(lang: str, chars: int = 40) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face directory (with tokenizer)")
-    p.add_argument("--langs", nargs="+", default=["en", "de", "fr", "es", "ru", "zh", "ja"])
+    p.add_argument("--langs", nargs="+", default=["en", "de", "fr", "es", "ru", "zh", "ja"],
+                   help="languages whose held-out corpus text gives the prompts")
     p.add_argument("--prompt", action="append", help="a prompt (instead of corpus prompts)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", help="write [{lang, prompt, continuation}] here")
     return p
 

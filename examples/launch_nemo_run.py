@@ -40,7 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megatron_ext.cli import run_tool  # noqa: E402  (after the path set-up above)
+from megatron_ext.cli import (  # noqa: E402  (after the path set-up above)
+    RawDescriptionHelpFormatter,
+    run_tool,
+)
 from megatron_ext.errors import UsageError  # noqa: E402
 
 STAGES = {"nano": [1, 2, 3, 4], "mini": [1, 2, 3, 4], "mini_global": [5]}
@@ -129,29 +132,30 @@ def check_args(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=sorted(STAGES))
-    p.add_argument("--stage", type=int, required=True)
-    p.add_argument("--executor", choices=["local", "slurm"], default="slurm")
+                                formatter_class=RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=sorted(STAGES), help="the model's stage chain")
+    p.add_argument("--stage", type=int, required=True, help="1-based curriculum stage")
+    p.add_argument("--executor", choices=["local", "slurm"], default="slurm",
+                   help="NeMo-Run executor: this machine, or sbatch (over SSH with --ssh-host)")
     p.add_argument("--dryrun", action="store_true", help="print what would run; run nothing")
     p.add_argument("--nodes", type=int, help="default: the model's (slurm/config); local: 1")
     p.add_argument("--gpus-per-node", type=int,
                    help="processes per node (default: the model's; MARCO_CPU=1: 2)")
     g = p.add_argument_group("slurm")
-    g.add_argument("--account")
-    g.add_argument("--partition")
+    g.add_argument("--account", help="sbatch --account (default: the cluster's)")
+    g.add_argument("--partition", help="sbatch --partition (default: the cluster's)")
     g.add_argument("--time", default="24:00:00", help="sbatch --time (e.g. 24:00:00, 2-00:00:00)")
     g.add_argument("--signal-grace", type=int, default=300,
                    help="seconds: --signal=USR1@GRACE; torchrun waits up to GRACE - 60 for the save")
     g.add_argument("--max-retries", type=int, default=50,
                    help="requeues after a signal or a failure")
-    g.add_argument("--container-image")
+    g.add_argument("--container-image", help="container for the job (pyxis/enroot; default: none)")
     g.add_argument("--container-mounts", default="", help="comma-separated src:dst")
     g.add_argument("--remote-repo", help="this repository's path on the cluster (default: here)")
     g.add_argument("--job-dir", default=str(REPO / "runs" / "nemo_run"),
                    help="NeMo-Run's job directory (on the cluster with --ssh-host)")
-    g.add_argument("--ssh-host")
-    g.add_argument("--ssh-user")
+    g.add_argument("--ssh-host", help="submit through SSH to this login node (default: local sbatch)")
+    g.add_argument("--ssh-user", help="user name on --ssh-host")
     g.add_argument("--sbatch-out", help="with --dryrun: also write the sbatch script here")
     return p
 

@@ -46,7 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import run_tool  # noqa: E402
+from megatron_ext.cli import HelpFormatter, run_tool  # noqa: E402
 from megatron_ext.errors import MarcoError  # noqa: E402
 
 CASCADE = os.path.join(REPO, "configs", "posttrain", "tiny_cascade.yaml")
@@ -57,7 +57,7 @@ TEACHERS = {"A": (6, 150, 100), "B": (8, 150, 250)}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--student", required=True, help="the SFT student's checkpoint")
     p.add_argument("--teachers", nargs=2, metavar=("A", "B"),
                    help="checkpoints of teachers A and B (default: train two dense teachers here)")
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--teacher-{name.lower()}", nargs=3, type=int, default=[layers, pre, sft],
                        metavar=("LAYERS", "PRETRAIN_ITERS", "SFT_ITERS"),
                        help=f"teacher {name}: tiny-dense layers, pre-training and SFT steps")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the teachers' and the student's runs")
     return p
 
 

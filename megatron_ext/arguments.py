@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_ext import data, parallel
-from megatron_ext.cli import add_expert_backend_flag
+from megatron_ext.cli import HelpFormatter, add_expert_backend_flag
 from megatron_ext.config import (
     BatchOptions,
     CheckpointOptions,
@@ -41,7 +41,7 @@ def build_parser(
     """The training flags shared by every entry point, plus the data flags of `add_data_args`
     (pre-training data by default; post-training passes its own)."""
     p = parser or argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=prog, description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None,
                    help=f"one of: {', '.join(PRESETS)} (default: the --load checkpoint's "
@@ -59,22 +59,32 @@ def build_parser(
     g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"],
                    help="default: alltoall when expert parallel size > 1, else allgather")
     add_expert_backend_flag(g)
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="std of the normal initialisation of weights trained from scratch")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"],
+                   help="activation recomputation: full layers, or selective modules "
+                        "(--recompute-modules); default: none")
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="tensor-parallel size (TP)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages (PP)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="expert-parallel size (EP): the experts are split over this many ranks")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="default: the tensor-parallel size (as in Megatron-LM)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="sequence parallelism (turned on automatically for MoE with TP > 1)")
     g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction,
                    default=None, help="default: on with GPUs, off on CPU")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--overlap-param-gather", action="store_true")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=30)
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient reduce with the backward pass")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather with the next "
+                        "forward (needs --use-distributed-optimizer and --overlap-grad-reduce)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=30,
+                   help="timeout of collective operations")
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true",
@@ -83,22 +93,28 @@ def build_parser(
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"],
                    help="FP8 through TransformerEngine (GPU only)")
     g.add_argument("--fp8-recipe", default="delayed",
-                   choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
+                   choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
+                   help="FP8 scaling recipe, with --fp8-format")
 
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--micro-batch-size", type=int, default=4,
+                   help="sequences per micro-batch per data-parallel rank")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro-batch size x data-parallel size")
     g.add_argument("--seq-length", type=int, help="default: the preset's")
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--train-iters", type=int, default=100,
+                   help="total optimizer steps (global batches) of the run")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=3e-4,
+                   help="learning rate at the end of the decay")
     g.add_argument("--lr-decay-style", default="cosine",
-                   choices=["cosine", "WSD", "linear", "constant", "inverse-square-root"])
+                   choices=["cosine", "WSD", "linear", "constant", "inverse-square-root"],
+                   help="learning-rate schedule after the warmup")
     g.add_argument("--lr-warmup-iters", type=int, help="default: 10%% of --lr-decay-iters")
     g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
     g.add_argument("--lr-wsd-decay-style", default="linear",
-                   choices=["linear", "cosine", "exponential", "minus_sqrt"])
+                   choices=["linear", "cosine", "exponential", "minus_sqrt"],
+                   help="shape of WSD's final decay")
     g.add_argument("--lr-wsd-decay-iters", type=int,
                    help="length of WSD's final decay (default: 10%% of --lr-decay-iters)")
     # Megatron-LM spells these with an underscore (--override-opt_param-scheduler): both work.
@@ -108,15 +124,18 @@ def build_parser(
     g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
                    action="store_true",
                    help="on resume, keep the checkpoint's LR/WD schedule whatever the flags say")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient norm to this (0: no clipping)")
+    g.add_argument("--seed", type=int, default=1234,
+                   help="seed of initialisation, data order and dropout")
 
     g = p.add_argument_group("logging and evaluation")
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="print the log line every N steps (TensorBoard gets every step)")
     g.add_argument("--tensorboard-dir", help="write TensorBoard event files here")
     g.add_argument("--log-json", help="append one JSON object per step to this file")
     g.add_argument("--eval-interval", type=int, default=0, help="0: no periodic evaluation")
@@ -165,7 +184,7 @@ def build_parser(
                         "iteration is a multiple of K")
     _add_switches(g, {
         "--no-load-optim": "load model weights only",
-        "--no-load-rng": None,
+        "--no-load-rng": "do not restore the checkpoint's RNG states",
         "--finetune": "load model weights only and start at iteration 0 with a fresh optimizer, "
                       "schedule and RNG (as Megatron-LM)",
         "--dist-ckpt-optim-fully-reshardable": "save the distributed optimizer's state so that it "
@@ -198,7 +217,7 @@ def _add_lever_args(p: argparse.ArgumentParser) -> None:
                    help="softmax is Marco's (qwen3_moe); sigmoid is what expert-bias balancing needs")
     g.add_argument("--moe-router-dtype", default="fp32", choices=["fp32", "fp64"],
                    help="routing and the probability-weighted expert sum in this precision "
-                        "(Megatron-LM's default: the model's dtype; docs/defaults.md)")
+                        "(fp32; Megatron-LM's is the model's dtype: docs/defaults.md)")
     g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
                    help="aux_loss: per micro-batch (GShard); seq_aux_loss: per sequence "
@@ -206,13 +225,15 @@ def _add_lever_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-enable-expert-bias", action="store_true",
                    help="aux-loss-free balancing: a per-expert routing bias updated from each "
                         "global batch's load (needs --moe-router-score-function sigmoid)")
-    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
+                   help="step size of the expert-bias update (--moe-router-enable-expert-bias)")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="token dropping: each expert takes at most factor x its even share of "
                         "tokens (default: dropless)")
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
                    help="pad every expert's input to its capacity (static shapes)")
-    g.add_argument("--moe-token-drop-policy", default="probs", choices=["probs", "position"])
+    g.add_argument("--moe-token-drop-policy", default="probs", choices=["probs", "position"],
+                   help="with a capacity factor, drop the lowest-probability tokens or the last ones")
     g.add_argument("--moe-permute-fusion", action="store_true",
                    help="TransformerEngine's fused token permutation (TE >= 2.1)")
     g.add_argument("--overlap-moe-expert-parallel-comm", action="store_true",
@@ -223,7 +244,8 @@ def _add_lever_args(p: argparse.ArgumentParser) -> None:
                    help="with --recompute-granularity selective (default: core_attn)")
     g.add_argument("--cross-entropy-loss-fusion", action="store_true",
                    help="fused vocabulary-parallel cross-entropy")
-    g.add_argument("--cross-entropy-fusion-impl", default="native", choices=["native", "te"])
+    g.add_argument("--cross-entropy-fusion-impl", default="native", choices=["native", "te"],
+                   help="implementation of --cross-entropy-loss-fusion")
     g.add_argument("--tp-comm-overlap", action="store_true",
                    help="overlap tensor-parallel communication with GEMMs (TransformerEngine)")
     g.add_argument("--context-parallel-size", type=int, default=1,

@@ -85,10 +85,28 @@ def run_tool(main: Callable[[argparse.Namespace], Optional[int]], parser: argpar
     return 0 if status is None else status
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every entry point and tool: an option's default is shown once. It is
+    appended as "(default: X)" unless the help already says what the default is, or there
+    is nothing to show (None: the help says what happens without the option; an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if ("default" in help.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or action.default == [] or not action.option_strings):
+            return help
+        return f"{help} (default: %(default)s)" if help else "(default: %(default)s)"
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HelpFormatter keeping the description's line breaks (tools with a usage block)."""
+
+
 def tool_parser(doc: str, *, show_defaults: bool = True) -> argparse.ArgumentParser:
     """The parser a tool starts from: the first paragraph of its docstring `doc` as the
-    description; --help shows the defaults unless `show_defaults` is False."""
-    formatter = argparse.ArgumentDefaultsHelpFormatter if show_defaults else argparse.HelpFormatter
+    description; --help shows each default once (HelpFormatter), unless `show_defaults` is
+    False."""
+    formatter = HelpFormatter if show_defaults else argparse.HelpFormatter
     return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=formatter)
 
 

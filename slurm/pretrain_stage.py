@@ -45,8 +45,11 @@ class StageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_ext.cli import RawDescriptionHelpFormatter
+
     p = argparse.ArgumentParser(
         prog="pretrain_stage.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=RawDescriptionHelpFormatter,
         usage="%(prog)s --stage N [--start-from DIR|none] [--weights-only] "
               "[--lr-schedule run|stage] [--plan] -- PRETRAIN_FLAGS...")
     p.add_argument("--stage", type=int, required=True, help="1-based stage of --curriculum")
@@ -56,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "'none' (random initialisation; first stage only)")
     p.add_argument("--weights-only", action="store_true",
                    help="start from --start-from's weights only (fresh optimizer and schedule)")
-    p.add_argument("--lr-schedule", choices=["run", "stage"], default="run")
-    p.add_argument("--plan", action="store_true", help="print the resolved command and exit")
+    p.add_argument("--lr-schedule", choices=["run", "stage"], default="run",
+                   help="run: one LR schedule over the whole chain; stage: a fresh schedule over "
+                        "this stage (for a weights-only start)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the resolved stage (steps, what it loads, the pretrain_marco.py "
+                        "command) as JSON and exit: nothing is trained or written")
     return p
 
 
@@ -159,6 +166,7 @@ def _write_final(save: str, iteration: int) -> None:
 def main(args: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     if "--" not in args:
+        build_parser().parse_args(args)  # --help prints the help and exits 0; a bad flag is named
         build_parser().error("separate the pretrain_marco.py flags with --")
     split = args.index("--")
     opts = build_parser().parse_args(args[:split])

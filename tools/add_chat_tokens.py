@@ -200,8 +200,11 @@ def add_chat_tokens(model_path, corpus: list[str], output_prefix=None, progress=
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="SentencePiece .model to edit")
+    from megatron_ext.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="SentencePiece .model to edit (default: the bundled tokenizer)")
     p.add_argument("--corpus", nargs="+", default=None,
                    help="JSON-lines files whose 'text' must keep its ids "
                         "(default: every data/corpus/*.jsonl.gz, train and valid)")

@@ -33,19 +33,20 @@ from megatron_ext.cli import UsageError, atomic_directory, run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = tool_parser(__doc__, show_defaults=False)
+    p = tool_parser(__doc__)
     p.add_argument("--load", required=True, help="Marco MoE checkpoint (root or iteration dir)")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--corpus", nargs="+",
                    help="a directory of <lang>[.valid].jsonl[.gz] files, or lang=PREFIX indexed "
                         "datasets (default: the sample corpus' held-out split)")
     p.add_argument("--layers", help="comma-separated 0-based MoE layers (default: all)")
-    p.add_argument("--max-tokens-per-language", type=int, default=16384)
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--max-tokens-per-language", type=int, default=16384,
+                   help="tokens of each language run through the model")
+    p.add_argument("--seq-length", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--tokenizer-type", help="default: the tokenizer the checkpoint records")
     p.add_argument("--tokenizer-model", help="default: the tokenizer the checkpoint records")
-    p.add_argument("--json-key", default="text")
+    p.add_argument("--json-key", default="text", help="key of the text field of --corpus jsonl files")
     return p
 
 

@@ -35,7 +35,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import UsageError, atomic_directory, fail, quiet_imports  # noqa: E402
+from megatron_ext.cli import (  # noqa: E402
+    RawDescriptionHelpFormatter,
+    UsageError,
+    atomic_directory,
+    fail,
+    quiet_imports,
+)
 from megatron_ext.errors import MarcoError  # noqa: E402
 
 SHARD_FILE, REPORT_FILE = "shard.json", "report.json"
@@ -45,7 +51,7 @@ EVAL_KEYS = ("tasks", "suite", "include_path", "eval_jsonl", "text_key", "limit"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=RawDescriptionHelpFormatter)
     train = p.add_mutually_exclusive_group()
     train.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (optionally weighted)")
     train.add_argument("--curriculum", help="curriculum YAML: every source of every stage")
@@ -61,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1, help="split the training data into K shards")
     p.add_argument("--shard-index", type=int, default=0, help="this shard (0..K-1)")
     p.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="kind of --tokenizer-model")
     p.add_argument("--tokenizer-model", help="the tokenizer the training data was made with "
                    "(default: the bundled data/tokenizer/marco_tiny_spm.model)")
     p.add_argument("--task-cache", help="where the bundled tasks are generated")

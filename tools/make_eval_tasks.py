@@ -20,11 +20,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import UsageError, atomic_directory, fail, require_empty_output  # noqa: E402
+from megatron_ext.cli import (  # noqa: E402
+    HelpFormatter,
+    UsageError,
+    atomic_directory,
+    fail,
+    require_empty_output,
+)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--per-language", type=int, default=24, help="multiple-choice examples per language")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

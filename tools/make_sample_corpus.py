@@ -237,15 +237,19 @@ def build(args) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output-dir", default=str(Path(__file__).resolve().parents[1] / "data" / "corpus"))
+    from megatron_ext.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--output-dir", default=str(Path(__file__).resolve().parents[1] / "data" / "corpus"),
+                   help="where the <lang>.{train,valid}.jsonl.gz files and manifest.json go")
     p.add_argument("--languages", nargs="*", help="subset of language codes (default: all)")
     p.add_argument("--bytes-per-lang", type=int, default=400_000,
                    help="stop adding pages to a language past this many UTF-8 bytes of text")
     p.add_argument("--max-doc-bytes", type=int, default=20_000,
                    help="truncate a page at a paragraph boundary past this many bytes")
     p.add_argument("--valid-every", type=int, default=10, help="every N-th page goes to valid")
-    p.add_argument("--debs-dir", help="reuse/keep downloaded .deb files here")
+    p.add_argument("--debs-dir",
+                   help="reuse/keep downloaded .deb files here (default: a temporary directory)")
     p.add_argument("--workers", type=int, default=2, help="parallel man renderers")
     build(p.parse_args(argv))
 

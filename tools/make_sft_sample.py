@@ -160,8 +160,11 @@ def build(max_synopsis: int, valid_share: float) -> tuple[dict[str, list[dict]],
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output-dir", default=str(ROOT / "data" / "sft"))
+    from megatron_ext.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--output-dir", default=str(ROOT / "data" / "sft"),
+                   help="where the per-language chat jsonl files go")
     p.add_argument("--max-synopsis-chars", type=int, default=400,
                    help="longer SYNOPSIS sections are not asked for")
     p.add_argument("--valid-share", type=float, default=0.1,

@@ -26,13 +26,14 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.cli import RawDescriptionHelpFormatter  # noqa: E402
 from megatron_ext.data.args import TOKENIZER_MODEL_HELP, add_tokenizer_args  # noqa: E402
 from megatron_ext.data.jsonl import add_output_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     g = p.add_argument_group("input data")
     g.add_argument("--input", nargs="+", required=True,

@@ -25,13 +25,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from megatron_ext.cli import run_tool  # noqa: E402
+from megatron_ext.cli import HelpFormatter, run_tool  # noqa: E402
 from megatron_ext.data.args import add_tokenizer_args  # noqa: E402
 from megatron_ext.data.jsonl import add_output_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("input data")
     g.add_argument("--input", nargs="+", default=None,
                    help="input file(s), read in order: JSON lines (.jsonl, .gz, .zst), .parquet, "

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=30000, help="port (SGLang's default)")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
+                   help="precision the model is loaded and run in")
     p.add_argument("--device-map", default=None, help="e.g. auto (accelerate); default: one device")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     p.add_argument("--max-rows", type=int, default=1024, help="rows per request, at most")

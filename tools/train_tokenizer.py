@@ -24,7 +24,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere
 
-from megatron_ext.cli import UsageError, run_tool  # noqa: E402
+from megatron_ext.cli import HelpFormatter, UsageError, run_tool  # noqa: E402
 from megatron_ext.errors import DataConfigError  # noqa: E402
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
@@ -72,12 +72,13 @@ def sentences(paths: list[str], key: str, max_bytes: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", default=None,
                    help="JSON-lines files (.jsonl or .jsonl.gz); default data/corpus/*.train.jsonl.gz")
     p.add_argument("--json-keys", default="text", help="key of the text field")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--vocab-size", type=int, default=8192, help="SentencePiece vocabulary size")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters the vocabulary covers (SentencePiece)")
     p.add_argument("--output-prefix", default=str(ROOT / "data" / "tokenizer" / "marco_tiny_spm"),
                    help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--chat-tokens", action=argparse.BooleanOptionalAction, default=True,

@@ -32,11 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="marco", choices=["marco", "exact", "none"],
                    help="marco: W_gate, W_up, W_down x N^(1/3) (the paper's); exact: W_up, "
                    "W_down x sqrt(N) (dense output preserved exactly); none")
-    p.add_argument("--router-init", default="virtual-group", choices=["virtual-group", "random"])
+    p.add_argument("--router-init", default="virtual-group", choices=["virtual-group", "random"],
+                   help="virtual-group: the M replicas of a slice share router rows (the paper's); "
+                        "random: a fresh router")
     p.add_argument("--drop-ratio", type=float, default=0.5,
                    help="Drop-Upcycling ratio r in [0, 1) (Marco's is not published; 0.5 is the "
                    "Drop-Upcycling paper's best; 0 disables)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234,
+                   help="seed of the random router and of Drop-Upcycling's re-initialisation")
     cli.add_dtype_flag(p, help="checkpoint dtype (auto: that of the HF weights); the math runs in fp32")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")

@@ -77,7 +77,8 @@ def add_tokenizer_args(group, *, model_help: str = TOKENIZER_MODEL_HELP, cache_h
     for flag sets that also stand alone (SFT data, OPD)."""
     have = set(group._option_string_actions) if if_missing else set()
     if "--tokenizer-type" not in have:
-        group.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES)
+        group.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES,
+                           help="tokenizer kind: SentencePiece .model or Hugging Face directory")
     if "--tokenizer-model" not in have:
         group.add_argument("--tokenizer-model", default=None, help=model_help)
     if cache_help is not None and "--data-cache-path" not in have:
