@@ -17,7 +17,10 @@
   phase 1, at the phase switch, inside phase 2) trains exactly what an uninterrupted run
   trains; the same run at EP=2 (two processes, each sampling its own rows) and at TP=2
   (vocab-parallel losses) equals one process (one torchrun launch; this file is its worker).
-- The HTTP scorer (tools/serve_teacher.py) scores what the in-process teacher scores; Marco's
+- A served teacher (tools/serve_teacher.py, SGLang's protocol) scores what the in-process
+  teacher scores. The SGLang rollout engine (tools/serve_teacher.py serving the student, its
+  weights synced from disk every step) rolls out and trains as the in-process generator; an
+  engine on old weights, or misbehaving, or hung under SIGTERM, stops the run untrained; Marco's
   cascade files and slurm/{nano,mini}_opd.sbatch give the published settings.
 """
 

@@ -46,7 +46,7 @@ The cascade file (YAML):
       rollout-max-response-len: 8192
     phases:
       - name: qwen3-30b-a3b
-        teacher: ${QWEN3_30B_A3B_MCORE}   # Megatron checkpoint, HF directory or http:// scorer
+        teacher: ${QWEN3_30B_A3B_MCORE}   # Megatron checkpoint, HF directory or sglang:URL
         steps: 1900
         lr: 1.0e-6
       - name: qwen3-next-80b-a3b
@@ -268,7 +268,7 @@ def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "starting from the previous phase's student (configs/posttrain/)")
     g.add_argument("--teacher", metavar="PATH",
                    help="one phase of --train-iters steps with this teacher (Megatron checkpoint, "
-                        "transformers directory or http:// scorer) instead of --cascade")
+                        "transformers directory or sglang:http://HOST:PORT) instead of --cascade")
     g.add_argument("--teacher-tokenizer", metavar="PATH",
                    help="the --teacher's tokenizer if its checkpoint records none")
     g.add_argument("--prompt-data", nargs="+", metavar="FILE",
