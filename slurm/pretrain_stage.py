@@ -23,7 +23,10 @@ iteration). This wrapper fills in what depends on the stage, on every (re)start:
 
 Before training, rank 0 writes the stage's final iteration to <save>/stage_final_iteration.txt;
 slurm/launch.sh compares it with the 'latest' marker to decide whether to requeue the job.
-`--plan` prints the resolved command as JSON and exits (no training, nothing written).
+`--plan` prints the resolved command as JSON and exits (no training, nothing written);
+`--plan --check` also checks that what the stage reads exists: the checkpoint it starts from,
+the --tokenizer-model, and every source and validation prefix of the curriculum (.bin and
+.idx), naming each missing one (exit 2) before anything is queued.
 """
 from __future__ import annotations
 
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=["run", "stage"], default="run",
                    help="run: one LR schedule over the whole chain; stage: a fresh schedule over "
                         "this stage (for a weights-only start)")
+    p.add_argument("--check", action="store_true",
+                   help="with --plan: also check that the start checkpoint, the tokenizer and "
+                        "every data prefix of the curriculum exist; each missing one is named "
+                        "(exit 2)")
     p.add_argument("--plan", action="store_true",
                    help="print the resolved stage (steps, what it loads, the pretrain_marco.py "
                         "command) as JSON and exit: nothing is trained or written")
@@ -71,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _flags_parser() -> argparse.ArgumentParser:
     """The pretrain_marco.py flags this wrapper reads (everything else passes through)."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--preset", "--curriculum", "--save", "--load", "--lr-decay-style"):
+    for flag in ("--preset", "--curriculum", "--save", "--load", "--lr-decay-style",
+                 "--tokenizer-model"):
         p.add_argument(flag)
     for flag in ("--seq-length", "--global-batch-size", "--train-iters", "--lr-decay-iters",
                  "--lr-wsd-decay-iters"):
@@ -140,8 +148,11 @@ def resolve(opts: argparse.Namespace, argv: list[str]) -> dict:
     else:
         at = read_latest(opts.start_from)
         if at is None:
+            before = ("run tools/upcycle_hf_to_mcore.py --save " + opts.start_from
+                      + " first (README: Marco-Nano on a Slurm cluster)" if first == 0
+                      else "has the previous stage run?")
             raise StageError(f"--start-from {opts.start_from}: no complete checkpoint (no "
-                             f"{LATEST_FILE}); has the previous stage run?")
+                             f"{LATEST_FILE}); {before}")
         if at != first:
             raise StageError(f"--start-from {opts.start_from}: its latest checkpoint is iteration "
                              f"{at}, but stage {opts.stage} starts at step {first}; the previous "
@@ -152,6 +163,30 @@ def resolve(opts: argparse.Namespace, argv: list[str]) -> dict:
     return {"stage": opts.stage, "first_step": first, "stage_end_step": end,
             "train_iters": train_iters, "action": action, "save": flags.save,
             "argv": [*argv, *extra, *load]}
+
+
+def missing_inputs(opts: argparse.Namespace, argv: list[str]) -> list[str]:
+    """--check: what the stage reads and is not there (one line each): the start checkpoint,
+    the tokenizer, every source and validation prefix of the curriculum."""
+    from megatron_ext.data.curriculum import SAMPLE_ROOT, load_curriculum
+
+    flags, _ = _flags_parser().parse_known_args(argv)
+    missing = []
+    start = opts.start_from
+    if start.lower() != "none" and read_latest(flags.save or "") is None and read_latest(start) is None:
+        missing.append(f"--start-from {start}: no complete checkpoint (no {LATEST_FILE})")
+    if flags.tokenizer_model and not os.path.exists(flags.tokenizer_model):
+        missing.append(f"--tokenizer-model {flags.tokenizer_model}: no such file or directory")
+    cur = load_curriculum(flags.curriculum)
+    if cur.data_root == SAMPLE_ROOT:
+        return missing  # the bundled corpus, prepared by the trainer
+    prefixes = {f"source {s.name}": cur.resolve(s.prefix) for s in cur.sources.values()}
+    prefixes.update({f"validation {n}": cur.resolve(p) for n, p in cur.validation.items()})
+    for what, prefix in prefixes.items():
+        absent = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if absent:
+            missing.append(f"{flags.curriculum}: {what}: {prefix}{'/'.join(absent)} not found")
+    return missing
 
 
 def _write_final(save: str, iteration: int) -> None:
@@ -171,11 +206,20 @@ def main(args: list[str] | None = None) -> int:
     split = args.index("--")
     opts = build_parser().parse_args(args[:split])
     rank = int(os.environ.get("RANK", "0"))
+    if opts.check and not opts.plan:
+        build_parser().error("--check goes with --plan")
     try:
-        plan = resolve(opts, args[split + 1:])
+        problems = missing_inputs(opts, args[split + 1:]) if opts.check else []
+        plan = None if problems else resolve(opts, args[split + 1:])
     except (StageError, ValueError) as e:  # DataConfigError is a ValueError
+        problems = [str(e)]
+    if problems:
         if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            for line in problems:
+                print(f"error: {line}", file=sys.stderr, flush=True)
+            if len(problems) > 1:
+                print(f"error: {len(problems)} inputs of stage {opts.stage} are missing",
+                      file=sys.stderr, flush=True)
         return 2
     if opts.plan:
         print(json.dumps(plan))

@@ -1,0 +1,95 @@
+"""slurm/pretrain_stage.py --help and --plan --check (issue: the cluster user's path): before
+anything is queued, every input a stage reads (start checkpoint, tokenizer, each source and
+validation prefix of the curriculum) is checked and each missing one named. In-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stage_tool():
+    spec = importlib.util.spec_from_file_location("pretrain_stage", REPO / "slurm" / "pretrain_stage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _curriculum(root: Path) -> Path:
+    path = root / "cur.yaml"
+    path.write_text(f"""data_root: {root / 'data'}
+sources:
+  web: web_text_document
+  code: code_text_document
+validation:
+  en: valid/en_text_document
+stages:
+  - name: one
+    end: 40960
+    blend: {{web: 70, code: 30}}
+  - name: two
+    end: 81920
+    blend: {{web: 50, code: 50}}
+""")
+    return path
+
+
+def _prefix(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for ext in (".bin", ".idx"):
+        path.with_name(path.name + ext).write_bytes(b"x")
+
+
+def test_help_exits_0_and_documents_plan_and_check(capsys):
+    with pytest.raises(SystemExit) as exit:
+        _stage_tool().main(["--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert "--plan" in out and "--check" in out and "PRETRAIN_FLAGS" in out
+
+
+def test_plan_check_names_every_missing_input_then_passes(tmp_path, capsys):
+    tool = _stage_tool()
+    cur = _curriculum(tmp_path)
+    init, tok = tmp_path / "nano" / "upcycled", tmp_path / "tokenizer"
+    argv = ["--stage", "1", "--start-from", str(init), "--plan", "--check", "--",
+            "--preset", "tiny", "--global-batch-size", "4", "--seq-length", "1024",
+            "--curriculum", str(cur), "--save", str(tmp_path / "stage1"),
+            "--tokenizer-model", str(tok), "--lr-decay-style", "WSD"]
+    _prefix(tmp_path / "data" / "web_text_document")
+    assert tool.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert f"error: --start-from {init}: no complete checkpoint (no latest_checkpointed_iteration.txt)" in err
+    assert f"error: --tokenizer-model {tok}: no such file or directory" in err
+    assert f"error: {cur}: source code: {tmp_path}/data/code_text_document.bin/.idx not found" in err
+    assert f"error: {cur}: validation en: {tmp_path}/data/valid/en_text_document.bin/.idx not found" in err
+    assert not any("web_text_document" in line for line in err)
+    assert err[-1] == "error: 4 inputs of stage 1 are missing"
+
+    _prefix(tmp_path / "data" / "code_text_document")
+    _prefix(tmp_path / "data" / "valid" / "en_text_document")
+    tok.mkdir()
+    init.mkdir(parents=True)
+    (init / "latest_checkpointed_iteration.txt").write_text("0")
+    assert tool.main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    argv_out = plan["argv"]
+    # The resolved command carries what the stage adds: --train-iters and the decay.
+    assert argv_out[argv_out.index("--train-iters") + 1] == "10"  # 40960 tokens / (4 x 1024)
+    assert argv_out[argv_out.index("--lr-decay-iters") + 1] == "20"
+    assert argv_out[argv_out.index("--lr-wsd-decay-iters") + 1] == "10"
+    assert argv_out[argv_out.index("--load") + 1] == str(init)
+
+
+def test_an_upcycled_start_that_is_missing_says_to_upcycle(tmp_path, capsys):
+    cur = _curriculum(tmp_path)
+    init = tmp_path / "nano" / "upcycled"
+    assert _stage_tool().main(["--stage", "1", "--start-from", str(init), "--plan", "--",
+                               "--global-batch-size", "4", "--seq-length", "1024",
+                               "--curriculum", str(cur), "--save", str(tmp_path / "s1")]) == 2
+    assert f"run tools/upcycle_hf_to_mcore.py --save {init} first" in capsys.readouterr().err
