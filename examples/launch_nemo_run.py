@@ -214,21 +214,36 @@ def launch(a: argparse.Namespace) -> int:
         script_path = str(REPO / script_path)
     script = run.Script(path=script_path, args=args, entrypoint="python")
     name = f"{a.model}-stage{a.stage}"
-    with run.Experiment(f"marco-{name}", executor=executor, log_level="WARN") as exp:
+    if a.dryrun:
+        return dry_run(a, executor, script, name)
+    # NeMo-Run's layout: <job dir>/<title>/<title>_<time>/<task>/ (the task names the stage once).
+    with run.Experiment("marco", executor=executor, log_level="WARN") as exp:
         exp.add(script, name=name)
-        if a.dryrun:
+        exp.run(detach=a.executor == "slurm", tail_logs=a.executor == "local")
+    if a.executor == "local":
+        states = {task: str(info["status"]) for task, info in exp.status(return_dict=True).items()}
+        print(f"{name}: {states}")
+        return 0 if all(s.upper().startswith("SUCCEEDED") for s in states.values()) else 1
+    return 0
+
+
+def dry_run(a: argparse.Namespace, executor, script, name: str) -> int:
+    """Print what would be submitted; NeMo-Run's experiment directory goes to a temporary
+    directory that is removed afterwards (a dry run leaves nothing behind)."""
+    import tempfile
+
+    import nemo_run as run
+
+    with tempfile.TemporaryDirectory(prefix="marco-nemo-dryrun-") as base:
+        with run.Experiment("marco", executor=executor, log_level="WARN", base_dir=base,
+                            skip_status_at_exit=True, enable_goodbye_message=False) as exp:
+            exp.add(script, name=name)
             exp.dryrun(log=True, delete_exp_dir=False)
             if a.executor == "slurm":
                 sbatch = next(Path(exp._exp_dir).glob("*_sbatch.sh"))
                 print(sbatch.read_text())
                 if a.sbatch_out:
                     shutil.copyfile(sbatch, a.sbatch_out)
-            return 0
-        exp.run(detach=a.executor == "slurm", tail_logs=a.executor == "local")
-    if a.executor == "local":
-        states = {task: str(info["status"]) for task, info in exp.status(return_dict=True).items()}
-        print(f"{name}: {states}")
-        return 0 if all(s.upper().startswith("SUCCEEDED") for s in states.values()) else 1
     return 0
 
 

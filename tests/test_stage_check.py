@@ -93,3 +93,27 @@ def test_an_upcycled_start_that_is_missing_says_to_upcycle(tmp_path, capsys):
                                "--global-batch-size", "4", "--seq-length", "1024",
                                "--curriculum", str(cur), "--save", str(tmp_path / "s1")]) == 2
     assert f"run tools/upcycle_hf_to_mcore.py --save {init} first" in capsys.readouterr().err
+
+
+def test_nemo_run_dry_run_leaves_nothing_and_names_the_stage_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(HOME=str(tmp_path / "home"), NEMORUN_HOME=str(tmp_path / "nemo_run"),
+               PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "launch_nemo_run.py"),
+                          "--model", "mini", "--stage", "1", "--executor", "slurm",
+                          "--account", "a", "--partition", "p", "--dryrun",
+                          "--job-dir", str(tmp_path / "jobs"), "--sbatch-out",
+                          str(tmp_path / "job.sbatch")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.sbatch"]  # no experiment dirs
+    output = next(line for line in (tmp_path / "job.sbatch").read_text().splitlines()
+                  if line.startswith("#SBATCH --output="))
+    path = output.split("=", 1)[1]
+    assert path.startswith(f"{tmp_path}/jobs/marco/marco_"), path
+    assert path.count("mini-stage1") == 2, path  # the task's directory, and the job name in the file name
+    assert "/mini-stage1/sbatch_marco-mini-stage1_%j.out" in path
