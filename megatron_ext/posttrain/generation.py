@@ -121,7 +121,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: i
              use_cache: bool = True,
              on_batch: Optional[Callable[[int], None]] = None,
              indices: Optional[list[int]] = None, per_rank: bool = False,
-             inference_mode: bool = False) -> list[Generation]:
+             inference_mode: bool = False, routing=None) -> list[Generation]:
     """Continue each prompt (a list of token ids). `model`: a Megatron GPTModel, or a list of
     one model chunk, possibly wrapped (DDP, Float16Module), at the current parallel layout;
     every rank calls this with the same arguments and gets the same result. `batch_size`
@@ -136,8 +136,14 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: i
     its own prompts (ranks of one tensor-parallel group the same ones, any number per rank) and
     gets its own results; the ranks decode in lockstep (every rank runs the same number of
     forward passes, idle ones a one-token dummy), which the MoE all-to-alls across
-    data-parallel ranks need."""
+    data-parallel ranks need.
+
+    `routing`: a routing_replay.Recording, told after each cached forward pass which rows (by
+    `indices`) and prompt lengths it ran (`prefill`) or which rows got one more token
+    (`decode`), while the model's routers record (OPD's --routing-replay)."""
     gpt = _unwrap(model)
+    if routing is not None and not use_cache:
+        raise UsageError("generate: routing is recorded on the KV-cached path only")
     vocab = _check_vocab(gpt, vocab_size)
     prompts = _check_prompts(prompts, gpt, params, vocab)
     if batch_size is not None and batch_size < 1:
@@ -165,7 +171,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, seed: i
                 continue
             rows = batches[k]
             batch = _generate_batch(gpt, [prompts[i] for i in rows], [indices[i] for i in rows],
-                                    params, seed, vocab, use_cache, lockstep)
+                                    params, seed, vocab, use_cache, lockstep, routing)
             for i, g in zip(rows, batch):
                 results[i] = g
             if on_batch is not None:
@@ -591,7 +597,8 @@ class _RecomputeSteps:
 
 
 def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vocab: int,
-                    use_cache: bool, lockstep: Optional[_Lockstep] = None) -> list[Generation]:
+                    use_cache: bool, lockstep: Optional[_Lockstep] = None,
+                    routing=None) -> list[Generation]:
     device = next(gpt.parameters()).device
     b, longest = len(prompts), max(len(p) for p in prompts)
     max_len = longest + params.max_new_tokens
@@ -608,6 +615,8 @@ def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vo
     reasons = ["length"] * b
     active = list(range(b))  # batch rows still decoding, in cache order
     logits = steps.prefill(tokens)
+    if routing is not None:
+        routing.prefill(indices, [len(p) for p in prompts])
     for step in range(params.max_new_tokens):
         ids, lps = chooser.choose(logits[:, :vocab], active, step)
         still = []
@@ -632,6 +641,8 @@ def _generate_batch(gpt, prompts, indices, params: SamplingParams, seed: int, vo
             last = last.index_select(0, rows)
             active = [active[k] for k in still]
         logits = steps.decode(last)
+        if routing is not None:
+            routing.decode([indices[r] for r in active])
     return [Generation(prompt_ids=list(p), output_ids=o, logprobs=lp, finish_reason=f)
             for p, o, lp, f in zip(prompts, outputs, logprobs, reasons)]
 

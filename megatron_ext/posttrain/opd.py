@@ -583,6 +583,9 @@ def _engine_options(args) -> dict:
                           f"{args.rollout_timeout}")
     if args.rollout_retries < 0:
         raise ConfigError(f"--rollout-retries must be >= 0, got {args.rollout_retries}")
+    if engine == "sglang" and args.routing_replay:
+        raise ConfigError("--routing-replay needs the in-process generator's routing; the SGLang "
+                          "engine (--rollout-engine sglang) returns none here")
     if engine == "megatron" and urls:
         raise ConfigError("--rollout-url is for --rollout-engine sglang (the default engine, "
                           "megatron, samples in process)")
@@ -668,6 +671,7 @@ class OPDTask(Task):
         self._teacher_seconds = 0.0
         self._train_start = 0.0
         self._sft_eval = None
+        self.replay = None  # --routing-replay: routing_replay.RoutingReplay of the student
         self.engine = None  # --rollout-engine sglang: the client (rank 0) and the weight sync
         self.weight_sync = None
         self.synced_step: Optional[int] = None
@@ -692,6 +696,10 @@ class OPDTask(Task):
         self.per_rank = trainer.dp_size > 1 and per_rank_supported(trainer.model)
         # Optimizer steps per rollout (resolve_opd_args checked that it divides).
         self.per_rollout = first.global_batch_size // self.cfg.batch.global_batch_size
+        if self.opts.routing_replay:
+            from megatron_ext.posttrain.routing_replay import RoutingReplay
+
+            self.replay = RoutingReplay(trainer.model)
         # Before the first step: every teacher's token map is the student's (a served one's
         # as its server reports it), and so is a rollout engine's.
         for phase in self.opts.cascade.phases:
@@ -823,6 +831,8 @@ class OPDTask(Task):
     # ------------------------------------------------------------------ a step
     def on_step_start(self, trainer, step: int) -> None:
         t0 = _now()
+        if self.replay is not None:
+            self.replay.off()
         index = self._enter_phase(trainer, step)
         if step == self.opts.cascade.phases[index].start and self.cfg.logging.eval_interval:
             # The held-out reverse KL to the phase's teacher before its first step (the
@@ -973,10 +983,13 @@ class OPDTask(Task):
         return samples, rollout.statistics(list(samples.values()))
 
     def _replaying(self, batch: dict):
-        """While the student's forward of `batch` runs: its routing replayed from the rollout
-        (--routing-replay), else nothing."""
+        """For the student's forwards of `batch`: its routing replayed from the rollout
+        (--routing-replay; routing_replay.py), left set for the backward's recompute until
+        the next micro-batch, a rollout or an evaluation replaces it."""
         import contextlib
 
+        if self.replay is not None:
+            self.replay.replay(batch.get("routing"))
         return contextlib.nullcontext()
 
     def _recording(self, trainer):
@@ -997,10 +1010,13 @@ class OPDTask(Task):
             return {x.row: x for x in samples}, rollout.statistics(samples)
         rows = ([g for mbs in self._my_rows(trainer) for b in mbs for g in b] if self.per_rank
                 else list(range(total)))
-        with self._recording(trainer):
+        import contextlib
+
+        replay = self.replay.recording() if self.replay is not None else contextlib.nullcontext()
+        with self._recording(trainer), replay as record:
             samples = rollout.sample(trainer.model, [self.prompts.prompts[chosen[g // n]] for g in rows],
                                      rows, s, self.tok, rollout.step_seed(self.cfg.batch.seed, index),
-                                     per_rank=self.per_rank)
+                                     per_rank=self.per_rank, routing=record)
         return {x.row: x for x in samples}, self._reduce(rollout.statistics(samples))
 
     def _served_rollout(self, step: int, chosen: list, s: RolloutSettings) -> list:
@@ -1141,6 +1157,8 @@ class OPDTask(Task):
         return self._evaluate(trainer, self.opts.cascade.phase_index(step), step + 1)
 
     def _evaluate(self, trainer, index: int, iteration: int) -> dict:
+        if self.replay is not None:
+            self.replay.off()
         self._ensure_teacher(trainer, index)
         self.settings = self.opts.phase_settings(index)
         results = self.heldout(trainer)

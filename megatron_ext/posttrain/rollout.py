@@ -17,7 +17,8 @@ token), `loss_weights` (the reduction's per-token weights, losses.response_weigh
 response tokens until the step sets them), `position_ids`, and per response token the
 student's sampling log-prob (`rollout_logprobs`) and, once scored, the teacher's
 (`teacher_logprobs`) and, with several optimizer steps per rollout, the student's at the start
-of the rollout (`old_logprobs`, the clipped surrogate's). Rows are right-padded
+of the rollout (`old_logprobs`, the clipped surrogate's); with --routing-replay, `routing`
+[b, s, MoE layers, k], the experts the generator chose (-1 where none). Rows are right-padded
 to the longest row of their micro-batch (rounded up to a multiple of `multiple`, e.g. the
 tensor-parallel size for sequence parallelism); padding carries no loss whatever its id.
 """
@@ -147,6 +148,8 @@ class Sample:
     # Scored after sampling, per response token (collate's keys of the same names).
     teacher_logprobs: Optional[list[float]] = None
     old_logprobs: Optional[list[float]] = None
+    # --routing-replay: [length, MoE layers, top-k] experts the generator chose (-1: none).
+    routing: Optional[torch.Tensor] = None
 
     @property
     def length(self) -> int:
@@ -154,15 +157,18 @@ class Sample:
 
 
 def sample(model, prompts: list[list[int]], rows: list[int], settings: RolloutSettings,
-           tok: ChatTokenizer, seed: int, *, per_rank: bool) -> list[Sample]:
+           tok: ChatTokenizer, seed: int, *, per_rank: bool, routing=None) -> list[Sample]:
     """Sample `rows` (global row ids; row g answers prompts[i] for rows[i]) with the student.
-    `per_rank`: each data-parallel rank passes only its own rows (see generation.generate)."""
+    `per_rank`: each data-parallel rank passes only its own rows (see generation.generate).
+    `routing`: a routing_replay.Recording; each sample then carries its experts."""
     from megatron_ext.posttrain.generation import generate
 
     out = generate(model, prompts, settings.sampling(tok.stop_ids), seed=seed,
                    batch_size=settings.decode_batch_size, vocab_size=tok.vocab_size,
-                   indices=list(rows), per_rank=per_rank)
-    return [Sample(r, g.prompt_ids, g.output_ids, g.logprobs, g.finish_reason)
+                   indices=list(rows), per_rank=per_rank, routing=routing)
+    return [Sample(r, g.prompt_ids, g.output_ids, g.logprobs, g.finish_reason,
+                   routing=None if routing is None else
+                   routing.routing(r, len(g.prompt_ids) + len(g.output_ids)))
             for r, g in zip(rows, out)]
 
 
@@ -198,11 +204,17 @@ def collate(samples: list[Sample], pad_id: int, multiple: int = 1) -> dict:
         loss_mask[i, p - 1:n - 1] = 1.0
         for key, values in per_token.items():
             values[i, p - 1:n - 1] = torch.tensor(getattr(s, key), dtype=torch.float32)
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-            "loss_weights": loss_mask.clone(),
-            "position_ids": torch.arange(width).expand(b, width).contiguous(),
-            "lengths": torch.tensor([s.length for s in samples], dtype=torch.long),
-            **per_token}
+    out = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+           "loss_weights": loss_mask.clone(),
+           "position_ids": torch.arange(width).expand(b, width).contiguous(),
+           "lengths": torch.tensor([s.length for s in samples], dtype=torch.long),
+           **per_token}
+    if all(s.routing is not None for s in samples):  # [b, s, MoE layers, k], -1 on padding
+        routing = torch.full((b, width, *samples[0].routing.shape[1:]), -1, dtype=torch.int16)
+        for i, s in enumerate(samples):
+            routing[i, :s.length] = s.routing
+        out["routing"] = routing
+    return out
 
 
 RESPONSE_VALUES = ("rollout_logprobs", "teacher_logprobs", "old_logprobs")
