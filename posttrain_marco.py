@@ -19,12 +19,11 @@ import dataclasses
 import sys
 
 from megatron_ext.cli import entry_point
+from megatron_ext.recipes import flag_defaults
 
-# Marco's SFT recipe (model card): lr 1e-5 cosine to 1e-6; OPD: lr 1e-6 constant.
-RECIPE_DEFAULTS = {
-    "sft": dict(lr=1e-5, min_lr=1e-6, lr_decay_style="cosine"),
-    "opd": dict(lr=1e-6, min_lr=1e-6, lr_decay_style="constant", lr_warmup_iters=0),
-}
+# Marco's SFT/OPD recipe is configs/posttrain/marco.yaml, which slurm/posttrain.sh runs too:
+# its lr, min lr, decay style and warmup are the sft/opd flags' defaults (SFT lr 1e-5 cosine
+# to 1e-6; OPD lr 1e-6 constant), read when the parser is built (megatron_ext/recipes.py).
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning on chat data",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     training_parser(add_data_args=add_sft_data_args, parser=sft)
-    sft.set_defaults(**RECIPE_DEFAULTS["sft"])
+    sft.set_defaults(**flag_defaults("sft"))
     try:
         from megatron_ext.posttrain.opd import add_opd_args
     except ImportError:  # on-policy distillation not installed in this checkout
@@ -44,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     opd = sub.add_parser("opd", help="cascaded on-policy distillation",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     training_parser(add_data_args=add_opd_args, parser=opd)
-    opd.set_defaults(**RECIPE_DEFAULTS["opd"])
+    opd.set_defaults(**flag_defaults("opd"))
     return top
 
 

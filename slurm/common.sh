@@ -4,8 +4,9 @@
 #   prog, die, note           the launcher's name; an error line (exit 2); a timestamped line
 #   repo, dry_run             the repository root; MARCO_DRY_RUN
 #   require_positive          a MARCO_* count that must be a positive integer
-#   load_model_config MODEL   sets `config`, the path of slurm/config/MODEL.sh (die if missing);
-#                             the launcher sources it itself, so that its values are global
+#   load_recipe MODEL         sets `config`, the path of configs/recipes/MODEL.yaml, and the
+#                             recipe's values as globals (RUN, PRESET, TP, ..., SFT_*, OPD_*;
+#                             megatron_ext/recipes.py); a bad recipe is one error line
 #   rendezvous                nnodes, master_addr, master_port: inside a Slurm job from its node
 #                             list, in a dry run (MARCO_DRY_RUN) from MARCO_NNODES or NODES
 #   srun_command              srun_cmd: one task per node running slurm/node.sh (torchrun)
@@ -24,12 +25,15 @@ require_positive() {  # require_positive NAME VALUE
     [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1=$2: expected a positive integer"
 }
 
-load_model_config() {  # load_model_config MODEL
-    config="$repo/slurm/config/$1.sh"
-    [[ -f $config ]] || die "no model config $config"
+load_recipe() {  # load_recipe MODEL: the recipe's NAME=value lines, evaluated as globals
+    local values
+    config="$repo/configs/recipes/$1.yaml"
+    values=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "${MARCO_PYTHON:-python3}" \
+             -m megatron_ext.recipes "$1" 2>&1) || die "${values#error: }"
+    eval "$values"
 }
 
-rendezvous() {  # uses dry_run and NODES (the model config's)
+rendezvous() {  # uses dry_run and NODES (the recipe's)
     if [[ -n ${SLURM_JOB_ID:-} ]]; then
         local hosts
         mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?not set in a Slurm job}")

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Shared launcher of slurm/*.sbatch: runs one curriculum stage of one model inside a Slurm job.
 #
-#   bash slurm/launch.sh MODEL STAGE        MODEL: a file slurm/config/MODEL.sh; STAGE: 1-based
-#                                           stage of that model's curriculum
+#   bash slurm/launch.sh MODEL STAGE        MODEL: a recipe configs/recipes/MODEL.yaml; STAGE:
+#                                           1-based stage of that model's curriculum
 #
 # What a launch does (docs/cluster.md has the why):
-#  1. Settings: slurm/config/MODEL.sh, then MARCO_* environment overrides (MARCO_CPU=1: the
+#  1. Settings: configs/recipes/MODEL.yaml, then MARCO_* environment overrides (MARCO_CPU=1: the
 #     tiny preset on CPU processes, gloo, for tests and CPU partitions).
 #  2. Rendezvous: the first host of `scontrol show hostnames "$SLURM_JOB_NODELIST"` is
 #     MASTER_ADDR; one srun task per node runs slurm/node.sh, i.e. torchrun for the node's GPUs.
@@ -26,9 +26,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 (( $# == 2 )) || die "usage: launch.sh MODEL STAGE (see slurm/*.sbatch)"
 model=$1
 stage=$2
-load_model_config "$model"
-# shellcheck source=slurm/config/mini.sh
-source "$config"
+load_recipe "$model"
 [[ " ${STAGES[*]} " == *" $stage "* ]] || die "$model runs stages ${STAGES[*]}, not '$stage'"
 
 # ---------------------------------------------------------------- settings and overrides

@@ -8,7 +8,7 @@
     python slurm/memory_estimate.py             # the shipped Nano and Mini OPD layouts
     python slurm/memory_estimate.py opd --preset mini --ep 8 --dp 64 --decode-rows 16 [--check]
 
-The arithmetic quoted in slurm/config/*.sh and docs/cluster.md. On-policy distillation
+The arithmetic quoted in configs/recipes/*.yaml and docs/cluster.md. On-policy distillation
 (`estimate_opd`) adds an in-process teacher's weights and the step's phases (rollout KV cache
 and prefill, teacher scoring, the training micro-batch), of which the largest counts;
 slurm/posttrain.sh refuses an OPD layout that does not fit (`opd --check`). Model state per GPU, with
@@ -294,36 +294,24 @@ def opd_line(r: dict, name: str = "") -> str:
             f"{H100_GIB} GiB")
 
 
-def _shell_values(path: str) -> dict:
-    """NAME=value assignments of a slurm/config shell file (comments dropped)."""
-    import re
-
-    values = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            match = re.match(r"^([A-Z_0-9]+)=([^\s#]+)", line)
-            if match:
-                values[match.group(1)] = match.group(2)
-    return values
-
-
 def shipped_opd(model: str) -> dict:
-    """The OPD estimate of slurm/{model}_opd.sbatch as shipped: the layout of
-    slurm/config/{model}.sh, the OPD_* recipe of slurm/posttrain_recipe.sh, the rollout
+    """The OPD estimate of slurm/{model}_opd.sbatch as shipped: the layout and opd settings of
+    its recipe configs/recipes/{model}.yaml (Marco's configs/posttrain/marco.yaml), the rollout
     lengths and loss of its cascade file, phase 1's in-process Qwen3-30B-A3B teacher."""
     import yaml
 
-    values = {**_shell_values(os.path.join(REPO, "slurm", "posttrain_recipe.sh")),
-              **_shell_values(os.path.join(REPO, "slurm", "config", f"{model}.sh"))}
-    cascade = values.get("OPD_CASCADE", f"configs/posttrain/marco_{model}_cascade.yaml")
-    with open(os.path.join(REPO, cascade), encoding="utf-8") as f:
+    from megatron_ext.recipes import load_recipe
+
+    recipe = load_recipe(model)
+    opd = recipe["opd"]
+    with open(os.path.join(REPO, opd["cascade"]), encoding="utf-8") as f:
         settings = yaml.safe_load(f).get("settings", {})
-    world = int(values["NODES"]) * int(values["GPUS_PER_NODE"])
-    return estimate_opd(values["PRESET"], int(values["EP"]), world // int(values["TP"]),
-                        micro_batch_size=int(values["OPD_MICRO_BATCH"]),
+    world = int(recipe["nodes"]) * int(recipe["gpus_per_node"])
+    return estimate_opd(recipe["preset"], int(recipe["ep"]), world // int(recipe["tp"]),
+                        micro_batch_size=int(opd["micro_batch"]),
                         prompt_len=int(settings.get("rollout-max-prompt-len", 2048)),
                         response_len=int(settings.get("rollout-max-response-len", 8192)),
-                        decode_rows=int(values["OPD_DECODE_BATCH"]),
+                        decode_rows=int(opd["decode_batch"]),
                         loss=settings.get("opd-loss", "sampled-rkl"))
 
 

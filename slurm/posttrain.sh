@@ -2,11 +2,11 @@
 # Shared launcher of the post-training batch scripts: SFT or on-policy distillation (OPD) of one
 # model inside a Slurm job, after its pre-training chain.
 #
-#   bash slurm/posttrain.sh MODEL sft|opd     MODEL: a file slurm/config/MODEL.sh
+#   bash slurm/posttrain.sh MODEL sft|opd     MODEL: a recipe configs/recipes/MODEL.yaml
 #
 # What a launch does (docs/posttraining.md has the recipe, docs/cluster.md the cluster side):
-#  1. Settings: slurm/config/MODEL.sh (layout, and the SFT_* / OPD_* recipe values), then
-#     MARCO_* environment overrides.
+#  1. Settings: configs/recipes/MODEL.yaml (layout, and the sft/opd recipe values, most from
+#     configs/posttrain/marco.yaml), then MARCO_* environment overrides.
 #  2. What to --load: this run's own checkpoint directory when it has a 'latest' marker (a
 #     requeued job resumes itself, exactly), else the step before it: SFT starts from the last
 #     pre-training stage's final checkpoint, OPD from the SFT run's. posttrain_marco.py loads a
@@ -26,15 +26,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 model=$1
 kind=$2
 [[ $kind == sft || $kind == opd ]] || die "kind '$kind': expected sft or opd"
-load_model_config "$model"
-# shellcheck source=slurm/config/mini.sh
-source "$config"
+load_recipe "$model"
 
 # ---------------------------------------------------------------- settings and overrides
 upper=${kind^^}
-setting() {  # setting NAME: MARCO_<KIND>_<NAME>, else <KIND>_<NAME> from the model config
+setting() {  # setting NAME: MARCO_<KIND>_<NAME>, else <KIND>_<NAME> (the recipe's <kind>.<name>)
     local var="${upper}_$1" override="MARCO_${upper}_$1"
-    [[ -n ${!var+x} ]] || die "$config sets no $var"
+    [[ -n ${!var+x} ]] || die "$config sets no $kind.${1,,}"
     echo "${!override:-${!var}}"
 }
 tp=${MARCO_TP:-$TP}

@@ -11,7 +11,7 @@
 #   MARCO_CPU=1 bash slurm/submit_chain.sh --time=00:30:00 -- mini     # CPU profile: one node, no GPUs
 #   bash slurm/submit_chain.sh --test-only -- mini     # sbatch --test-only each job; submit nothing
 #
-# A MODEL (a file slurm/config/MODEL.sh) stands for its scripts in stage order:
+# A MODEL (a recipe configs/recipes/MODEL.yaml) stands for its scripts in stage order:
 # slurm/MODEL.sbatch if there is one (mini_global), else slurm/MODEL_stage<k>.sbatch.
 # The SBATCH_OPTIONs go to every sbatch call, after the CPU profile's request under
 # MARCO_CPU=1 (--nodes=1 --gpus-per-node=0), so they win, and before the chain's
@@ -42,7 +42,7 @@ for target in "${targets[@]}"; do
         die "'$target' after the scripts: sbatch options go before '--'; $usage"
     elif [[ -f $target ]]; then
         scripts+=("$target")
-    elif [[ $target =~ ^[A-Za-z0-9_]+$ && -f $repo/slurm/config/$target.sh ]]; then
+    elif [[ $target =~ ^[A-Za-z0-9_]+$ && -f $repo/configs/recipes/$target.yaml ]]; then
         if [[ -f $repo/slurm/$target.sbatch ]]; then
             scripts+=("$repo/slurm/$target.sbatch")
         else
@@ -52,9 +52,9 @@ for target in "${targets[@]}"; do
             scripts+=("${found[@]}")
         fi
     else
-        models=("$repo"/slurm/config/*.sh)
+        models=("$repo"/configs/recipes/*.yaml)
         models=("${models[@]##*/}")
-        die "no such file or model '$target' (models: ${models[*]%.sh})"
+        die "no such file or model '$target' (models: ${models[*]%.yaml})"
     fi
 done
 

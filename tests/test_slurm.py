@@ -48,7 +48,7 @@ def _step(tokens: float) -> int:
 
 
 def _bash_files() -> list[Path]:
-    return sorted([*SLURM.glob("*.sbatch"), *SLURM.glob("*.sh"), *SLURM.glob("config/*.sh"),
+    return sorted([*SLURM.glob("*.sbatch"), *SLURM.glob("*.sh"),
                    FAKE / "scontrol", FAKE / "sbatch"])
 
 
@@ -224,7 +224,7 @@ def test_memory_estimates_fit_an_h100(tmp_path):
         even, skewed = estimate(**layout), estimate(**layout, imbalance=2.0)
         # 79.6 GiB on an H100 80 GB, less ~2 GiB of CUDA context and NCCL buffers.
         assert skewed["total_gib"] < 77, (model, skewed["total_gib"])
-        comment = (SLURM / "config" / f"{model}.sh").read_text()
+        comment = (REPO / "configs" / "recipes" / f"{model}.yaml").read_text()
         for figure in (even, skewed):
             assert f"{figure['total_gib']:.1f} GiB" in comment, model
 
