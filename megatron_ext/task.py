@@ -11,7 +11,9 @@ are the three. Its *data* hands out each step's micro-batches and the validation
                                           function reports {name: [sum, count]} (every name
                                           becomes a metric, the first is the run's loss)
       on_step_start(trainer, step)        hook: before a step's batches are drawn (OPD rolls
-                                          out and switches cascade phases here)
+                                          out and switches cascade phases here); raising
+                                          StepInterrupted (on every rank alike) stops the run
+                                          as a signal does: saved before the step, exit 0
       step_metrics(step) -> dict          hook: extra scalars of the step (rollout statistics)
       evaluate(trainer, step) -> dict     hook: the evaluation; by default the trainer's
                                           validation LM loss per validation set
@@ -33,6 +35,12 @@ here, and the trainer calls them without asking what a task or its data can do.
 from __future__ import annotations
 
 from typing import Optional
+
+
+class StepInterrupted(Exception):
+    """A stop signal arrived while a task prepared a step (e.g. waiting on a rollout engine):
+    the step has not started, so the trainer saves the state before it (with --save) and
+    exits as on a signal. Raised on every rank alike (the task agrees first)."""
 
 
 class TrainData:

@@ -46,7 +46,7 @@ from megatron_ext.metrics import MetricsWriter, StepClock, peak_memory_gib, star
 from megatron_ext.model import build_stages
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ext.routing import RoutingRecorder
-from megatron_ext.task import Task
+from megatron_ext.task import StepInterrupted, Task
 
 log = logging.getLogger(__name__)
 
@@ -606,7 +606,15 @@ class Trainer:
                         f"--train-iters {b.train_iters}")
         profiler = start_profiler(cfg.logging, self.rank, start)
         for step in range(start, b.train_iters):
-            self.task.on_step_start(self, step)
+            try:
+                self.task.on_step_start(self, step)
+            except StepInterrupted as e:  # nothing of the step done: save the state before it
+                just_saved = step > start and ck.save_interval and step % ck.save_interval == 0
+                if ck.save and not just_saved:
+                    self.save()
+                self.log(f"{e}; " + (f"saved at iteration {step}, exiting" if ck.save else
+                                     "exiting (no --save)"))
+                break
             result = self.train_step(step)
             if profiler is not None:
                 profiler.step()

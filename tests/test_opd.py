@@ -699,7 +699,7 @@ def _fail_generate(model, how):
     import threading
     import time as _time
 
-    real = model.generate
+    real, calls = model.generate, []
 
     def generate(rows, params):
         out = real(rows, params)
@@ -707,6 +707,9 @@ def _fail_generate(model, how):
             return [([], [], {"type": "length", "length": 0}) for _ in out]
         if how == "positive":
             return [(ids, [0.5] * len(lps), f) for ids, lps, f in out]
+        calls.append(1)
+        if len(calls) == 1:  # step 1's rollout is served; step 2's request hangs
+            return out
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # while it hangs
         _time.sleep(60)
         return out
@@ -716,12 +719,11 @@ def _fail_generate(model, how):
 
 @pytest.mark.parametrize("where,how,pattern", [
     ("engine", "short", "0 generated tokens"), ("engine", "positive", "log-prob 0.5"),
-    ("teacher", "positive", "log-prob 0.5"), ("engine", "hang", "signal 15 while waiting")])
+    ("teacher", "positive", "log-prob 0.5")])
 def test_a_misbehaving_engine_or_teacher_stops_the_run_before_training(
         teachers, served_student, tmp_path, monkeypatch, fresh_module_tracker, where, how, pattern):
     """A rollout engine or served teacher answering wrongly stops OPD in one line naming its
-    URL before the step trains (no checkpoint); SIGTERM during a hung rollout request ends the
-    run at once (--rollout-timeout 30 s), without saving, saying so."""
+    URL before the step trains (no checkpoint)."""
     import posttrain_marco
 
     url, model = served_student
@@ -735,15 +737,35 @@ def test_a_misbehaving_engine_or_teacher_stops_the_run_before_training(
                                                           for r in real(rows)])
         extra = ["--teacher", f"sglang:{url}"]
     save = tmp_path / "ckpt"
-    start = time.monotonic()
     with pytest.raises(MarcoError) as e:
         posttrain_marco.main(["opd", "--load", teachers["student"][1], *ENGINE_ARGS, *extra,
                               "--save", str(save), "--save-interval", "1"])
     message = str(e.value)
     assert "\n" not in message and url in message and pattern in message, message
     assert not any(save.glob("iter_*"))
-    if how == "hang":
-        assert "exiting without saving" in message and time.monotonic() - start < 30
+
+
+def test_sigterm_while_a_rollout_request_hangs_saves_and_exits(teachers, served_student, tmp_path,
+                                                               monkeypatch, fresh_module_tracker, caplog):
+    """Step 2's rollout request hangs (--rollout-timeout 30 s); SIGTERM ends the wait at once and
+    the run leaves as on any signal: the state before step 2 saved (iteration 1), exit 0."""
+    import logging
+
+    import posttrain_marco
+
+    url, model = served_student
+    monkeypatch.setattr(model, "generate", _fail_generate(model, "hang"))
+    save = tmp_path / "ckpt"
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO):
+        assert posttrain_marco.main(["opd", "--load", teachers["student"][1], *ENGINE_ARGS, "--teacher",
+                                     teachers["dense"][1], "--rollout-engine", "sglang", "--rollout-url",
+                                     url, "--rollout-sync-dir", str(tmp_path / "sync"), "--rollout-timeout",
+                                     "30", "--save", str(save), "--save-interval", "10"]) == 0
+    assert time.monotonic() - start < 30
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert f"signal 15 while waiting on rollout engine {url}/generate, during the rollout of step 2; " \
+           "saved at iteration 1, exiting" in caplog.text
 
 
 @pytest.mark.parametrize("model,nodes,engines", [("nano", 11, 2), ("mini", 13, 4)])

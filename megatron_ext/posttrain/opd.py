@@ -1033,14 +1033,16 @@ class OPDTask(Task):
                                                            for g in rows], rows, s, self.tok,
                                              weight_version=self.synced_step)]
             except sglang_client.Interrupted as e:
-                box = [("Interrupted", f"{e}, during the rollout of step {step + 1}: exiting "
-                                       "without saving (the rollout is incomplete)")]
+                box = [("StepInterrupted", f"{e}, during the rollout of step {step + 1}")]
             except sglang_client.EngineError as e:
                 box = [("EngineError", f"step {step + 1} rollout: {e}")]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], tuple):
-            raise getattr(sglang_client, box[0][0])(box[0][1])
+        if isinstance(box[0], tuple):  # every rank alike: a signal saves as the trainer does
+            from megatron_ext.task import StepInterrupted
+
+            kind, message = box[0]
+            raise (StepInterrupted if kind == "StepInterrupted" else sglang_client.EngineError)(message)
         return box[0]
 
     def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
