@@ -101,6 +101,11 @@ def attention_flops_per_token(preset: ModelPreset, seq_length: int) -> float:
     return 6.0 * preset.num_layers * seq_length * preset.num_attention_heads * preset.kv_channels
 
 
+def router_params(preset: ModelPreset) -> int:
+    """The routers' weights (one hidden x experts matrix per MoE layer); 0 for a dense model."""
+    return preset.num_layers * preset.num_experts * preset.hidden_size if preset.is_moe else 0
+
+
 def training_flops_per_token(size: ModelSize, preset: ModelPreset, seq_length: int) -> float:
     return 6.0 * size.active_matmul_params + attention_flops_per_token(preset, seq_length)
 
@@ -111,11 +116,18 @@ def describe(preset: ModelPreset, seq_length: int) -> dict:
 
     size = count_parameters(build_meta_model(preset), preset)
     flops = training_flops_per_token(size, preset, seq_length)
+    router = router_params(preset)
     return {
         "preset": preset.name,
         **size.as_dict(),
         "total_params_billions": round(size.total_params / 1e9, 3),
         "active_params_billions": round(size.active_params / 1e9, 3),
+        # Two conventions: with the routers (every parameter a token uses) and without them,
+        # the one the paper reports (Mini 0.86B active = 867.6M - 28 x 256 x 1024 router weights).
+        "router_params": router,
+        "total_params_without_router_billions": round((size.total_params - router) / 1e9, 3),
+        "active_params_without_router_billions": round((size.active_params - router) / 1e9, 3),
+        "paper_convention": "without router" if router else "dense: no router",
         "seq_length": seq_length,
         "train_flops_per_token": flops,
         "train_flops_per_token_no_attention": 6.0 * size.active_matmul_params,
