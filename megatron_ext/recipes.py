@@ -100,8 +100,9 @@ def _check_sections(data: dict, path: str) -> None:
                                   f"{', '.join(keys)})")
 
 
-def load_posttrain(path: str = POSTTRAIN_RECIPE, *, text: bool = False) -> dict:
-    """The SFT/OPD recipe file: {'sft': {...}, 'opd': {...}}."""
+def load_posttrain(path: str | None = None, *, text: bool = False) -> dict:
+    """The SFT/OPD recipe file (default: Marco's): {'sft': {...}, 'opd': {...}}."""
+    path = path or POSTTRAIN_RECIPE
     data = _read(path, text)
     unknown = sorted(set(data) - set(SECTION_KEYS))
     if unknown:
@@ -146,7 +147,7 @@ def _number(value):
     return value
 
 
-def flag_defaults(kind: str, path: str = POSTTRAIN_RECIPE) -> dict:
+def flag_defaults(kind: str, path: str | None = None) -> dict:
     """posttrain_marco.py KIND's flag defaults from the SFT/OPD recipe (lr, min lr, decay
     style, warmup), by argparse dest."""
     section = load_posttrain(path).get(kind, {})
