@@ -23,26 +23,31 @@ KEYS = ("opd_loss", "reverse_kl", "student_logprob", "teacher_logprob", "grad_no
         "clipfrac", "logprob_diff")
 
 
-@pytest.fixture
-def uneven(monkeypatch):
-    """The random student never samples a stop token, so every response would reach the length
-    limit: cut row g's response to 1 + g % 5 tokens (ending there, as at a stop token), so the
-    global batch holds responses of uneven lengths; the rest of the step is the real one."""
+def _cut(sample):
+    """rollout.sample, each response of row g cut to 1 + g % 5 tokens (ending there, as at a
+    stop token): the random student never samples a stop token, so every response would reach
+    the length limit; this gives the global batch responses of uneven lengths, the rest of the
+    step being the real one."""
     import dataclasses
 
+    def cut(*args, **kwargs):
+        out = []
+        for x in sample(*args, **kwargs):
+            n = 1 + x.row % 5
+            routing = None if x.routing is None else x.routing[:len(x.prompt_ids) + n]
+            reason = "stop" if n < len(x.output_ids) else x.finish_reason
+            out.append(dataclasses.replace(x, output_ids=x.output_ids[:n], routing=routing,
+                                           rollout_logprobs=x.rollout_logprobs[:n], finish_reason=reason))
+        return out
+
+    return cut
+
+
+@pytest.fixture
+def uneven(monkeypatch):
     from megatron_ext.posttrain import rollout
 
-    sample = rollout.sample
-
-    def cut(*args, **kwargs):
-        out = sample(*args, **kwargs)
-        return [dataclasses.replace(x, output_ids=x.output_ids[:1 + x.row % 5],
-                                    rollout_logprobs=x.rollout_logprobs[:1 + x.row % 5],
-                                    finish_reason="stop" if x.row % 5 + 1 < len(x.output_ids)
-                                    else x.finish_reason)
-                for x in out]
-
-    monkeypatch.setattr(rollout, "sample", cut)
+    monkeypatch.setattr(rollout, "sample", _cut(rollout.sample))
 
 
 def _steps(teachers, tmp_path, name, *extra):  # noqa: F811
@@ -120,3 +125,69 @@ def test_bad_settings_name_the_flag(teachers):  # noqa: F811
     for argv, message in cases:
         with pytest.raises(ConfigError, match=message):
             opd_options(resolve_opd_args(parse(base + argv)))
+
+
+# ====================================================================== data parallelism
+PARALLEL = {
+    # EP 2 = DP 2, each rank sampling its own rows; two optimizer steps per rollout; replay.
+    "replay": ["--train-iters", "4", "--global-batch-size", "2", "--micro-batch-size", "1",
+               "--routing-replay"],
+    "token-mean": ["--train-iters", "2", "--micro-batch-size", "1", "--opd-loss-reduction", "token-mean"],
+}
+
+
+@pytest.mark.slow
+def test_data_parallel_reductions_and_replay_equal_one_process(teachers, tmp_path,  # noqa: F811
+                                                               fresh_module_tracker, uneven):  # noqa: F811
+    """One torchrun launch of two processes at EP=2 (DP=2): sample-mean with two steps per
+    rollout and routing replay, and token-mean, each equal to one process step by step (the
+    response weights' totals are summed over the data-parallel ranks once per step)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, _free_port, subprocess_env
+
+    want = {name: _steps(teachers, tmp_path, f"one-{name}", *extra) for name, extra in PARALLEL.items()}
+    jobs = [["opd", "--teacher", teachers["moe30b"][1], "--load", teachers["student"][1], *BASE, *extra,
+             "--expert-model-parallel-size", "2", "--log-json", str(tmp_path / f"ep2-{name}.jsonl")]
+            for name, extra in PARALLEL.items()]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), __file__, str(tmp_path / "jobs.json")]
+    run = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "each data-parallel rank samples its own rows" in run.stdout
+    for name in PARALLEL:
+        got = _records(tmp_path / f"ep2-{name}.jsonl")[0]
+        _same(got, want[name], rel=1e-4, keys=KEYS + ("rollout/response_length",))
+
+
+def _worker(jobs_file: str) -> None:
+    """torchrun worker: posttrain_marco.py's main for each job, responses cut as `uneven`."""
+    import json
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO))
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    import posttrain_marco
+    from megatron_ext.logs import setup_logging
+    from megatron_ext.posttrain import rollout
+
+    rollout.sample = _cut(rollout.sample)
+    setup_logging()
+    for argv in json.loads(open(jobs_file).read()):
+        get_moe_layer_wise_logging_tracker().clear()
+        assert posttrain_marco.main(argv) == 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker(sys.argv[1])

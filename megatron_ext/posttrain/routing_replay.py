@@ -79,11 +79,12 @@ class ReplayRouter(RouterReplay):
 
 
 def _routers(model) -> list:
+    """The TopKRouters of `model` (a model or a list of chunks, possibly wrapped), in order."""
     from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.utils import unwrap_model
 
-    from megatron_ext.posttrain.generation import _unwrap
-
-    return [m for m in _unwrap(model).modules() if isinstance(m, TopKRouter)]
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for c in chunks for m in unwrap_model(c).modules() if isinstance(m, TopKRouter)]
 
 
 class RoutingReplay:
