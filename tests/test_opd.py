@@ -807,3 +807,33 @@ def test_sglang_sbatch_dry_run_starts_servers_and_passes_their_urls(teachers, mo
     assert args.rollout_sync_dir.endswith(f"rollout/{model}/weights")
     assert [p.teacher.kind for p in args.opd_cascade.phases] == ["megatron", "sglang"]
     assert args.opd_cascade.phases[1].teacher.path == f"sglang:http://node{engines}:30000"
+
+
+def test_engine_and_served_teacher_flags_are_checked(teachers, tmp_path):
+    """A served teacher refuses the full-vocabulary losses and a temperature other than 1
+    (SGLang scores prompt tokens at T = 1); --rollout-url needs --rollout-engine sglang and the
+    reverse; each one line naming the flag or phase."""
+    import posttrain_marco
+    from megatron_ext.posttrain.opd import opd_options
+
+    parse = posttrain_marco.build_parser().parse_args
+    base = ["opd", "--teacher", "sglang:http://127.0.0.1:9", "--train-iters", "2"]
+    assert opd_options(parse(base)).cascade.phases[0].teacher.kind == "sglang"
+    for extra, pattern in [
+        (["--opd-loss", "jsd"], "--opd-loss jsd needs the teacher's full logits; a served"),
+        (["--rollout-temperature", "0.8"], "--rollout-temperature 0.8 with a served"),
+        (["--rollout-url", "http://h:1"], "--rollout-url is for --rollout-engine sglang"),
+        (["--rollout-engine", "sglang"], "give --rollout-url"),
+        (["--rollout-engine", "sglang", "--rollout-url", "http://h:1"], "give --rollout-sync-dir"),
+        (["--rollout-engine", "sglang", "--rollout-url", "h:1", "--save", str(tmp_path)],
+         "--rollout-url h:1: expected http://HOST:PORT"),
+        (["--rollout-sync-interval", "0"], "--rollout-sync-interval must be >= 1"),
+        (["--rollout-timeout", "nan"], "--rollout-timeout must be a positive number"),
+    ]:
+        with pytest.raises(MarcoError, match=pattern) as e:
+            opd_options(parse(base + extra))
+        assert "\n" not in str(e.value)
+    opts = opd_options(parse(base + ["--rollout-engine", "sglang", "--rollout-url", "http://h:1",
+                                     "http://h:2", "--save", str(tmp_path)]))
+    assert opts.engine_urls == ("http://h:1", "http://h:2")
+    assert opts.sync_dir == str(tmp_path / "rollout-weights")

@@ -50,6 +50,11 @@ SAMPLING_FIELDS = {
     "logit_bias", "sampling_seed", "custom_params", "watermark",
 }
 TOP_K_ALL = 1 << 30
+# io_struct.py: UpdateWeightFromDiskReqInput (kw_only; model_path required)
+UPDATE_FROM_DISK_FIELDS = {"model_path": str, "load_format": str, "abort_all_requests": bool,
+                           "weight_version": str, "is_async": bool, "torch_empty_cache": bool,
+                           "keep_pause": bool, "recapture_cuda_graph": bool, "token_step": int,
+                           "flush_cache": bool, "manifest": dict}
 
 
 def sglang_accepts(req: dict, vocab_size: int = VOCAB) -> None:
@@ -96,9 +101,9 @@ def test_every_request_is_one_sglang_accepts(temperature, top_p, top_k):
         json.loads(json.dumps(req))  # plain JSON
         sglang_accepts(req)
     assert sc.score_request([[1, 2]])["sampling_params"]["max_new_tokens"] == 0
-    # UpdateWeightFromDiskReqInput: model_path (str), weight_version (Optional[str]), flush_cache
-    assert sc.update_weights_request("/shared/w", 7) == {"model_path": "/shared/w",
-                                                         "weight_version": "7", "flush_cache": True}
+    update = sc.update_weights_request("/shared/w", 7)
+    assert update == {"model_path": "/shared/w", "weight_version": "7", "flush_cache": True}
+    assert all(isinstance(v, UPDATE_FROM_DISK_FIELDS[k]) for k, v in update.items())
 
 
 def _sglang_reply(rows, outputs, *, finish=None, version="3", input_logprobs=None):
