@@ -5,7 +5,7 @@
 #
 #   bash slurm/preprocess.sh MANIFEST OUTPUT_DIR [SBATCH_OPTION...]
 #
-#   bash slurm/preprocess.sh configs/data/marco_5.1T.yaml /lustre/data/marco --partition=cpu
+#   bash slurm/preprocess.sh my_manifest.yaml /lustre/data/marco --partition=cpu
 #   MARCO_ARRAY_LIMIT=200 bash slurm/preprocess.sh ...    # at most 200 tasks at a time (%200)
 #
 # Run it again after a failed or cancelled task: finished shards are not submitted again, only
