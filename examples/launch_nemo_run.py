@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "slurm"], default="slurm",
                    help="NeMo-Run executor: this machine, or sbatch (over SSH with --ssh-host)")
     p.add_argument("--dryrun", action="store_true", help="print what would run; run nothing")
-    p.add_argument("--nodes", type=int, help="default: the model's (slurm/config); local: 1")
+    p.add_argument("--nodes", type=int, help="default: the model's recipe (configs/recipes); local: 1")
     p.add_argument("--gpus-per-node", type=int,
                    help="processes per node (default: the model's; MARCO_CPU=1: 2)")
     g = p.add_argument_group("slurm")
