@@ -152,21 +152,39 @@ def test_data_parallel_reductions_and_replay_equal_one_process(teachers, tmp_pat
     jobs = [["opd", "--teacher", teachers["moe30b"][1], "--load", teachers["student"][1], *BASE, *extra,
              "--expert-model-parallel-size", "2", "--log-json", str(tmp_path / f"ep2-{name}.jsonl")]
             for name, extra in PARALLEL.items()]
+    # TP 2 with a transformers teacher (every rank could score it): scored by TP rank 0 only.
+    hf = ["--teacher", teachers["dense"][0], "--load", teachers["student"][1], *BASE,
+          "--train-iters", "1", "--micro-batch-size", "2"]
+    want["tp2-hf"] = _records(_log(tmp_path, "one-tp2-hf", hf))[0]
+    jobs.append(["opd", *hf, "--tensor-model-parallel-size", "2",
+                 "--log-json", str(tmp_path / "tp2-hf.jsonl")])
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), __file__, str(tmp_path / "jobs.json")]
-    run = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
-                         text=True, timeout=900)
+    env = subprocess_env(OMP_NUM_THREADS="1", OPD_TEST_TEACHER_CALLS=str(tmp_path / "calls"))
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert "each data-parallel rank samples its own rows" in run.stdout
     for name in PARALLEL:
         got = _records(tmp_path / f"ep2-{name}.jsonl")[0]
         _same(got, want[name], rel=1e-4, keys=KEYS + ("rollout/response_length",))
+    got = _records(tmp_path / "tp2-hf.jsonl")[0]
+    _same(got, want["tp2-hf"], rel=1e-4, keys=("opd_loss", "reverse_kl", "teacher_logprob"))
+    # Teacher calls of the last job per rank: two micro-batches, on TP rank 0 only.
+    calls = [json.loads((tmp_path / f"calls.{rank}").read_text()) for rank in (0, 1)]
+    assert calls == [2, 0]
+
+
+def _log(tmp_path, name, argv):
+    log = tmp_path / f"{name}.jsonl"
+    _run_opd(*argv, "--log-json", str(log))
+    return log
 
 
 def _worker(jobs_file: str) -> None:
     """torchrun worker: posttrain_marco.py's main for each job, responses cut as `uneven`."""
     import json
+    import os
     import sys
     import warnings
 
@@ -182,9 +200,29 @@ def _worker(jobs_file: str) -> None:
 
     rollout.sample = _cut(rollout.sample)
     setup_logging()
+    calls = _count_teacher_calls()
     for argv in json.loads(open(jobs_file).read()):
         get_moe_layer_wise_logging_tracker().clear()
+        calls[0] = 0
         assert posttrain_marco.main(argv) == 0
+    rank = os.environ["RANK"]
+    with open(f"{os.environ['OPD_TEST_TEACHER_CALLS']}.{rank}", "w") as f:
+        json.dump(calls[0], f)
+
+
+def _count_teacher_calls() -> list:
+    """Counts the calls of Teacher.token_logprobs in this process (the last job's)."""
+    from megatron_ext.posttrain import teachers as teachers_module
+
+    calls = [0]
+    score = teachers_module.Teacher.token_logprobs
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return score(self, *args, **kwargs)
+
+    teachers_module.Teacher.token_logprobs = counted
+    return calls
 
 
 if __name__ == "__main__":
