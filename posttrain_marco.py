@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import sys
 
-from megatron_ext.cli import entry_point
+from megatron_ext.cli import HelpFormatter, entry_point
 from megatron_ext.recipes import flag_defaults
 
 # Marco's SFT/OPD recipe is configs/posttrain/marco.yaml, which slurm/posttrain.sh runs too:
@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="posttrain_marco.py", description=__doc__.split("\n\n")[0])
     sub = top.add_subparsers(dest="stage", required=True, metavar="{sft,opd}")
     sft = sub.add_parser("sft", help="supervised fine-tuning on chat data",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         description="Supervised fine-tuning on chat data: assistant-token loss, "
+                                     "packed conversations; Marco's recipe defaults (lr 1e-5 "
+                                     "cosine to 1e-6) are shown below.",
+                         formatter_class=HelpFormatter)
     training_parser(add_data_args=add_sft_data_args, parser=sft)
     sft.set_defaults(**flag_defaults("sft"))
     try:
@@ -41,10 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # on-policy distillation not installed in this checkout
         return top
     opd = sub.add_parser("opd", help="cascaded on-policy distillation",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         description="Cascaded on-policy distillation: the student samples "
+                                     "responses, teachers score them, the student learns the "
+                                     "per-token gap; Marco's recipe defaults (lr 1e-6 constant) "
+                                     "are shown below. --global-batch-size and --seq-length are "
+                                     "derived from the rollout settings (see their help).",
+                         formatter_class=HelpFormatter)
     training_parser(add_data_args=add_opd_args, parser=opd)
-    opd.set_defaults(**flag_defaults("opd"))
+    opd_defaults = flag_defaults("opd")
+    opd.set_defaults(**opd_defaults)
+    _set_help(opd, OPD_DERIVED_HELP)
+    if "lr_warmup_iters" in opd_defaults:  # the recipe's, not 10% of --lr-decay-iters
+        _set_help(opd, {"--lr-warmup-iters": "warmup steps (default: "
+                                             f"{opd_defaults['lr_warmup_iters']}, the recipe's)"})
     return top
+
+
+# What OPD does with the batch flags (resolve_opd_args derives them from the rollout settings).
+OPD_DERIVED_HELP = {
+    "--global-batch-size": "rows per optimizer step; default: --rollout-batch-size x "
+                           "--n-samples-per-prompt (one step per rollout); a divisor of that "
+                           "product gives several steps per rollout",
+    "--seq-length": "default: the longest --rollout-max-prompt-len + --rollout-max-response-len "
+                    "of the cascade's phases (if given: at least that)",
+    "--train-iters": "default: the cascade's total steps (with --teacher: required, the steps "
+                     "of its one phase)",
+}
+
+
+def _set_help(parser: argparse.ArgumentParser, helps: dict) -> None:
+    for action in parser._actions:
+        for flag in action.option_strings:
+            if flag in helps:
+                action.help = helps[flag]
 
 
 def _weights_only_unless_same_kind(cfg, kind: str):

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (script, argv that reaches its parser); scripts with several parsers appear once per parser.
 SCRIPTS = [
     ("pretrain_marco.py", []),
+    ("posttrain_marco.py", ["sft"]),
     ("slurm/pretrain_stage.py", ["--"]),
     ("examples/launch_nemo_run.py", []),
     ("examples/generate.py", []),
