@@ -20,22 +20,35 @@ A step (the trainer's `on_step_start`, then its usual forward/backward/optimizer
      ranks decoding in lockstep; otherwise every rank samples the whole global batch and keeps
      its rows.
   3. teacher scoring (sampled-rkl): the teacher's log-prob of every response token, at the
-     rollout temperature, in fp32, one forward per micro-batch. The full-vocabulary losses
-     score inside the forward step instead (the teacher's logits of one micro-batch at a time).
+     rollout temperature, in fp32, one forward per micro-batch, once per data-parallel group's
+     rows (tensor-parallel rank 0 asks a served or transformers teacher and sends the result to
+     its group; a Megatron teacher's forward is the group's collective). The full-vocabulary
+     losses score inside the forward step instead (the teacher's logits of one micro-batch at a
+     time).
   4. training: forward_step recomputes the student's log-probs (trainer side; compared with the
      sampling log-probs: "logprob diff", non-zero under MoE routing noise and bf16) and the loss
      function reports {name: [sum, tokens]}: the loss first, then the per-token reverse KL to
      the current teacher on the rollouts (s(y) - t(y), the sampled estimate), student and
-     teacher log-prob means. The loss is a token mean over the global batch's response tokens
-     (calculate_per_token_loss), whatever the micro-batching or layout.
+     teacher log-prob means, the student's entropy and the surrogate's clip fraction. The loss
+     is reduced per --opd-loss-reduction (losses.py, "Reduction": per-token weights fixed once
+     per step from the global batch's totals), whatever the micro-batching or layout.
+Several optimizer steps per rollout: --global-batch-size may divide the rollout's rows (rollout
+batch x samples); a rollout of m steps is sampled and scored at its first step, and the student
+scores it once more then (no gradient): the old log-probs of slime's clipped surrogate. Step j
+of the rollout trains its rows j*G .. j*G + G - 1. A checkpoint inside a rollout keeps the
+rollout in the trainer state (TrainState.extra[ROLLOUT_STATE], every rank's rows), dropped after
+its last step. --routing-replay (routing_replay.py): the generator records every token's experts
+and the trainer's forwards of the rollout replay them.
 Metrics of the step (`step_metrics`): phase, response length, stop and truncation rates,
 seconds in rollout / teacher scoring / training. `evaluate` (every --eval-interval): the exact
 per-token reverse KL KL(p_student || p_teacher) on a fixed held-out prompt set (one sample each,
 fixed seed) and, with --eval-assistant-data, the held-out assistant-token loss.
 
-Resume is exact: prompts, sampling seeds and phase are functions of the step, and the rest is
-the checkpoint's (weights, optimizer, scheduler, iteration); a resume inside a phase or across
-a phase switch trains what an uninterrupted run trains (tests/test_opd.py).
+Resume is exact: prompts, sampling seeds and phase are functions of the step (rollout r =
+step // m reads prompts r*P .. r*P + P - 1 with seed (--seed, r)), and the rest is the
+checkpoint's (weights, optimizer, scheduler, iteration, a rollout in progress); a resume inside
+a phase, across a phase switch or inside a rollout trains what an uninterrupted run trains
+(tests/test_opd.py, tests/test_opd_steps.py).
 
 The cascade file (YAML):
 
