@@ -105,7 +105,7 @@ def test_preprocessing_is_byte_identical_for_any_worker_count(env):
         assert (root / f"w1{suffix}").read_bytes() == (root / f"w2{suffix}").read_bytes(), suffix
     info = json.loads((root / f"w1{INFO}").read_text())
     assert info["skipped_over_max_length"] == len(stats.skipped_long)
-    assert info["tokens"] == stats.tokens and info["target_tokens"] == stats.target_tokens
+    assert info["tokens"] == stats.tokens and info["loss_mask_tokens"] == stats.loss_mask_tokens
 
 
 @pytest.mark.parametrize("bad,reason", [

@@ -211,21 +211,21 @@ class ChatTokenizer:
 
 
 def render_conversation(messages: list[dict], tok: ChatTokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of the whole ChatML conversation and a 0/1 mask over those ids: 1 on each
+    """Token ids of the whole ChatML conversation and its 0/1 loss mask over those ids: 1 on each
     assistant turn's content tokens and its <|im_end|>, 0 elsewhere (system/user turns, role
     headers, the '\\n' after <|im_end|>). Tokenised the way HF apply_chat_template(tokenize=True)
     tokenises the rendered text (same ids for an HF Qwen3 tokenizer); masks come from scanning
     token spans, never from {% generation %} markers."""
     ids: list[int] = []
-    mask: list[int] = []
+    loss_mask: list[int] = []
     for m in messages:
         role = m["role"]
         segment = tok.encode(f"{role}\n{m['content']}")
         target = int(role == "assistant")
         start = tok.content_start(segment, role) if target else len(segment)
         ids += [tok.im_start_id, *segment, tok.im_end_id, *tok._newline]
-        mask += [0] * (1 + start) + [target] * (len(segment) - start + 1) + [0] * len(tok._newline)
-    return ids, mask
+        loss_mask += [0] * (1 + start) + [target] * (len(segment) - start + 1) + [0] * len(tok._newline)
+    return ids, loss_mask
 
 
 def render_prompt(messages: list[dict], tok: ChatTokenizer) -> list[int]:

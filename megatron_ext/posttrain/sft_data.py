@@ -132,12 +132,12 @@ def check_sft_data_options(opts: SFTDataOptions) -> None:
 @dataclass
 class ChatPreprocessStats(EncodeStats):
     conversations: int = 0
-    target_tokens: int = 0
+    loss_mask_tokens: int = 0
     skipped_long: list[str] = field(default_factory=list)  # FILE:LINE (N tokens)
     prefix: str = ""
 
     def summary(self) -> str:
-        return (f"{self.conversations} conversations, {self.tokens} tokens ({self.target_tokens} "
+        return (f"{self.conversations} conversations, {self.tokens} tokens ({self.loss_mask_tokens} "
                 f"assistant targets) {self.source()}: {self.per_second(self.tokens):,.0f} tokens/s; "
                 f"skipped {len(self.skipped_long)} over --max-length")
 
@@ -153,15 +153,15 @@ def _init_worker(tokenizer_type, tokenizer_model, max_length, dtype):
 
 
 def _encode_line(raw: bytes, where: str):
-    """-> ("ok", ids, mask) | ("long", n) | ("bad", message)."""
+    """-> ("ok", ids, loss_mask) | ("long", n) | ("bad", message)."""
     try:
         messages = parse_chat_line(raw, where)
     except DataConfigError as e:
         return ("bad", str(e))
-    ids, mask = render_conversation(messages, _W["tok"])
+    ids, loss_mask = render_conversation(messages, _W["tok"])
     if _W["max_length"] and len(ids) > _W["max_length"]:
         return ("long", len(ids))
-    return ("ok", np.asarray(ids, dtype=_W["dtype"]), np.asarray(mask, dtype=np.uint8))
+    return ("ok", np.asarray(ids, dtype=_W["dtype"]), np.asarray(loss_mask, dtype=np.uint8))
 
 
 def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentencePieceTokenizer",
@@ -190,7 +190,7 @@ def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentenceP
             inputs, _encode_line, _init_worker, init, workers=workers, chunk_bytes=chunk_bytes,
             progress=progress, desc="preprocess chat") as lines:
         tokens = outputs.add(TOKENS, f"{out_prefix}{TOKENS}", dtype)
-        loss_mask = outputs.add(LOSS_MASK, f"{out_prefix}{LOSS_MASK}", np.uint8)
+        loss_masks = outputs.add(LOSS_MASK, f"{out_prefix}{LOSS_MASK}", np.uint8)
         for path, n, nbytes, res in lines:
             stats.input_bytes += nbytes
             if res[0] == "bad":
@@ -198,18 +198,18 @@ def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentenceP
             if res[0] == "long":
                 stats.skipped_long.append(f"{path}:{n} ({res[1]} tokens)")
                 continue
-            _, ids, mask = res
+            _, ids, loss_mask = res
             tokens.add_document(ids, [ids.size])
-            loss_mask.add_document(mask, [mask.size])
+            loss_masks.add_document(loss_mask, [loss_mask.size])
             stats.conversations += 1
             stats.tokens += ids.size
-            stats.target_tokens += int(mask.sum())
+            stats.loss_mask_tokens += int(loss_mask.sum())
         if not stats.conversations:
             raise DataConfigError(f"--input {' '.join(inputs)}: no conversation to write ("
                                   f"{len(stats.skipped_long)} longer than --max-length {max_length})")
         outputs.finalize()
         info = {"format": FORMAT, "conversations": stats.conversations, "tokens": stats.tokens,
-                "target_tokens": stats.target_tokens, "max_length": max_length,
+                "loss_mask_tokens": stats.loss_mask_tokens, "max_length": max_length,
                 "skipped_over_max_length": len(stats.skipped_long), "inputs": inputs,
                 "tokenizer": tokenizer_identity(tok, tokenizer_type)}
         outputs.write_text(f"{out_prefix}{INFO}", json.dumps(info, indent=1, sort_keys=True) + "\n")
@@ -266,16 +266,16 @@ class ChatSource:
         check_indexed_dataset(f"{self.prefix}{TOKENS}", where, tok.vocab_size)
         check_indexed_dataset(f"{self.prefix}{LOSS_MASK}", where)
         self.tokens = IndexedDataset(f"{self.prefix}{TOKENS}")
-        self.mask = IndexedDataset(f"{self.prefix}{LOSS_MASK}")
+        self.loss_mask = IndexedDataset(f"{self.prefix}{LOSS_MASK}")
         self.lengths = np.asarray(self.tokens.sequence_lengths, dtype=np.int64)
-        if not np.array_equal(self.lengths, self.mask.sequence_lengths):
+        if not np.array_equal(self.lengths, self.loss_mask.sequence_lengths):
             raise DataConfigError(f"{where} {prefix}: tokens and loss mask have different lengths")
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def get(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.tokens[doc], dtype=np.int64), np.asarray(self.mask[doc], dtype=np.float32)
+        return np.asarray(self.tokens[doc], dtype=np.int64), np.asarray(self.loss_mask[doc], dtype=np.float32)
 
 
 # ====================================================================== packing
@@ -377,17 +377,18 @@ class _TrainPlan:
 
 def assemble(convs: list[tuple[np.ndarray, np.ndarray]], seq_length: int, pad_id: int,
              pack: bool) -> dict:
-    """One row: conversations (ids, 0/1 mask) laid end to end, then padding."""
+    """One row: conversations (ids, 0/1 loss mask over the ids) laid end to end, then padding;
+    the row's `loss_mask` is over its labels (the ids shifted left)."""
     tokens = np.full(seq_length, pad_id, dtype=np.int64)
     labels = np.full(seq_length, pad_id, dtype=np.int64)
     loss_mask = np.zeros(seq_length, dtype=np.float32)
     position_ids = np.arange(seq_length, dtype=np.int64)
     bounds, off = [0], 0
-    for ids, mask in convs:
+    for ids, conv_loss_mask in convs:
         n = len(ids)
         tokens[off:off + n] = ids
         labels[off:off + n - 1] = ids[1:]
-        loss_mask[off:off + n - 1] = mask[1:]
+        loss_mask[off:off + n - 1] = conv_loss_mask[1:]
         position_ids[off:off + n] = np.arange(n)
         off += n
         bounds.append(off)
