@@ -154,6 +154,13 @@ if [[ $dry_run == nul ]]; then
     printf 'arg=%s\0' "${stage_cmd[@]}"
     exit 0
 elif [[ -n $dry_run ]]; then
+    # The stage's steps and the flags pretrain_stage.py adds (--train-iters, the LR decay), and
+    # every input it reads that is missing; MARCO_DRY_RUN=check exits 2 if one is.
+    checked=0
+    PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" "$repo/slurm/pretrain_stage.py" \
+        "${stage_cmd[@]:1:$((${#stage_cmd[@]} - ${#pretrain[@]} - 2))}" --check -- "${pretrain[@]}" \
+        2>&1 | sed 's/^/# /' || checked=$?
+    [[ $dry_run == check && $checked != 0 ]] && die "inputs of $model stage $stage are missing (above)"
     show_dry_run "$model stage $stage: $nnodes nodes x $nproc processes = $world;" \
         "TP $tp PP $pp EP $ep DP $dp; checkpoints $save_dir"
 fi

@@ -24,9 +24,10 @@ iteration). This wrapper fills in what depends on the stage, on every (re)start:
 Before training, rank 0 writes the stage's final iteration to <save>/stage_final_iteration.txt;
 slurm/launch.sh compares it with the 'latest' marker to decide whether to requeue the job.
 `--plan` prints the resolved command as JSON and exits (no training, nothing written);
-`--plan --check` also checks that what the stage reads exists: the checkpoint it starts from,
-the --tokenizer-model, and every source and validation prefix of the curriculum (.bin and
-.idx), naming each missing one (exit 2) before anything is queued.
+`--check` checks that what the stage reads exists: the checkpoint it starts from, the
+--tokenizer-model, and every source and validation prefix of the curriculum (.bin and .idx),
+naming each missing one (exit 2) before anything is queued; alone it prints the stage's steps
+and the flags it adds (slurm/launch.sh's dry run), with --plan the JSON plan.
 """
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run: one LR schedule over the whole chain; stage: a fresh schedule over "
                         "this stage (for a weights-only start)")
     p.add_argument("--check", action="store_true",
-                   help="with --plan: also check that the start checkpoint, the tokenizer and "
-                        "every data prefix of the curriculum exist; each missing one is named "
-                        "(exit 2)")
+                   help="check that the start checkpoint, the tokenizer and every data prefix "
+                        "of the curriculum exist, each missing one named (exit 2); print the "
+                        "stage's steps and added flags (with --plan: the JSON plan)")
     p.add_argument("--plan", action="store_true",
                    help="print the resolved stage (steps, what it loads, the pretrain_marco.py "
                         "command) as JSON and exit: nothing is trained or written")
@@ -115,8 +116,9 @@ def stage_steps(flags: argparse.Namespace, stage: int) -> tuple[int, int, int, i
     return first, end, last_first, last_end
 
 
-def resolve(opts: argparse.Namespace, argv: list[str]) -> dict:
-    flags, _ = _flags_parser().parse_known_args(argv)
+def schedule(opts: argparse.Namespace, flags: argparse.Namespace) -> tuple[int, int, int, list]:
+    """(first step, stage end, --train-iters, the flags the stage adds: --train-iters and the
+    LR decay) of the stage."""
     if not flags.save:
         raise StageError("the pretrain_marco.py flags need --save (the stage's checkpoint dir)")
     if flags.load:
@@ -136,7 +138,12 @@ def resolve(opts: argparse.Namespace, argv: list[str]) -> dict:
                 extra += ["--lr-wsd-decay-iters", str(last_end - last_first)]
         else:
             extra += ["--lr-decay-iters", str(end - first)]
+    return first, end, train_iters, extra
 
+
+def resolve(opts: argparse.Namespace, argv: list[str]) -> dict:
+    flags, _ = _flags_parser().parse_known_args(argv)
+    first, end, train_iters, extra = schedule(opts, flags)
     own = read_latest(flags.save)
     if own is not None:
         action, load = f"resume from {flags.save} at iteration {own}", ["--load", flags.save]
@@ -189,6 +196,30 @@ def missing_inputs(opts: argparse.Namespace, argv: list[str]) -> list[str]:
     return missing
 
 
+def check(opts: argparse.Namespace, argv: list[str], rank: int) -> int:
+    """--check without --plan (slurm/launch.sh's dry run): the stage's steps and the flags it
+    adds, then each missing input; exit 2 if any."""
+    flags, _ = _flags_parser().parse_known_args(argv)
+    try:
+        first, end, train_iters, extra = schedule(opts, flags)
+    except (StageError, ValueError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        problems = missing_inputs(opts, argv)
+        action = None if problems else resolve(opts, argv)["action"]
+    except (StageError, ValueError) as e:
+        problems, action = [str(e)], None
+    if rank == 0:
+        print(f"stage {opts.stage}: steps {first} -> {train_iters} (stage ends at {end}); "
+              f"pretrain_marco.py gets {' '.join(extra) or 'no added flags'}"
+              + (f"; {action}" if action else ""), flush=True)
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+    return 2 if problems else 0
+
+
 def _write_final(save: str, iteration: int) -> None:
     os.makedirs(save, exist_ok=True)
     path = os.path.join(save, FINAL_FILE)
@@ -207,7 +238,7 @@ def main(args: list[str] | None = None) -> int:
     opts = build_parser().parse_args(args[:split])
     rank = int(os.environ.get("RANK", "0"))
     if opts.check and not opts.plan:
-        build_parser().error("--check goes with --plan")
+        return check(opts, args[split + 1:], rank)
     try:
         problems = missing_inputs(opts, args[split + 1:]) if opts.check else []
         plan = None if problems else resolve(opts, args[split + 1:])

@@ -117,3 +117,32 @@ def test_nemo_run_dry_run_leaves_nothing_and_names_the_stage_once(tmp_path):
     assert path.startswith(f"{tmp_path}/jobs/marco/marco_"), path
     assert path.count("mini-stage1") == 2, path  # the task's directory, and the job name in the file name
     assert "/mini-stage1/sbatch_marco-mini-stage1_%j.out" in path
+
+
+def _launch_dry_run(mode: str, model: str, tmp_path, **env):
+    import os
+    import subprocess
+
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    e.update(MARCO_DRY_RUN=mode, MARCO_OUTPUT=str(tmp_path / "out"),
+             MARCO_DATA_ROOT=str(tmp_path / "data"), **env)
+    return subprocess.run(["bash", str(REPO / "slurm" / "launch.sh"), model, "1"], cwd=REPO,
+                          env=e, capture_output=True, text=True, timeout=300)
+
+
+def test_slurm_dry_run_shows_train_iters_and_decay_and_check_names_missing_data(tmp_path):
+    out = _launch_dry_run("1", "nano", tmp_path)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    # 5.1T tokens' stage 1 (2.4T) at Nano's 1024 x 4096 tokens per step.
+    assert first.startswith("# stage 1: steps 0 -> 572205 (stage ends at 572205); pretrain_marco.py "
+                            "gets --train-iters 572205 --lr-decay-iters 1215935 "
+                            "--lr-wsd-decay-iters 119209"), first
+    data = tmp_path / "data"
+    assert (f"# error: {REPO}/configs/curriculum/marco_5.1T.yaml: source code: "
+            f"{data}/code_text_document.bin/.idx not found") in out.stdout.splitlines()
+    strict = _launch_dry_run("check", "nano", tmp_path)
+    assert strict.returncode == 2 and "inputs of nano stage 1 are missing" in strict.stderr
+    cpu = _launch_dry_run("check", "mini", tmp_path, MARCO_CPU="1")  # bundled data, random init
+    assert cpu.returncode == 0, cpu.stderr + cpu.stdout
+    assert "--train-iters" in cpu.stdout.splitlines()[0] and "error" not in cpu.stdout
