@@ -326,26 +326,29 @@ def main(argv=None) -> int:
         return 0
     if argv[0] == "opd":
         return opd_main(argv[1:])
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", required=True)
+    from megatron_ext.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--preset", required=True, help="model preset (nano, mini, ...)")
     p.add_argument("--ep", type=int, required=True, help="expert-parallel size")
     p.add_argument("--dp", type=int, required=True,
                    help="data-parallel size (GPUs = DP x CP x PP; TP = 1)")
-    p.add_argument("--micro-batch-size", type=int, required=True)
-    p.add_argument("--seq-length", type=int)
+    p.add_argument("--micro-batch-size", type=int, required=True, help="sequences per micro-batch")
+    p.add_argument("--seq-length", type=int, help="tokens per sequence (default: the preset's)")
     p.add_argument("--imbalance", type=float, default=1.0,
                    help="tokens on the busiest GPU's experts / the even share")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size")
-    p.add_argument("--recompute", choices=["selective", "full"], default=None)
+    p.add_argument("--recompute", choices=["selective", "full"], default=None,
+                   help="--recompute-granularity (default: none)")
     p.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["core_attn"],
                    help="with --recompute selective (Megatron's default: core_attn)")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="--moe-expert-capacity-factor (token dropping)")
     p.add_argument("--pad-to-capacity", action="store_true",
                    help="--moe-pad-expert-input-to-capacity")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     a = p.parse_args(argv)
     r = estimate(a.preset, a.ep, a.dp, a.micro_batch_size, a.seq_length, a.imbalance, pp=a.pp,
                  vpp=a.vpp, cp=a.cp, recompute=a.recompute, recompute_modules=a.recompute_modules,
@@ -357,21 +360,24 @@ def main(argv=None) -> int:
 def opd_main(argv) -> int:
     """`memory_estimate.py opd ...`: one OPD layout; --check exits 2 with the one line when it
     does not fit (slurm/posttrain.sh refuses such a layout before it starts)."""
-    p = argparse.ArgumentParser(prog="memory_estimate.py opd",
+    from megatron_ext.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="memory_estimate.py opd", formatter_class=HelpFormatter,
                                 description=estimate_opd.__doc__.split("\n")[0])
-    p.add_argument("--preset", required=True)
-    p.add_argument("--ep", type=int, required=True)
-    p.add_argument("--dp", type=int, required=True)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=2048)
-    p.add_argument("--response-len", type=int, default=8192)
+    p.add_argument("--preset", required=True, help="the student's preset")
+    p.add_argument("--ep", type=int, required=True, help="expert-parallel size")
+    p.add_argument("--dp", type=int, required=True, help="data-parallel size")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="rows per training micro-batch")
+    p.add_argument("--prompt-len", type=int, default=2048, help="--rollout-max-prompt-len")
+    p.add_argument("--response-len", type=int, default=8192, help="--rollout-max-response-len")
     p.add_argument("--decode-rows", type=int, default=16, help="--rollout-decode-batch-size")
     p.add_argument("--teacher", choices=[*TEACHERS, "apart"], default="qwen3-30b-a3b",
                    help="the in-process teacher, or 'apart' (served: no weights on the GPU)")
-    p.add_argument("--loss", default="sampled-rkl")
+    p.add_argument("--loss", default="sampled-rkl",
+                   help="--opd-loss (full-vocabulary losses hold the teacher's logits too)")
     p.add_argument("--cascade", help="a cascade file: its rollout lengths and loss win")
     p.add_argument("--check", action="store_true", help="exit 2 if the layout does not fit")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     a = p.parse_args(argv)
     if a.cascade:
         import yaml

@@ -20,6 +20,8 @@ SCRIPTS = [
     ("pretrain_marco.py", []),
     ("posttrain_marco.py", ["sft"]),
     ("slurm/pretrain_stage.py", ["--"]),
+    ("slurm/memory_estimate.py", ["--preset", "nano"]),
+    ("slurm/memory_estimate.py", ["opd"]),
     ("examples/launch_nemo_run.py", []),
     ("examples/generate.py", []),
     ("examples/eval_loss.py", []),
