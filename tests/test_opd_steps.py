@@ -169,7 +169,7 @@ def test_data_parallel_reductions_and_replay_equal_one_process(teachers, tmp_pat
         got = _records(tmp_path / f"ep2-{name}.jsonl")[0]
         _same(got, want[name], rel=1e-4, keys=KEYS + ("rollout/response_length",))
     got = _records(tmp_path / "tp2-hf.jsonl")[0]
-    _same(got, want["tp2-hf"], rel=1e-4, keys=("opd_loss", "reverse_kl", "teacher_logprob"))
+    _same(got, want["tp2-hf"], rel=1e-4, keys=("opd_loss", "reverse_kl", "teacher_logprob", "entropy"))
     # Teacher calls of the last job per rank: two micro-batches, on TP rank 0 only.
     calls = [json.loads((tmp_path / f"calls.{rank}").read_text()) for rank in (0, 1)]
     assert calls == [2, 0]
