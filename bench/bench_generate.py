@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: generation tokens/s, ours (megatron_ext.posttrain.generation) vs transformers.
+"""Benchmark: generation tokens/s, ours (megatron_ext.inference.generation) vs transformers.
 
     python bench/bench_generate.py          # tiny, tiny with long sequences, a bigger CPU shape
     python bench/bench_generate.py --cases tiny --new-tokens 16 --rounds 1   # quick look
@@ -113,15 +113,15 @@ def device_and_dtype():
 
 class Ours:
     def __init__(self, ckpt: str, backend: str, new_tokens: int):
-        from megatron_ext.model import load_model_from_checkpoint
-        from megatron_ext.posttrain.generation import SamplingParams
+        from megatron_ext.inference.generation import SamplingParams
+        from megatron_ext.inference.loading import load_model_from_checkpoint
 
         self.model, _ = load_model_from_checkpoint(ckpt, expert_backend=backend,
                                                    params_dtype=device_and_dtype()[1])
         self.params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
 
     def __call__(self, prompts) -> list[list[int]]:
-        from megatron_ext.posttrain.generation import generate
+        from megatron_ext.inference.generation import generate
 
         return [g.output_ids for g in generate(self.model, prompts, self.params, inference_mode=True)]
 
@@ -147,7 +147,7 @@ class HF:
             mask[r, longest - len(p):] = 1
         # Without the CPU shims' TorchFunctionMode (megatron_ext/cpu_compat.py), which this
         # process installs for Megatron: HF runs as it would in a process of its own.
-        from megatron_ext.posttrain.generation import _without_cpu_device_mode
+        from megatron_ext.inference.generation import _without_cpu_device_mode
 
         with torch.inference_mode(), _without_cpu_device_mode():  # as ours (tools/generate.py)
             ids, mask = ids.to(self.device), mask.to(self.device)

@@ -51,7 +51,7 @@ def checkpoint_loss(path: str, tokens, labels, batch: int = 8) -> float:
     import torch
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     model, _ = load_model_from_checkpoint(path)  # a damaged checkpoint: one CheckpointError line
     model.eval()

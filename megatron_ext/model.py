@@ -7,7 +7,8 @@ through here:
 
   training                 `build_stage` (the trainer, the parallel-layout tests): this
                            rank's stage under the initialised parallel state
-  loading a checkpoint     `load_model_from_checkpoint` (tools, generation, evaluation)
+  loading a checkpoint     inference/loading.py `load_model_from_checkpoint` (tools,
+                           generation, evaluation) builds through `build_stage`
   shapes and counts only   `build_meta_model` (--describe, FLOPs, streaming conversion): the
                            full model on the meta device, always with the non-TE spec, since
                            TransformerEngine allocates real memory even under the meta device
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.config import ModelOptions, MoEOptions
-from megatron_ext.layer_spec import marco_block_spec, resolve_expert_backend
+from megatron_ext.config import ModelOptions
+from megatron_ext.layer_spec import marco_block_spec
 from megatron_ext.parallel import ParallelLayout, megatron_values
 from megatron_ext.presets import TRANSFORMER_SHAPE, ModelPreset
 
@@ -239,37 +240,3 @@ def build_meta_model(
     config = marco_config(preset, options=options, perform_initialization=False)
     config.use_cpu_initialization = True  # create parameters without a device: meta applies
     return build_model(preset, config, expert_backend, use_te=False, device=torch.device("meta"))
-
-
-def recorded_router(path: str, layout_from: MoEOptions = MoEOptions()) -> MoEOptions:
-    """The MoE options to score with a checkpoint's model: its router as trained (what the
-    checkpoint records of --moe-router-score-function and --moe-router-enable-expert-bias;
-    softmax without bias when it records none: imported and upcycled checkpoints), dropless,
-    and `layout_from`'s token dispatcher (a choice of the layout, not of the model). Loaded
-    students and in-process teachers both take their router from here, never from the flags of
-    the run that loads them."""
-    from megatron_ext import checkpointing
-
-    router = checkpointing.read_model_info(path).get("run", {}).get("moe_router", {})
-    return MoEOptions(router_score_function=router.get("score_function", "softmax"),
-                      enable_expert_bias=router.get("expert_bias", False),
-                      token_dispatcher=layout_from.token_dispatcher)
-
-
-def load_model_from_checkpoint(path: str, expert_backend: str = "sequential",
-                               params_dtype: torch.dtype = torch.float32):
-    """Build the model a checkpoint describes (this rank's stage, at the current parallel
-    layout) and load its weights. Megatron's parallel state must be initialised
-    (`parallel.init_distributed`); the checkpoint may have been saved at any TP/PP/EP layout.
-    `expert_backend`: a --moe-expert-backend choice (`auto` included), resolved for the
-    checkpoint's shapes by layer_spec.resolve_expert_backend. Returns (model, preset)."""
-    from megatron_ext import checkpointing
-
-    preset = checkpointing.preset_from_checkpoint(path)
-    backend = resolve_expert_backend(expert_backend, params_dtype, preset,
-                                     ParallelLayout.current().expert_tensor)
-    options = ModelOptions(params_dtype=params_dtype, expert_backend=backend,
-                           moe=recorded_router(path))
-    model, _ = build_stage(preset, options)
-    checkpointing.load_checkpoint(path, [model], load_rng=False)
-    return model, preset

@@ -258,7 +258,7 @@ def _run_init(job: dict) -> dict:
 def _full_state(path: str) -> dict:
     import torch
 
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     reset_process_globals()
     model, _ = load_model_from_checkpoint(path)

@@ -264,7 +264,7 @@ def test_opd_teacher_tokenizer_without_chatml_is_the_teachers(tmp_path, hf_teach
 
 def test_opd_prompt_data_with_a_lone_surrogate(tmp_path):
     """Was a tokenizer traceback at the first rollout."""
-    from megatron_ext.posttrain.chat import ChatTokenizer
+    from megatron_ext.inference.chat import ChatTokenizer
     from megatron_ext.posttrain.rollout import PromptSet
 
     path = tmp_path / "prompts.jsonl"

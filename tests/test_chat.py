@@ -1,4 +1,4 @@
-"""ChatML rendering (megatron_ext/posttrain/chat.py) against transformers, the chat tokens of the
+"""ChatML rendering (megatron_ext/inference/chat.py) against transformers, the chat tokens of the
 bundled SentencePiece tokenizer (tools/add_chat_tokens.py) and the FILE:LINE errors of chat data.
 
 `toy_qwen_tokenizer` (also used by tests/test_sft_data.py) is a Qwen3-style tokenizer built
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ext.errors import DataConfigError
-from megatron_ext.posttrain.chat import (
+from megatron_ext.inference.chat import (
     CHAT_TEMPLATE,
     IM_END,
     IM_START,

@@ -4,7 +4,8 @@ checkpoint (the two layouts are interchangeable through dist_checkpointing)."""
 import torch
 
 from megatron_ext import checkpointing
-from megatron_ext.model import build_model, load_model_from_checkpoint, marco_config
+from megatron_ext.inference.loading import load_model_from_checkpoint
+from megatron_ext.model import build_model, marco_config
 from megatron_ext.presets import get_preset, override
 
 

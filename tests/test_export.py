@@ -37,7 +37,7 @@ def load_hf(directory):
 
 
 def logit_gap(ckpt, hf_dir, vocab, seq=48) -> float:
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     model, _ = load_model_from_checkpoint(ckpt)
     ids = tokens(seq=seq, vocab=vocab, seed=1)
@@ -51,7 +51,7 @@ def test_qwen3_moe_hf_to_megatron_to_hf_is_bit_identical(megatron_single_rank, f
     original = make_moe_qwen3(str(src), seed=5)  # 8 experts x 32, top-2, per-expert files
     assert IMPORT.main(["--hf-dir", str(src), "--save", str(ckpt)]) == 0
     # The imported checkpoint computes what transformers computes.
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     model, preset = load_model_from_checkpoint(str(ckpt))
     ids = tokens(seq=32)

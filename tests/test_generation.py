@@ -1,4 +1,4 @@
-"""Generation (megatron_ext/posttrain/generation.py, tools/generate.py).
+"""Generation (megatron_ext/inference/generation.py, tools/generate.py).
 
 Two random Qwen3 models (a qwen3_moe and a dense qwen3, vocabulary of the bundled tokenizer)
 go HF -> tools/import_hf_to_mcore.py -> Megatron checkpoint -> tools/export_mcore_to_hf.py ->
@@ -67,7 +67,7 @@ def checkpoints(tmp_path_factory, megatron_single_rank):
 
 @pytest.fixture(scope="module")
 def models(checkpoints):
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     return {kind: load_model_from_checkpoint(ckpt)[0] for kind, (ckpt, _) in checkpoints.items()}
 
@@ -75,7 +75,7 @@ def models(checkpoints):
 @pytest.fixture(scope="module")
 def moe_runs(models):
     """The MoE's generations under several settings, shared by the tests below."""
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
 
     model, prompts = models["moe"], make_prompts()
     runs = {
@@ -92,7 +92,7 @@ def moe_runs(models):
         runs[f"{name}-stop-ids"] = stops
     # The same with the finished rows kept in the batch to the end (no compaction): they must
     # get nothing after their stop token (the batch compacts only once COMPACT_SHARE stopped).
-    from megatron_ext.posttrain import generation
+    from megatron_ext.inference import generation
 
     share, generation.COMPACT_SHARE = generation.COMPACT_SHARE, 2.0
     try:
@@ -114,7 +114,7 @@ def _assert_same(a, b, tol=1e-5):
 def test_greedy_equals_transformers_generate_on_the_exported_model(kind, models, checkpoints):
     from transformers import AutoModelForCausalLM
 
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
 
     hf = AutoModelForCausalLM.from_pretrained(checkpoints[kind][1], dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # run to max_new_tokens, as ours without stop ids
@@ -163,7 +163,7 @@ def test_cached_keys_are_rotated_once(models):
     """The RoPE shortcut (decode_shortcuts.RopeOnce) is taken at every layer of every forward: a
     Megatron-Core upgrade that changes how the static cache holds keys shows here (the
     equality tests above then tell whether results still hold)."""
-    from megatron_ext.posttrain import decode_shortcuts, generation
+    from megatron_ext.inference import decode_shortcuts, generation
 
     model = models["moe"]
     pad = torch.zeros(2, 9, dtype=torch.bool)
@@ -181,7 +181,7 @@ def test_rope_shortcut_is_megatrons_rope_bit_for_bit(models):
     unfused RoPE exactly (fp32 and bf16, one and many positions, a slice of a longer table)."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-    from megatron_ext.posttrain import decode_shortcuts
+    from megatron_ext.inference import decode_shortcuts
 
     config = models["moe"].config
     rope = decode_shortcuts.RopeOnce(steps=None)
@@ -205,8 +205,8 @@ def test_tp1_shortcuts_are_megatrons_forward_bit_for_bit(dtype, checkpoints):
     linears of their own), and leaves nothing behind: the class methods serve training again."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    from megatron_ext.model import load_model_from_checkpoint
-    from megatron_ext.posttrain.decode_shortcuts import Tp1Shortcuts
+    from megatron_ext.inference.decode_shortcuts import Tp1Shortcuts
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     tokens = torch.tensor(make_prompts(seed=3)[1:2] * 3)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
@@ -232,7 +232,7 @@ def test_inference_mode_gives_the_same_and_the_model_still_trains(models, moe_ru
     """generate(inference_mode=True) (the CLI's) equals the default, and leaves the model as
     it was: train mode, and a backward pass at the very sequence length generation used (the
     length of the RoPE table made during generation) runs."""
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
 
     model, prompts = models["moe"], make_prompts()
     fast = generate(model, prompts, SamplingParams(**SAMPLED), seed=7, inference_mode=True)
@@ -282,7 +282,7 @@ def test_a_stopped_row_left_in_the_batch_gets_nothing_more(moe_runs):
 
 
 def test_top_k_1_is_greedy(models, moe_runs):
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
 
     top1 = generate(models["moe"], make_prompts(), SamplingParams(max_new_tokens=NEW, top_k=1),
                     seed=5)
@@ -290,7 +290,7 @@ def test_top_k_1_is_greedy(models, moe_runs):
 
 
 def test_sampling_is_reproducible_and_independent_of_the_batch(models, moe_runs):
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
 
     model, prompts, params = models["moe"], make_prompts(), SamplingParams(**SAMPLED)
     _assert_same(generate(model, prompts, params, seed=7), moe_runs["sampled"])
@@ -306,7 +306,7 @@ def test_sampling_is_reproducible_and_independent_of_the_batch(models, moe_runs)
 def test_top_k_top_p_filter_as_transformers_does():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    from megatron_ext.posttrain.generation import filter_logits
+    from megatron_ext.inference.generation import filter_logits
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(6, 50, generator=g) * 3
@@ -323,7 +323,7 @@ def test_top_k_top_p_filter_as_transformers_does():
 def test_draws_follow_the_filtered_distribution():
     """10,000 rows of one logits vector: each token's frequency within 4.5 standard errors of
     its filtered probability; filtered-out tokens are never drawn."""
-    from megatron_ext.posttrain.generation import SamplingParams, _Chooser, filter_logits
+    from megatron_ext.inference.generation import SamplingParams, _Chooser, filter_logits
 
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     params = SamplingParams(max_new_tokens=1, temperature=0.7, top_k=6, top_p=0.95)
@@ -366,7 +366,7 @@ def test_sdpa_causal_block_shorter_than_keys_is_aligned_bottom_right(megatron_si
 
 def test_bad_arguments_are_one_line_errors(models):
     from megatron_ext.errors import LayoutError, UsageError
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
 
     for bad, flag in ((dict(max_new_tokens=0), "--max-new-tokens"), (dict(temperature=-1.0), "--temperature"),
                       (dict(top_k=-2), "--top-k"), (dict(top_p=0.0), "--top-p")):
@@ -390,8 +390,8 @@ def _write(path: Path, lines: list[str]) -> str:
 
 
 def test_cli_writes_what_generate_returns(checkpoints, models, tmp_path, capsys):
-    from megatron_ext.posttrain.chat import ChatTokenizer, render_prompt
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.chat import ChatTokenizer, render_prompt
+    from megatron_ext.inference.generation import SamplingParams, generate
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Was macht ls?"}]
     prompts = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "The ls command", "id": 7}), "",
@@ -484,7 +484,7 @@ RUNS = {"greedy": (GREEDY, 0), "sampled": (SAMPLED, 7)}
 
 @pytest.mark.slow
 def test_parallel_layouts_generate_what_one_process_generates(checkpoints, models, tmp_path):
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
 
     prompts_file = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "The ls command lists"}),
                                                  json.dumps({"prompt": "Bonjour"})])
@@ -521,7 +521,7 @@ def test_parallel_layouts_generate_what_one_process_generates(checkpoints, model
 
 
 def _generation(d: dict):
-    from megatron_ext.posttrain.generation import Generation
+    from megatron_ext.inference.generation import Generation
 
     return Generation(**d)
 
@@ -534,9 +534,9 @@ def _worker(spec_path: str) -> None:
     from megatron_ext import checkpointing, parallel
     from megatron_ext.config import ModelOptions, MoEOptions
     from megatron_ext.errors import UsageError
+    from megatron_ext.inference.generation import SamplingParams, generate
     from megatron_ext.model import build_stage
     from megatron_ext.parallel import ParallelLayout
-    from megatron_ext.posttrain.generation import SamplingParams, generate
 
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])

@@ -118,7 +118,8 @@ def test_torch_grouped_experts_match_sequential_in_bf16(megatron_single_rank, fr
                                                         tmp_path):
     from megatron_ext import checkpointing
     from megatron_ext.config import ModelOptions
-    from megatron_ext.model import build_model, load_model_from_checkpoint, marco_config
+    from megatron_ext.inference.loading import load_model_from_checkpoint
+    from megatron_ext.model import build_model, marco_config
     from megatron_ext.presets import get_preset, override
 
     preset = override(get_preset("tiny"), num_layers=2)
@@ -164,7 +165,7 @@ def test_export_of_gpu_trained_checkpoint_matches_transformers(trained, megatron
     from helpers_hf import tokens
     from transformers import AutoModelForCausalLM
 
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     torch.backends.cuda.matmul.allow_tf32 = False
     ckpt, _ = trained
@@ -188,8 +189,9 @@ def test_loaded_checkpoint_is_on_the_gpu_and_generates_dropless(trained, megatro
     RMSNorms and routers stayed on the CPU), generates, and a capacity-factor copy of it
     generates the same greedy tokens (Megatron drops tokens in eval mode too)."""
     from megatron_ext.config import ModelOptions, MoEOptions
-    from megatron_ext.model import build_stage, load_model_from_checkpoint
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
+    from megatron_ext.inference.loading import load_model_from_checkpoint
+    from megatron_ext.model import build_stage
 
     ckpt, _ = trained
     model, preset = load_model_from_checkpoint(str(ckpt), params_dtype=torch.bfloat16)

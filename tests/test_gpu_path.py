@@ -122,8 +122,8 @@ def test_teacher_routes_as_its_checkpoint_records_whatever_the_student_flags(
         teacher_ckpt, megatron_single_rank, fresh_moe_tracker):
     """The same teacher checkpoint scores the same rows the same under a student with Megatron's
     defaults and under one with sigmoid scoring, expert bias and a capacity factor; and equal to
-    the checkpoint loaded as a model of its own (model.load_model_from_checkpoint)."""
-    from megatron_ext.model import load_model_from_checkpoint
+    the checkpoint loaded as a model of its own (inference.loading.load_model_from_checkpoint)."""
+    from megatron_ext.inference.loading import load_model_from_checkpoint
     from megatron_ext.posttrain.teachers import MegatronTeacher, TeacherSpec
 
     spm = "data/tokenizer/marco_tiny_spm.model"
@@ -152,8 +152,8 @@ def test_an_fp8_student_generates_without_fp8_autocast(monkeypatch, megatron_sin
     FP8 context is a null context; the spy sees whether the block would enter TE's.)"""
     from megatron.core.transformer import transformer_block
 
+    from megatron_ext.inference.generation import SamplingParams, generate
     from megatron_ext.model import build_stage
-    from megatron_ext.posttrain.generation import SamplingParams, generate
 
     torch.manual_seed(2)
     model, _ = build_stage(_tiny(), ModelOptions())
@@ -228,8 +228,8 @@ def test_compaction_keeps_rows_in_the_same_cache_buffers(megatron_single_rank, f
     """Dropping finished rows moves the kept ones to the front of the cache buffers in place
     (no second cache: at 16 rows x 10k tokens the copy was up to 13 GiB), and decoding goes on
     exactly as with a fresh cache (tests/test_generation.py compares with full recompute)."""
+    from megatron_ext.inference import generation
     from megatron_ext.model import build_stage
-    from megatron_ext.posttrain import generation
 
     torch.manual_seed(3)
     model, _ = build_stage(_tiny(), ModelOptions())
@@ -349,9 +349,9 @@ def test_left_padded_generation_on_te_shaped_attention_equals_sdpa(monkeypatch, 
 
     from megatron.core.transformer.attention import Attention
 
+    from megatron_ext.inference import generation
+    from megatron_ext.inference.generation import SamplingParams, generate
     from megatron_ext.model import build_stage
-    from megatron_ext.posttrain import generation
-    from megatron_ext.posttrain.generation import SamplingParams, generate
 
     torch.manual_seed(6)
     model, config = build_stage(_tiny(), ModelOptions())

@@ -88,7 +88,7 @@ def test_qwen3_moe_logits_match_in_megatron(megatron_single_rank, fresh_moe_trac
     """HF qwen3_moe -> Megatron keys -> checkpoint -> Megatron model: same logits (fp32)."""
     from megatron_ext import checkpointing
     from megatron_ext.convert.streaming import save_streaming
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
     from megatron_ext.presets import ModelPreset
 
     hf = make_moe_qwen3()
@@ -121,7 +121,8 @@ def test_streaming_writer_matches_megatron_save(megatron_single_rank, fresh_moe_
 
     from megatron_ext import checkpointing
     from megatron_ext.convert.streaming import save_streaming
-    from megatron_ext.model import build_model, load_model_from_checkpoint, marco_config
+    from megatron_ext.inference.loading import load_model_from_checkpoint
+    from megatron_ext.model import build_model, marco_config
     from megatron_ext.presets import get_preset, override
 
     preset = override(get_preset("tiny"), num_layers=2)

@@ -258,7 +258,7 @@ def _rows(vocab=VOCAB, seed=0):
 def test_hf_teacher_and_its_import_as_megatron_teacher_give_the_same_loss(teachers, name,
                                                                           fresh_moe_tracker):
     from megatron_ext.config import ModelOptions
-    from megatron_ext.posttrain.chat import ChatTokenizer
+    from megatron_ext.inference.chat import ChatTokenizer
     from megatron_ext.posttrain.teachers import TeacherSpec, load_teacher
 
     hf_dir, ckpt = teachers[name]
@@ -298,7 +298,7 @@ def test_served_teacher_scores_what_the_in_process_teacher_scores(teachers):
     import threading
 
     from megatron_ext.config import ModelOptions
-    from megatron_ext.posttrain.chat import ChatTokenizer
+    from megatron_ext.inference.chat import ChatTokenizer
     from megatron_ext.posttrain.teachers import TeacherSpec, load_teacher
 
     serve = load_tool("serve_teacher")
@@ -332,7 +332,7 @@ def test_served_teacher_scores_what_the_in_process_teacher_scores(teachers):
 
 
 def test_a_teacher_with_another_token_map_is_refused_naming_both(teachers, tmp_path):
-    from megatron_ext.posttrain.chat import ChatTokenizer
+    from megatron_ext.inference.chat import ChatTokenizer
     from megatron_ext.posttrain.teachers import TeacherSpec, check_token_maps, teacher_tokenizer
 
     other = tmp_path / "other-tokenizer"

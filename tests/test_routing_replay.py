@@ -24,7 +24,7 @@ VOCAB = 8192
 
 @pytest.fixture(scope="module")
 def student(teachers):  # noqa: F811
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     return load_model_from_checkpoint(teachers["student"][1])[0]
 
@@ -53,7 +53,7 @@ def _experts(routing_map: torch.Tensor) -> list[set]:
 
 
 def test_recorded_experts_are_the_ones_used(student):
-    from megatron_ext.posttrain.generation import SamplingParams, generate
+    from megatron_ext.inference.generation import SamplingParams, generate
     from megatron_ext.posttrain.rollout import Sample, collate
     from megatron_ext.posttrain.routing_replay import RoutingReplay
 
@@ -155,7 +155,7 @@ def test_routing_replay_refusals(teachers, tmp_path):  # noqa: F811
                                             "--routing-replay", "--rollout-engine", "sglang",
                                             "--rollout-url", "http://127.0.0.1:9",
                                             "--rollout-sync-dir", str(tmp_path)])))
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
     from megatron_ext.posttrain.routing_replay import RoutingReplay
 
     dense = load_model_from_checkpoint(teachers["dense"][1])[0]

@@ -16,7 +16,7 @@ import torch
 from conftest import load_tool
 
 from megatron_ext.errors import DataConfigError
-from megatron_ext.posttrain.chat import IM_END, IM_START
+from megatron_ext.inference.chat import IM_END, IM_START
 
 SEQ = 96
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def env(tmp_path_factory):
     from test_chat import toy_qwen_tokenizer
 
     from megatron_ext.data.tokenizer import build_tokenizer
-    from megatron_ext.posttrain.chat import ChatTokenizer
+    from megatron_ext.inference.chat import ChatTokenizer
     from megatron_ext.posttrain.sft_data import preprocess_chat
 
     root = tmp_path_factory.mktemp("sft")
@@ -73,7 +73,7 @@ def env(tmp_path_factory):
 
 def kept(env) -> list[list[dict]]:
     """The conversations the prefix holds (those of at most SEQ tokens), in order."""
-    from megatron_ext.posttrain.chat import render_conversation
+    from megatron_ext.inference.chat import render_conversation
 
     return [m for m in env["convs"] if len(render_conversation(m, env["chat"])[0]) <= SEQ]
 
@@ -311,7 +311,7 @@ def test_packed_loss_equals_unpacked_per_conversation_loss(env, tiny_models, fre
 
 
 def test_padding_and_trailing_tokens_change_no_loss_or_gradient(env, tiny_models):
-    from megatron_ext.posttrain.chat import render_conversation
+    from megatron_ext.inference.chat import render_conversation
     from megatron_ext.posttrain.sft_data import assemble, collate
 
     model = tiny_models["tiny-dense"]

@@ -144,7 +144,7 @@ def dense_models(tmp_path_factory):
 def upcycle_and_compare(tmp_path, dense_models, name, *flags):
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     path, ids, ref = dense_models[name]
     experts, expert_ffn, topk = SHAPES[name][1]
@@ -220,7 +220,7 @@ def test_bf16_weights_give_a_bf16_checkpoint(megatron_single_rank, fresh_moe_tra
     from torch.distributed.checkpoint import FileSystemReader
     from transformers import Qwen3ForCausalLM
 
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     make_dense_qwen3(str(tmp_path / "hf"), dtype=torch.bfloat16)
     # Reference: the bf16 weights in an fp32 model (a model cast to bf16 and back would keep

@@ -20,7 +20,7 @@ def test_upcycled_checkpoint_loads_at_ep2_and_tp2(megatron_single_rank, fresh_mo
     from conftest import REPO, _free_port, subprocess_env
     from helpers_hf import load_upcycle_tool, make_dense_qwen3, megatron_logits, tokens
 
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     hf, out = str(tmp_path / "hf"), str(tmp_path / "moe")
     make_dense_qwen3(hf, seed=3)  # FFN 256, 4 heads / 2 kv heads, vocab 256
@@ -52,7 +52,7 @@ def _worker(ckpt: str, ref_path: str, out_path: str) -> None:
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from megatron_ext import parallel
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
     from megatron_ext.parallel import ParallelLayout
 
     ref = torch.load(ref_path)

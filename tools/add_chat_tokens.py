@@ -135,7 +135,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 def add_chat_tokens(model_path, corpus: list[str], output_prefix=None, progress=print) -> dict:
     """Edit the model (see the module docstring); returns the record written to the metadata."""
     from megatron_ext.errors import UsageError
-    from megatron_ext.posttrain.chat import CHAT_TEMPLATE
+    from megatron_ext.inference.chat import CHAT_TEMPLATE
 
     model_path = Path(model_path)
     if not model_path.is_file():

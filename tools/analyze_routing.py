@@ -210,7 +210,7 @@ def write_outputs(out: str, result, counts: dict, info: dict) -> None:
 
 def run(args) -> int:
     from megatron_ext import checkpointing, parallel, routing_analysis
-    from megatron_ext.model import load_model_from_checkpoint
+    from megatron_ext.inference.loading import load_model_from_checkpoint
 
     ckpt = checkpointing.resolve_checkpoint_dir(args.load)
     info = checkpointing.read_model_info(ckpt)

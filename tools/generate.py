@@ -16,7 +16,7 @@ add_generation_prompt=True)` does); other keys are copied to the output. Each ou
 of logits / T; T = 1 when greedy) and `finish_reason` ("stop" or "length"). `--temperature 0`
 is greedy. The tokenizer is the one the checkpoint records unless `--tokenizer-type` /
 `--tokenizer-model` say otherwise. The output file appears only when complete.
-Generation itself is megatron_ext/posttrain/generation.py.
+Generation itself is megatron_ext/inference/generation.py.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class TextCodec:
     def __init__(self, kind: str, model):
         from megatron_ext.data import build_tokenizer
         from megatron_ext.errors import DataConfigError
-        from megatron_ext.posttrain.chat import ChatTokenizer
+        from megatron_ext.inference.chat import ChatTokenizer
 
         self.megatron = build_tokenizer(kind, model)
         self.name = str(getattr(self.megatron, "path", model))
@@ -132,7 +132,7 @@ class TextCodec:
 
     def prompt_ids(self, obj: dict, where: str) -> list[int]:
         from megatron_ext.errors import DataConfigError
-        from megatron_ext.posttrain import chat
+        from megatron_ext.inference import chat
 
         if "prompt" in obj:
             ids = self.encode(obj["prompt"])
@@ -197,7 +197,7 @@ def write_jsonl(path: str, rows) -> None:
 
 
 def run(args) -> int:
-    from megatron_ext.posttrain.generation import SamplingParams
+    from megatron_ext.inference.generation import SamplingParams
 
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
@@ -235,7 +235,7 @@ def run(args) -> int:
     params = SamplingParams(**{**params.__dict__, "stop_ids": codec.stop_ids})
 
     with process_groups(layout, args.seed):
-        from megatron_ext.model import load_model_from_checkpoint
+        from megatron_ext.inference.loading import load_model_from_checkpoint
 
         dtype = params_dtype(args.dtype)
         model, _ = load_model_from_checkpoint(
@@ -272,7 +272,7 @@ def run_generation(model, prompts, params, args, vocab_size):
     from tqdm import tqdm
 
     from megatron_ext import parallel
-    from megatron_ext.posttrain.generation import generate
+    from megatron_ext.inference.generation import generate
 
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", file=sys.stderr,
                disable=not parallel.is_rank_zero())

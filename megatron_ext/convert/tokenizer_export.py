@@ -15,7 +15,7 @@ import shutil
 from typing import Optional
 
 from megatron_ext.errors import ConversionError
-from megatron_ext.posttrain.chat import CHAT_TEMPLATE, IM_END, IM_START
+from megatron_ext.inference.chat import CHAT_TEMPLATE, IM_END, IM_START
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",

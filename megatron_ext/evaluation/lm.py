@@ -3,7 +3,7 @@
 lm-eval asks a model three things: the log-likelihood of a continuation given a context
 (multiple choice), the rolling log-likelihood of a whole text (perplexity), and a generation
 until a stop string (generative tasks). `MarcoLM` answers them with our Megatron-Core GPTModel,
-built and loaded by `megatron_ext.model.load_model_from_checkpoint` under one-process parallel
+built and loaded by `megatron_ext.inference.loading.load_model_from_checkpoint` under one-process parallel
 state, so a checkpoint saved at any TP/PP/EP layout evaluates as it is, without exporting.
 
 Equal to lm-eval's `hf` model by construction. It subclasses lm-eval's `TemplateLM`, which
@@ -18,9 +18,9 @@ own window maker. The tokenizer is the trainer's (the one the checkpoint records
 the two give the same per-example log-likelihoods up to float summation order (tested within
 1e-4) and the same scores.
 
-Generation (`generate_until`) uses `megatron_ext.posttrain.generation.generate` (greedy unless
+Generation (`generate_until`) uses `megatron_ext.inference.generation.generate` (greedy unless
 the task samples), stops at EOS, decodes, and cuts the text at the task's stop strings, as the
-`hf` model does. `apply_chat_template` renders ChatML (`megatron_ext.posttrain.chat`); with
+`hf` model does. `apply_chat_template` renders ChatML (`megatron_ext.inference.chat`); with
 it, the tokenizer must hold <|im_start|>/<|im_end|> as single tokens (one-line error if not).
 """
 
@@ -141,7 +141,7 @@ class MarcoLM(TemplateLM):
         if dtype not in DTYPES:
             raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
         from megatron_ext import checkpointing, parallel
-        from megatron_ext.model import load_model_from_checkpoint
+        from megatron_ext.inference.loading import load_model_from_checkpoint
 
         ckpt = checkpointing.resolve_checkpoint_dir(load)
         info = checkpointing.read_model_info(ckpt)
@@ -215,14 +215,14 @@ class MarcoLM(TemplateLM):
     def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
         if not chat_template:
             return None
-        from megatron_ext.posttrain.chat import CHAT_TEMPLATE
+        from megatron_ext.inference.chat import CHAT_TEMPLATE
 
         return CHAT_TEMPLATE
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         """ChatML text, as transformers' `apply_chat_template(tokenize=False)` renders it with
         the template an export ships (`continue_final_message` when not adding the prompt)."""
-        from megatron_ext.posttrain.chat import GENERATION_PROMPT, IM_END, IM_START, ChatTokenizer
+        from megatron_ext.inference.chat import GENERATION_PROMPT, IM_END, IM_START, ChatTokenizer
 
         if not getattr(self, "_chat_checked", False):
             ChatTokenizer.from_megatron(self.tok.megatron)  # one-line error if not chat-capable
@@ -345,10 +345,10 @@ class MarcoLM(TemplateLM):
         greedy loop (full forward per token; CPU-sized models only)."""
         stop_ids = self._stop_ids(until)
         try:
-            from megatron_ext.posttrain.generation import SamplingParams, generate
+            from megatron_ext.inference.generation import SamplingParams, generate
         except ImportError:
             if temperature:
-                raise UsageError("sampling needs megatron_ext.posttrain.generation") from None
+                raise UsageError("sampling needs megatron_ext.inference.generation") from None
             return [self._greedy(p, max_new, stop_ids) for p in prompts]
         params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_k=top_k,
                                 top_p=top_p, stop_ids=stop_ids)

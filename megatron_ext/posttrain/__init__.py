@@ -17,15 +17,16 @@ layouts and checkpoints. What changes is the data and the loss mask:
   rollouts of on-policy distillation.
 
 Modules:
-    chat.py        ChatML: CHAT_TEMPLATE, ChatTokenizer (a chat view of the trainer's
-                   SentencePiece or HF tokenizer), render_conversation (ids + loss mask),
-                   render_prompt (ids up to the generation prompt), validate_messages,
-                   read_chat_jsonl (FILE:LINE errors)
     sft_data.py    preprocessing engine (chat jsonl -> indexed tokens + loss mask),
                    add_sft_data_args / SFTDataOptions, build_sft_data -> SFTData (the
                    trainer's data interface: packed or padded batches by step), and
                    prepare_sft_sample (the bundled data/sft sample, tokenized once into a cache)
-    generation.py  generate(model, prompts, SamplingParams) -> [Generation]
+    sft.py         SFTTask (the trainer's task) and assistant_loss (SFT's validation loop)
+    opd.py         OPDTask: the cascade, rollouts, teachers and losses of on-policy distillation
+    rollout.py     prompt sets, sampling settings, rollout batches and their statistics
+    teachers.py    in-process Megatron, transformers and served teachers
+    losses.py      the OPD losses
 
-User guide: docs/posttraining.md.
+The chat format, generation and model loading are megatron_ext/inference/ (evaluation and
+conversion use them too). User guide: docs/posttraining.md.
 """

@@ -693,8 +693,8 @@ class OPDTask(Task):
     def build_data(self, trainer) -> OPDData:
         from megatron.core import parallel_state
 
-        from megatron_ext.posttrain.chat import ChatTokenizer
-        from megatron_ext.posttrain.generation import per_rank_supported
+        from megatron_ext.inference.chat import ChatTokenizer
+        from megatron_ext.inference.generation import per_rank_supported
         from megatron_ext.posttrain.teachers import check_token_maps, teacher_tokenizer
 
         self.trainer = trainer

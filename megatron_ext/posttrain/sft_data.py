@@ -55,7 +55,7 @@ import torch
 from megatron_ext.data.args import add_tokenizer_args
 from megatron_ext.data.jsonl import EncodeStats, check_io, encoded_lines
 from megatron_ext.errors import DataConfigError
-from megatron_ext.posttrain.chat import ChatTokenizer, parse_chat_line, render_conversation
+from megatron_ext.inference.chat import ChatTokenizer, parse_chat_line, render_conversation
 from megatron_ext.task import TrainData
 
 FORMAT = "marco-sft-1"

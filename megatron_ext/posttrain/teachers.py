@@ -7,7 +7,7 @@ A teacher is named by a path (a cascade phase's `teacher:`), its kind found from
              Qwen3-30B-A3B). Built as its own frozen model next to the student, under the same
              Megatron parallel state (TP shards and EP experts like the student's), in the
              run's precision, loaded with the checkpoint's resharding; eval mode, no gradients.
-             Its router is the one recorded with its checkpoint (model.recorded_router), not
+             Its router is the one recorded with its checkpoint (inference.loading.recorded_router), not
              the student's router flags, and it never drops tokens.
   hf         a `transformers` causal-LM directory (config.json + weights), loaded with
              AutoModelForCausalLM on every rank (e.g. Qwen3-Next-80B-A3B, which this stack
@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 
 from megatron_ext.errors import ConfigError, DataConfigError
+from megatron_ext.inference.chat import ChatTokenizer
 from megatron_ext.posttrain import losses
-from megatron_ext.posttrain.chat import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,9 @@ class MegatronTeacher(Teacher):
 
     def __init__(self, spec: TeacherSpec, options, seq_length: int):
         from megatron_ext import checkpointing
+        from megatron_ext.inference.loading import recorded_router
         from megatron_ext.layer_spec import resolve_expert_backend
-        from megatron_ext.model import build_model, marco_config, recorded_router
+        from megatron_ext.model import build_model, marco_config
         from megatron_ext.parallel import ParallelLayout
 
         self.spec = spec

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from megatron_ext.errors import LayoutError, UsageError
-from megatron_ext.posttrain.decode_shortcuts import RopeOnce, Tp1Shortcuts
+from megatron_ext.inference.decode_shortcuts import RopeOnce, Tp1Shortcuts
 
 # Rows are dropped from the cache when at least this share of the current batch has finished.
 COMPACT_SHARE = 0.25
