@@ -141,7 +141,8 @@ def test_data_parallel_reductions_and_replay_equal_one_process(teachers, tmp_pat
                                                                fresh_module_tracker, uneven):  # noqa: F811
     """One torchrun launch of two processes at EP=2 (DP=2): sample-mean with two steps per
     rollout and routing replay, and token-mean, each equal to one process step by step (the
-    response weights' totals are summed over the data-parallel ranks once per step)."""
+    response weights' totals are summed over the data-parallel ranks once per step); at TP=2
+    (sequence parallel) with replay and a transformers teacher, scored once per DP group."""
     import json
     import subprocess
     import sys
@@ -152,9 +153,10 @@ def test_data_parallel_reductions_and_replay_equal_one_process(teachers, tmp_pat
     jobs = [["opd", "--teacher", teachers["moe30b"][1], "--load", teachers["student"][1], *BASE, *extra,
              "--expert-model-parallel-size", "2", "--log-json", str(tmp_path / f"ep2-{name}.jsonl")]
             for name, extra in PARALLEL.items()]
-    # TP 2 with a transformers teacher (every rank could score it): scored by TP rank 0 only.
+    # TP 2 with a transformers teacher (every rank could score it): scored by TP rank 0 only;
+    # routing replayed on each rank's sequence-parallel chunk.
     hf = ["--teacher", teachers["dense"][0], "--load", teachers["student"][1], *BASE,
-          "--train-iters", "1", "--micro-batch-size", "2"]
+          "--train-iters", "1", "--micro-batch-size", "2", "--routing-replay"]
     want["tp2-hf"] = _records(_log(tmp_path, "one-tp2-hf", hf))[0]
     jobs.append(["opd", *hf, "--tensor-model-parallel-size", "2",
                  "--log-json", str(tmp_path / "tp2-hf.jsonl")])
