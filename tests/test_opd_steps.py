@@ -142,7 +142,8 @@ def test_data_parallel_reductions_and_replay_equal_one_process(teachers, tmp_pat
     """One torchrun launch of two processes at EP=2 (DP=2): sample-mean with two steps per
     rollout and routing replay, and token-mean, each equal to one process step by step (the
     response weights' totals are summed over the data-parallel ranks once per step); at TP=2
-    (sequence parallel) with replay and a transformers teacher, scored once per DP group."""
+    (sequence parallel) with replay and a transformers teacher, scored once per DP group; the
+    EP=2 replay run stopped inside a rollout and resumed equals it too."""
     import json
     import subprocess
     import sys
@@ -153,6 +154,13 @@ def test_data_parallel_reductions_and_replay_equal_one_process(teachers, tmp_pat
     jobs = [["opd", "--teacher", teachers["moe30b"][1], "--load", teachers["student"][1], *BASE, *extra,
              "--expert-model-parallel-size", "2", "--log-json", str(tmp_path / f"ep2-{name}.jsonl")]
             for name, extra in PARALLEL.items()]
+    # The replay run again, stopped inside its first rollout (rank 0 saves every rank's rows)
+    # and resumed.
+    ckpt = str(tmp_path / "ckpt")
+    for i, (load, stop) in enumerate([(teachers["student"][1], ["--exit-interval", "1"]), (ckpt, [])]):
+        jobs.append(["opd", "--teacher", teachers["moe30b"][1], "--load", load, "--save", ckpt, *BASE,
+                     *PARALLEL["replay"], *stop, "--expert-model-parallel-size", "2",
+                     "--log-json", str(tmp_path / f"ep2-resume{i}.jsonl")])
     # TP 2 with a transformers teacher (every rank could score it): scored by TP rank 0 only;
     # routing replayed on each rank's sequence-parallel chunk.
     hf = ["--teacher", teachers["dense"][0], "--load", teachers["student"][1], *BASE,
@@ -170,6 +178,8 @@ def test_data_parallel_reductions_and_replay_equal_one_process(teachers, tmp_pat
     for name in PARALLEL:
         got = _records(tmp_path / f"ep2-{name}.jsonl")[0]
         _same(got, want[name], rel=1e-4, keys=KEYS + ("rollout/response_length",))
+    resumed = [r for i in (0, 1) for r in _records(tmp_path / f"ep2-resume{i}.jsonl")[0]]
+    _same(resumed, want["replay"], rel=1e-4, keys=KEYS + ("rollout/response_length",))
     got = _records(tmp_path / "tp2-hf.jsonl")[0]
     _same(got, want["tp2-hf"], rel=1e-4, keys=("opd_loss", "reverse_kl", "teacher_logprob", "entropy"))
     # Teacher calls of the last job per rank: two micro-batches, on TP rank 0 only.

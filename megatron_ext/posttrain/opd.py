@@ -971,15 +971,18 @@ class OPDTask(Task):
     def _keep_rollout(self, trainer, first: int, samples: dict) -> None:
         """With several optimizer steps per rollout a checkpoint may fall inside one: the whole
         rollout (every rank's rows, the sampling policy's log-probs with them) goes into the
-        trainer state that checkpoints save, until its last step (step_metrics drops it)."""
+        trainer state that checkpoints save (global rank 0's, which every rank loads), until its
+        last step (step_metrics drops it)."""
         import torch.distributed as dist
 
         mine = {g: rollout.sample_state(samples[g]) for mbs in self._my_rows(trainer)
                 for rows in mbs for g in rows}
         parts = [mine]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, mine)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # global rank 0 saves it
+            parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(mine, parts, dst=0)
+            if dist.get_rank() != 0:
+                return
         rows = {g: row for part in parts for g, row in part.items()}
         trainer.state.extra[ROLLOUT_STATE] = {"first_step": first, "rows": rows}
 
