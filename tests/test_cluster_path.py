@@ -43,3 +43,69 @@ def test_posttrain_help_shows_the_recipe_and_what_opd_derives():
     assert "--lr LR peak learning rate (default: 1e-06)" in opd
     assert "--lr LR peak learning rate (default: 1e-05)" in sft
     assert "(default: cosine)" in sft
+
+
+def _readme_rows(title: str) -> dict[str, list[str]]:
+    """The rows of the README table under `title`: first cell -> cells."""
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text().split(title, 1)[1]
+    rows = {}
+    for line in text.splitlines()[1:]:
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_readme_hardware_table_is_the_estimators(megatron_single_rank):
+    """GiB per GPU from slurm/memory_estimate.py at the recipes' layouts, checkpoint bytes and
+    GPU-days at 30% MFU from --describe's FLOPs: the README's figures, recomputed."""
+    import sys
+
+    import torch
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "slurm"))
+    import memory_estimate
+
+    from megatron_ext.flops import analytic_model_size, checkpoint_bytes, training_flops_per_token
+    from megatron_ext.presets import get_preset
+    from megatron_ext.recipes import load_recipe
+
+    rows = _readme_rows("### Hardware per job")
+    stages = {"1": 2.4e12, "2": 1.7e12, "3": 0.5e12, "4": 0.5e12}
+    for model in ("nano", "mini"):
+        recipe, preset = load_recipe(model), get_preset(model)
+        even, skewed = (memory_estimate.estimate(model, recipe["ep"], 64, recipe["micro_batch"],
+                                                 recipe["seq_length"], imbalance)["total_gib"]
+                        for imbalance in (1.0, 2.0))
+        flops = training_flops_per_token(analytic_model_size(preset), preset, 4096)
+        size = checkpoint_bytes(preset, torch.bfloat16)[0] / 1e9
+        for stage, tokens in stages.items():
+            row = rows[f"{model.capitalize()} stage {stage}"]
+            assert row[3] == f"{even:.1f} / {skewed:.1f}", row
+            assert row[4] == f"{size:.0f} GB", row
+            days = tokens * flops / (989e12 * 0.30) / 86400
+            assert row[6] == f"{days:,.0f} ({days / 64:.1f})", row
+        opd = memory_estimate.shipped_opd(model)
+        assert rows[f"{model.capitalize()} OPD"][3] == f"{opd['with_context_gib']:.1f}"
+
+
+def test_readme_8_gpu_mini_example_fits_an_h100():
+    import re
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "slurm"))
+    import memory_estimate
+
+    text = (REPO / "README.md").read_text()
+    command = text.split("torchrun --nproc-per-node 8 pretrain_marco.py --preset mini", 1)[1]
+    micro = int(re.search(r"--micro-batch-size (\d+)", command).group(1))
+    skewed = memory_estimate.estimate("mini", 8, 8, micro, 4096, 2.0)["total_gib"]
+    assert skewed < 77, skewed  # 79.6 GiB less ~2 GiB of CUDA context and NCCL buffers
+    assert f"{skewed:.1f} at 2x expert imbalance" in text
