@@ -109,3 +109,20 @@ def test_readme_8_gpu_mini_example_fits_an_h100():
     skewed = memory_estimate.estimate("mini", 8, 8, micro, 4096, 2.0)["total_gib"]
     assert skewed < 77, skewed  # 79.6 GiB less ~2 GiB of CUDA context and NCCL buffers
     assert f"{skewed:.1f} at 2x expert imbalance" in text
+
+
+def test_every_marco_variable_the_slurm_scripts_read_is_in_the_settings_table():
+    import re
+
+    from conftest import REPO
+
+    read = set()
+    for path in [*(REPO / "slurm").glob("*.sh"), *(REPO / "slurm").glob("*.sbatch"),
+                 *(REPO / "configs" / "recipes").glob("*.yaml"),
+                 *(REPO / "configs" / "posttrain").glob("*.yaml")]:
+        read |= set(re.findall(r"\bMARCO_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+    table = "\n".join(line for line in (REPO / "docs" / "cluster.md").read_text().splitlines()
+                      if line.startswith("| `MARCO_"))
+    documented = set(re.findall(r"`(MARCO_[A-Z0-9_]+)`", table))
+    assert len(read) > 60
+    assert not read - documented, sorted(read - documented)
