@@ -241,3 +241,21 @@ if __name__ == "__main__":
     import sys
 
     _worker(sys.argv[1])
+
+
+def test_resuming_inside_a_rollout_the_checkpoint_does_not_hold_is_one_line(teachers, tmp_path,  # noqa: F811
+                                                                            fresh_module_tracker):  # noqa: F811
+    """A checkpoint after step 1 of one-step rollouts, resumed with two steps per rollout: step 2
+    is inside a rollout that was never kept. One CheckpointError naming --load (the entry point
+    prints it as one line, exit 2) before the step trains."""
+    from megatron_ext.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    argv = ["--teacher", teachers["moe30b"][1], *BASE, "--train-iters", "4"]
+    _run_opd(*argv, "--load", teachers["student"][1], "--save", str(ckpt), "--micro-batch-size", "2",
+             "--exit-interval", "1")
+    with pytest.raises(CheckpointError, match=f"--load {ckpt}: iteration 1 is inside the rollout "
+                                              "that began at step 1, but the checkpoint does not hold"):
+        _run_opd(*argv, "--load", str(ckpt), "--global-batch-size", "2", "--micro-batch-size", "1",
+                 "--save", str(ckpt))
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
