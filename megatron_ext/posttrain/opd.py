@@ -297,8 +297,9 @@ def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(tools/preprocess_chat_data.py), or none for the bundled SFT sample's "
                         "held-out split")
     g.add_argument("--rollout-batch-size", type=int,
-                   help=f"prompts per step (cascade, else {DEFAULTS['rollout_batch_size']}); "
-                        "the global batch is this x --n-samples-per-prompt")
+                   help=f"prompts per rollout (cascade, else {DEFAULTS['rollout_batch_size']}); "
+                        "its rows, this x --n-samples-per-prompt, are the default "
+                        "--global-batch-size (a divisor: several optimizer steps per rollout)")
     g.add_argument("--n-samples-per-prompt", type=int,
                    help=f"responses sampled per prompt (cascade, else {DEFAULTS['n_samples_per_prompt']})")
     g.add_argument("--rollout-max-prompt-len", type=int,
