@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from megatron_ext import data, parallel
+from megatron_ext import checkpointing, data, parallel
 from megatron_ext.cli import HelpFormatter, add_expert_backend_flag
 from megatron_ext.config import (
     BatchOptions,
@@ -297,7 +297,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _model(args: argparse.Namespace) -> ModelPreset:
     if args.preset is None and args.load:
         # The checkpoint's architecture (imported/upcycled ones may match no registered preset).
-        from megatron_ext import checkpointing
 
         preset = checkpointing.preset_from_checkpoint(args.load)
     else:

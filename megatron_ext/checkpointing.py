@@ -78,6 +78,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_ext import lifeline
 from megatron_ext.cli import human_bytes
 from megatron_ext.errors import CheckpointError
 from megatron_ext.presets import PRESETS, ModelPreset
@@ -227,8 +228,6 @@ def _after_fork_in_child() -> None:
     die with the trainer."""
     _close_locks_in_child()
     if _SAVING and _FORK["from_main"]:
-        from megatron_ext import lifeline
-
         lifeline.die_with_parent(_FORK["parent"])
 
 
@@ -274,7 +273,6 @@ def _start_writer_helper_shielded() -> None:
 def _writer_results_queue():
     from multiprocessing.managers import SyncManager
 
-    from megatron_ext import lifeline
 
     global _WRITER_MANAGER
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))

@@ -39,6 +39,7 @@ import warnings
 from typing import Callable, Optional
 
 from megatron_ext.errors import MarcoError, UsageError, report
+from megatron_ext.logs import setup_logging
 
 __all__ = ["DTYPES", "UsageError", "add_dtype_flag", "atomic_directory", "fail", "hf_to_mcore_parser",
            "human_bytes", "quiet_imports", "remove_stale_temporaries", "require_empty_output",
@@ -272,8 +273,6 @@ def entry_point(main, argv=None) -> int:
     """The training entry points' start-up and error tail (pretrain_marco.py,
     posttrain_marco.py): quiet imports, rank-aware logging, one `error: ...` line from rank 0
     and exit 2 for any MarcoError, and Megatron's process groups torn down whatever happened."""
-    from megatron_ext.errors import MarcoError, report
-    from megatron_ext.logs import setup_logging
 
     quiet_imports()
     setup_logging()

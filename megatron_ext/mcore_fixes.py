@@ -58,6 +58,8 @@ from typing import Callable
 import torch
 from packaging.version import Version
 
+from megatron_ext import cpu_compat
+
 _installed: set[str] = set()
 
 
@@ -113,7 +115,6 @@ def plan(env: Environment) -> list[str]:
 
 def install() -> list[str]:
     """Install what `plan` selects for this process (idempotent); returns the names."""
-    from megatron_ext import cpu_compat
 
     names = plan(current_environment())
     for name in names:

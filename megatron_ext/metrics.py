@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from megatron_ext.errors import ConfigError
+
 
 def peak_memory_gib() -> float:
     """Peak device memory on GPU; peak resident set size of this process on CPU."""
@@ -117,8 +119,6 @@ def start_wandb(project: str, name: Optional[str], dir: Optional[str], config: d
     try:
         import wandb
     except ImportError:
-        from megatron_ext.errors import ConfigError
-
         raise ConfigError("--wandb-project needs the wandb package (pip install wandb)") from None
     if dir:
         os.makedirs(dir, exist_ok=True)

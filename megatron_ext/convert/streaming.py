@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 from megatron_ext import checkpointing
 from megatron_ext.convert import mapping as hm
 from megatron_ext.convert.safetensors_io import HFSafetensors
+from megatron_ext.model import build_meta_model
 from megatron_ext.presets import ModelPreset
 
 Producer = Callable[[str, tuple, tuple], torch.Tensor]
@@ -166,7 +167,6 @@ def save_streaming(root: str, preset: ModelPreset, produce: Producer, dtype: tor
     Common state as `checkpointing.save_checkpoint` writes it, without optimizer; world_size
     is None because there is no per-rank (RNG) state to restore.
     """
-    from megatron_ext.model import build_meta_model
 
     ckpt = checkpointing.iteration_dir(root, 0)
     os.makedirs(ckpt)

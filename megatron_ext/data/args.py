@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext.data.curriculum import load_curriculum
 from megatron_ext.data.errors import DataConfigError
 
 TOKENIZER_TYPES = ["SentencePieceTokenizer", "HuggingFaceTokenizer"]
@@ -98,8 +99,6 @@ def check_data_options(args: DataOptions) -> None:
     if args.valid_data_path:
         parse_data_path(args.valid_data_path, "--valid-data-path")
     if args.curriculum:
-        from megatron_ext.data.curriculum import load_curriculum
-
         load_curriculum(args.curriculum)
 
 

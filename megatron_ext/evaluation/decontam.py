@@ -36,6 +36,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from megatron_ext.data.indexed import check_indexed_dataset
+
 HASH_BASE = np.uint64(1_000_003)
 DEFAULT_NGRAM = 13
 CHUNK_TOKENS = 1 << 22   # 4M tokens (32 MiB of uint64 hashes) per window
@@ -79,8 +81,6 @@ class TokenSource:
 
 
 def open_sources(prefixes: Iterable[str], where: str) -> list[TokenSource]:
-    from megatron_ext.data.indexed import check_indexed_dataset
-
     out = []
     for prefix in prefixes:
         info = check_indexed_dataset(prefix, where)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from megatron_ext.errors import UsageError
+from megatron_ext.evaluation import suites
+from megatron_ext.evaluation import tasks as bundled
 
 LOCAL_DATASETS = {"json", "csv", "parquet", "text", "arrow"}
 
@@ -109,8 +111,6 @@ def _is_local(config: dict) -> bool:
 
 def plan_tasks(tasks: str = "", suite: str | None = None, include_paths=(), task_cache=None) -> Plan:
     """Task names (suite first, then --tasks), suite entries, folders to index, locality."""
-    from megatron_ext.evaluation import suites
-    from megatron_ext.evaluation import tasks as bundled
 
     entries, names = {}, []
     if suite:

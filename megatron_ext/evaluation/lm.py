@@ -41,7 +41,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from megatron_ext.cli import require_recorded_sha256
+from megatron_ext.data import build_tokenizer
 from megatron_ext.errors import DataConfigError, UsageError
+from megatron_ext.inference.chat import CHAT_TEMPLATE, GENERATION_PROMPT, IM_END, IM_START, ChatTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -89,8 +91,6 @@ class TextTokenizer:
     tokens, as a Hugging Face tokenizer's `encode` does; `decode` drops control tokens."""
 
     def __init__(self, choice: TokenizerChoice):
-        from megatron_ext.data import build_tokenizer
-
         self.choice = choice
         self.name = str(choice.tokenizer_model)
         self.megatron = build_tokenizer(choice.tokenizer_type, choice.tokenizer_model)
@@ -215,14 +215,12 @@ class MarcoLM(TemplateLM):
     def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
         if not chat_template:
             return None
-        from megatron_ext.inference.chat import CHAT_TEMPLATE
 
         return CHAT_TEMPLATE
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         """ChatML text, as transformers' `apply_chat_template(tokenize=False)` renders it with
         the template an export ships (`continue_final_message` when not adding the prompt)."""
-        from megatron_ext.inference.chat import GENERATION_PROMPT, IM_END, IM_START, ChatTokenizer
 
         if not getattr(self, "_chat_checked", False):
             ChatTokenizer.from_megatron(self.tok.megatron)  # one-line error if not chat-capable

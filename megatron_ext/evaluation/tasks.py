@@ -39,6 +39,8 @@ from typing import Iterator, Optional
 
 import yaml
 
+from megatron_ext.cli import atomic_directory
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORPUS = os.path.join(REPO, "data", "corpus")
 SFT_VALID = os.path.join(REPO, "data", "sft", "valid.jsonl.gz")
@@ -245,7 +247,6 @@ def default_cache() -> str:
 
 def ensure_bundled_tasks(cache: Optional[str] = None) -> str:
     """The directory of the bundled tasks, generated once per corpus version (atomically)."""
-    from megatron_ext.cli import atomic_directory
 
     target = os.path.join(cache or default_cache(), corpus_fingerprint())
     if not os.path.isfile(os.path.join(target, "marco_continuation.yaml")):

@@ -33,6 +33,7 @@ import json
 import re
 from typing import Iterator
 
+from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.errors import DataConfigError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -165,7 +166,6 @@ class ChatTokenizer:
     @classmethod
     def from_args(cls, tokenizer_type: str, tokenizer_model: str | None) -> "ChatTokenizer":
         """The trainer's tokenizer (--tokenizer-type / --tokenizer-model) as a ChatTokenizer."""
-        from megatron_ext.data.tokenizer import build_tokenizer
 
         return cls.from_megatron(build_tokenizer(tokenizer_type, tokenizer_model))
 

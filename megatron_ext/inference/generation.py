@@ -76,6 +76,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from megatron_ext import cpu_compat
 from megatron_ext.errors import LayoutError, UsageError
 from megatron_ext.inference.decode_shortcuts import RopeOnce, Tp1Shortcuts
 
@@ -440,7 +441,6 @@ def _without_cpu_device_mode():
     as "cpu" without the mode), so the mode is lifted while generating."""
     from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
 
-    from megatron_ext import cpu_compat
 
     mode = getattr(cpu_compat, "_CudaToCpuMode", None)
     stack = _get_current_function_mode_stack()

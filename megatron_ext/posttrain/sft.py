@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_ext import trainer as trainer_module
 from megatron_ext.layer_spec import te_usable
+from megatron_ext.posttrain.sft_data import build_sft_data
 from megatron_ext.task import Task
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ class SFTTask(Task):
     forward_step = staticmethod(sft_forward_step)
 
     def build_data(self, trainer):
-        from megatron_ext.posttrain.sft_data import build_sft_data
-
         cfg = trainer.cfg
         data = build_sft_data(
             cfg.data, trainer.tokenizer, global_batch_size=cfg.batch.global_batch_size,
