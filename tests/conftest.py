@@ -36,7 +36,32 @@ def pytest_configure(config):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+# ----------------------------------------------------------------------------- tests by kind
+# `pytest -m unit`: in-process tests of one component, about a minute on 2 cores (the
+# developer's loop). `pytest -m integration`: what starts processes (torchrun ranks, the entry
+# points and tools as users run them, Slurm), trains a model as a fixture, or runs a pipeline
+# end to end. A test is integration when its module is listed here or it is marked `slow`;
+# every other test is unit. `pytest tests` (README, CI) runs both.
+INTEGRATION_MODULES = frozenset({
+    "test_bench", "test_cluster_path", "test_compat", "test_data_corpus", "test_data_pretraining",
+    "test_docs", "test_evaluate", "test_generation", "test_gpu_path", "test_layout",
+    "test_model_describe", "test_opd", "test_opd_steps", "test_parallel_layouts",
+    "test_posttrain_sft", "test_precision", "test_quickstart", "test_reliability",
+    "test_routing_replay", "test_run_features", "test_slurm", "test_slurm_preprocess",
+    "test_slurm_real", "test_stage_check", "test_trainer", "test_upcycling_cli",
+    "test_upcycling_layouts",
+})
+
+
+def kind_of(item) -> str:
+    module = Path(str(item.fspath)).stem
+    slow = item.get_closest_marker("slow") is not None
+    return "integration" if slow or module in INTEGRATION_MODULES else "unit"
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(kind_of(item))
     if _gpu_run(config):
         return
     skip = pytest.mark.skip(reason="GPU test: run with `pytest -m gpu` on a GPU machine")
@@ -115,16 +140,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def megatron_single_rank():
-    """Megatron's parallel state for one process (gloo), set up once per test session."""
-    warnings.filterwarnings("ignore", category=UserWarning)
+_single_rank = {"made": False}
+
+
+def _init_single_rank() -> None:
     from megatron_ext import parallel
     from megatron_ext.parallel import ParallelLayout
 
     parallel.init_distributed(ParallelLayout(), seed=1234)
+
+
+@pytest.fixture(scope="session")
+def megatron_single_rank():
+    """Megatron's parallel state for one process (gloo), set up once per test session (and
+    made again before a test that uses it when an in-process run before it tore it down:
+    pytest_runtest_setup below), so no test depends on which tests ran before it."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from megatron_ext import parallel
+
+    _init_single_rank()
+    _single_rank["made"] = True
     yield
+    _single_rank["made"] = False
     parallel.shutdown()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if not (_single_rank["made"] and "megatron_single_rank" in item.fixturenames):
+        return
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        _init_single_rank()
 
 
 @pytest.fixture

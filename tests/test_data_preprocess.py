@@ -82,6 +82,7 @@ def test_prepared_sample_corpus_detokenizes_to_source_text(sample, sp_tok, tmp_p
     assert again == sample
 
 
+@pytest.mark.slow  # worker pools: an integration test (tests/conftest.py)
 def test_workers_give_byte_identical_output(tmp_path, capsys):
     inputs = [str(p) for p in sorted(CORPUS.glob("*.train.jsonl.gz"))]
     for workers in (1, 2):
