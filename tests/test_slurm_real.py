@@ -383,7 +383,7 @@ def test_requeue_on_usr1_resumes_exactly_and_the_chain_continues_from_stage1(clu
                  f"resume from {save1} at iteration {stopped}",
                  f"mini stage 1 finished at iteration {STAGE1_END}"):
         assert line in log1, f"{line!r} not in the job's output:\n{log1[-4000:]}"
-    assert re.search(rf"step +{STAGE1_END} \| lm loss .* \| stage 1$", log1, re.M), log1[-2000:]
+    assert re.search(rf"step +{STAGE1_END}/\d+ \| .* \| lm loss .* \| stage 1$", log1, re.M), log1[-2000:]
     chain1 = _losses(out / "logs" / "mini" / "stage1.jsonl")
     assert [s for s, _, _ in chain1] == list(range(1, STAGE1_END + 1)), chain1
     assert [v for _, v, _ in chain1] == pytest.approx([v for _, v, _ in reference], rel=1e-6)
@@ -393,7 +393,7 @@ def test_requeue_on_usr1_resumes_exactly_and_the_chain_continues_from_stage1(clu
     for line in (f"start from {save1} at iteration {STAGE1_END}",
                  f"mini stage 2 finished at iteration {STAGE2_END}"):
         assert line in log2, f"{line!r} not in the job's output:\n{log2[-4000:]}"
-    assert re.search(rf"step +{STAGE1_END + 1} \| lm loss .* \| stage 2$", log2, re.M), log2[-2000:]
+    assert re.search(rf"step +{STAGE1_END + 1}/\d+ \| .* \| lm loss .* \| stage 2$", log2, re.M), log2[-2000:]
     chain2 = _losses(out / "logs" / "mini" / "stage2.jsonl")
     assert [(s, k) for s, _, k in chain2] == [(s, 1) for s in range(STAGE1_END + 1, STAGE2_END + 1)]
     assert (out / "checkpoints" / "mini" / "stage2" / "latest_checkpointed_iteration.txt"
