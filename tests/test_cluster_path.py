@@ -126,3 +126,11 @@ def test_every_marco_variable_the_slurm_scripts_read_is_in_the_settings_table():
     documented = set(re.findall(r"`(MARCO_[A-Z0-9_]+)`", table))
     assert len(read) > 60
     assert not read - documented, sorted(read - documented)
+
+
+def test_evaluate_and_generate_default_to_the_auto_expert_backend():
+    from test_cli_help import script_parser
+
+    for tool in ("tools/evaluate.py", "tools/generate.py"):
+        action = script_parser(tool, [])._option_string_actions["--moe-expert-backend"]
+        assert action.default == "auto", tool
