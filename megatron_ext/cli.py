@@ -281,6 +281,6 @@ def entry_point(main, argv=None) -> int:
     except MarcoError as e:
         return report(e)
     finally:
-        from megatron_ext import parallel
+        from megatron_ext import parallel  # imports Megatron-Core (seconds): tools start light
 
         parallel.shutdown()

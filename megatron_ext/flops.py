@@ -112,7 +112,7 @@ def training_flops_per_token(size: ModelSize, preset: ModelPreset, seq_length: i
 
 def describe(preset: ModelPreset, seq_length: int) -> dict:
     """Parameter counts and training FLOPs per token for a preset (single-rank parallel state)."""
-    from megatron_ext.model import build_meta_model
+    from megatron_ext.model import build_meta_model  # Megatron-Core: the analytic counts need none
 
     size = count_parameters(build_meta_model(preset), preset)
     flops = training_flops_per_token(size, preset, seq_length)

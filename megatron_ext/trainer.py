@@ -484,7 +484,7 @@ class Trainer:
     def _routing_report(self, step: int) -> dict[str, float]:
         """Expert load per layer over the validation data, and the language correlation
         heatmap (TensorBoard image) when there are several languages."""
-        from megatron_ext import routing_analysis
+        from megatron_ext import routing_analysis  # SciPy + matplotlib: MoE evaluations only
 
         names = self.data.validation_names()
         totals = {name: self.routing.totals(name).numpy() for name in names}

@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 
 from megatron_ext.data.errors import DataConfigError
+from megatron_ext.data.shards import finished
+from megatron_ext.data.sources import count_rows, input_format, open_lines, read_chunks
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,6 @@ def _file_bytes(path: str) -> int:
 def _documents(path: str, key: str, limit: int | None):
     """The documents of `path` as JSON lines, at most `limit`; -> (iterator, state), state's
     'raw_bytes' filled, for JSON lines, with the bytes read on disk once the iterator ends."""
-    from megatron_ext.data.sources import input_format, open_lines, read_chunks
 
     state = {"raw_bytes": None}
 
@@ -101,8 +102,6 @@ def available(manifest, name: str, tok, *, out_dir: str | None = None,
               count_below: int = 256 << 20, sample_docs: int = 2000, sample_files: int = 16) -> Available:
     src = manifest.sources[name]
     if out_dir:
-        from megatron_ext.data.shards import finished
-
         recs = [finished(manifest, out_dir, s) for s in manifest.shards() if s.source == name]
         if recs and all(recs):
             return Available(sum(r["tokens"] for r in recs), "preprocessed")
@@ -117,8 +116,6 @@ def available(manifest, name: str, tok, *, out_dir: str | None = None,
 
 
 def _estimate(manifest, src, tok, sizes: dict, sample_docs: int, sample_files: int) -> Available:
-    from megatron_ext.data.sources import count_rows, input_format
-
     files = list(src.files)
     step = max(1, len(files) // sample_files)
     chosen = files[::step][:sample_files]

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_ext.data.errors import DataConfigError
+from megatron_ext.data.indexed import IndexedOutputs, token_dtype
 from megatron_ext.data.jsonl import EncodeStats, check_io, encoded_lines
 from megatron_ext.data.sources import check_inputs, read_chunks
+from megatron_ext.data.tokenizer import build_tokenizer
 
 _LANG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _W: dict = {}  # per-process worker state: tokenizer and options
@@ -49,8 +51,6 @@ def output_prefix(prefix: str, key: str, lang: str | None = None) -> str:
 
 
 def _init_worker(tokenizer_type, tokenizer_model, keys, lang_key, append_eod, dtype):
-    from megatron_ext.data.tokenizer import build_tokenizer
-
     tok = build_tokenizer(tokenizer_type, tokenizer_model)
     _W.update(tok=tok, keys=keys, lang_key=lang_key, eod=tok.eod if append_eod else None, dtype=dtype)
 
@@ -87,9 +87,6 @@ def preprocess(inputs, out_prefix: str, *, tokenizer_type: str = "SentencePieceT
                tokenizer_model=None, json_keys=("text",), lang_key: str | None = None,
                append_eod: bool = False, workers: int = 1, on_bad_line: str = "stop",
                progress: bool = True, chunk_bytes: int = 1 << 18) -> PreprocessStats:
-    from megatron_ext.data.indexed import IndexedOutputs, token_dtype
-    from megatron_ext.data.tokenizer import build_tokenizer
-
     if on_bad_line not in ("stop", "skip"):
         raise DataConfigError(f"--on-bad-line {on_bad_line}: expected 'stop' or 'skip'")
     keys = tuple(json_keys)

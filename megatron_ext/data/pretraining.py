@@ -23,6 +23,7 @@ from megatron_ext.data.args import DataOptions, check_data_options, parse_data_p
 from megatron_ext.data.curriculum import SAMPLE_ROOT, load_curriculum
 from megatron_ext.data.errors import DataConfigError
 from megatron_ext.data.indexed import check_indexed_dataset
+from megatron_ext.data.sample import default_cache_root, once_per_node, prepare_sample_corpus
 from megatron_ext.task import TrainData
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,6 @@ def _check(prefix: str, where: str, tokenizer):
 
 def _sample_corpus(args: DataOptions, tokenizer) -> dict:
     """Prepare the bundled corpus once per node (local rank 0 first, then the others)."""
-    from megatron_ext.data.sample import once_per_node, prepare_sample_corpus
 
     return once_per_node(functools.partial(prepare_sample_corpus, args.data_cache_path,
                                            args.tokenizer_model, args.tokenizer_type))
@@ -253,7 +253,6 @@ def build_pretraining_data(args: DataOptions, tokenizer, *, global_batch_size: i
     corpus (natural language mix, per-language validation sets). A --data-path without weights
     (Megatron-LM's bare prefix list) blends by dataset size in tokens. Call on every rank.
     """
-    from megatron_ext.data.sample import default_cache_root
 
     if global_batch_size < 1 or seq_length < 1 or train_iters < 1:
         raise DataConfigError("global batch size, sequence length and train iterations must be >= 1")

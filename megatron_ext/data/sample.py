@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from megatron_ext.data.errors import DataConfigError
+from megatron_ext.data.preprocess import preprocess
 from megatron_ext.data.tokenizer import DEFAULT_TOKENIZER_MODEL, REPO_ROOT
 
 CORPUS_DIR = REPO_ROOT / "data" / "corpus"
@@ -41,7 +42,6 @@ def prepare_sample_corpus(cache_dir=None, tokenizer_model=None,
     Returns {"dir": ..., "train": {lang: prefix}, "valid": {lang: prefix},
     "train_tokens": {lang: n}, "valid_tokens": {lang: n}} with absolute prefixes.
     """
-    from megatron_ext.data.preprocess import preprocess
 
     if not (CORPUS_DIR / "manifest.json").is_file():
         raise DataConfigError(f"sample corpus: {CORPUS_DIR}/manifest.json is missing")

@@ -29,7 +29,10 @@ import os
 import time
 
 from megatron_ext.data.errors import DataConfigError
+from megatron_ext.data.indexed import IndexedOutputs, check_indexed_dataset
 from megatron_ext.data.manifest import Manifest, Shard
+from megatron_ext.data.preprocess import preprocess
+from megatron_ext.data.tokenizer import tokenizer_info
 
 _FORMAT = 1  # bump when a shard's bytes would change for the same inputs
 
@@ -49,8 +52,6 @@ def _size(path: str) -> int:
 
 
 def input_hash(manifest: Manifest, shard: Shard) -> str:
-    from megatron_ext.data.tokenizer import tokenizer_info
-
     tok = tokenizer_info(manifest.tokenizer_type, manifest.tokenizer_model)
     doc = {"format": _FORMAT, "inputs": [[p, _size(p)] for p in shard.inputs],
            "json_key": shard.json_key, "append_eod": manifest.append_eod,
@@ -93,7 +94,6 @@ def array_spec(indices: list[int]) -> str:
 def run_task(manifest: Manifest, out_dir: str, index: int, *, workers: int = 1,
              progress: bool = False, log=print) -> dict:
     """Array task `index`: tokenize its shard unless finished; returns the shard's record."""
-    from megatron_ext.data.preprocess import preprocess
 
     shards = manifest.shards()
     if not 0 <= index < len(shards):
@@ -180,7 +180,6 @@ def finalize(manifest: Manifest, out_dir: str, *, merge: bool = True, log=print)
 
 def _merge(out_dir: str, prefix: str, parts: list[str], before: dict | None, entry: dict) -> None:
     """`parts` (relative prefixes) concatenated into `prefix`, written under temporary names."""
-    from megatron_ext.data.indexed import IndexedOutputs, check_indexed_dataset
 
     final = os.path.join(out_dir, prefix)
     if (before and before.get("shards_sha256") == entry["shards_sha256"]

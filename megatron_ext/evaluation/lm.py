@@ -140,6 +140,7 @@ class MarcoLM(TemplateLM):
             return
         if dtype not in DTYPES:
             raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+        # Megatron-Core (seconds) only for --load: an HF model's evaluation never imports it.
         from megatron_ext import checkpointing, parallel
         from megatron_ext.inference.loading import load_model_from_checkpoint
 

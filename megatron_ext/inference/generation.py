@@ -356,6 +356,7 @@ def te_padding_masks(model):
     it would attend to the left padding. Inside the block, every core attention that is not our
     SDPAttention gets the padding in TE's terms (`te_mask_call`); where no mask is passed
     nothing changes."""
+    # Megatron-Core, imported where a model exists: importing generation stays light.
     from megatron.core.transformer.attention import Attention
 
     from megatron_ext.attention import SDPAttention

@@ -52,8 +52,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_ext.data.args import add_tokenizer_args
+from megatron_ext.data.args import add_tokenizer_args, parse_data_path, parse_split
+from megatron_ext.data.indexed import IndexedOutputs, check_indexed_dataset, token_dtype
 from megatron_ext.data.jsonl import EncodeStats, check_io, encoded_lines
+from megatron_ext.data.sample import default_cache_root, once_per_node, prepared_dir
 from megatron_ext.errors import DataConfigError
 from megatron_ext.inference.chat import ChatTokenizer, parse_chat_line, render_conversation
 from megatron_ext.task import TrainData
@@ -117,7 +119,6 @@ def add_sft_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def check_sft_data_options(opts: SFTDataOptions) -> None:
     """Checks that read no data."""
-    from megatron_ext.data.args import parse_data_path, parse_split
 
     if opts.data_path:
         parse_data_path(list(opts.data_path), "--data-path")
@@ -170,7 +171,6 @@ def preprocess_chat(inputs, out_prefix: str, *, tokenizer_type: str = "SentenceP
                     overwrite: bool = True) -> ChatPreprocessStats:
     """Chat jsonl files -> PREFIX_tokens_document, PREFIX_loss_mask_document, PREFIX_chat.json.
     `overwrite=False` (the tool without --overwrite): an existing output is an error."""
-    from megatron_ext.data.indexed import IndexedOutputs, token_dtype
 
     inputs = check_io(inputs, out_prefix, workers)
     existing = [p for p in output_files(out_prefix) if os.path.exists(p)]
@@ -245,7 +245,6 @@ class ChatSource:
     def __init__(self, prefix: str, where: str, tok: ChatTokenizer):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-        from megatron_ext.data.indexed import check_indexed_dataset
 
         self.prefix = _strip_prefix(str(prefix))
         self.name = os.path.basename(self.prefix)
@@ -553,7 +552,6 @@ def _sample(opts: SFTDataOptions) -> dict:
     """Prepare the bundled SFT sample once per node (local rank 0 first, then the others)."""
     import functools
 
-    from megatron_ext.data.sample import once_per_node
 
     return once_per_node(functools.partial(prepare_sft_sample, opts.data_cache_path, opts.tokenizer_type,
                                            opts.tokenizer_model))
@@ -567,7 +565,6 @@ def build_sft_data(opts, tokenizer, *, global_batch_size: int, seq_length: int, 
     Megatron tokenizer (or a ChatTokenizer). Data: --data-path, else the bundled SFT sample.
     `attention_mask=False`: packed batches carry `cu_seqlens` but no dense [b, 1, s, s] mask
     (TE's PackedSeqParams path; the mask costs s * s bytes per row to build)."""
-    from megatron_ext.data.args import parse_data_path, parse_split
 
     if not isinstance(opts, SFTDataOptions):
         opts = SFTDataOptions.from_args(opts)
@@ -637,7 +634,6 @@ def prepare_sft_sample(cache_dir=None, tokenizer_type: str = "SentencePieceToken
                        tokenizer_model=None) -> dict:
     """Tokenize data/sft/{train,valid}.jsonl.gz once into the cache; returns {"dir", "train":
     prefix, "valid": prefix, "conversations": {split: n}} with absolute prefixes."""
-    from megatron_ext.data.sample import default_cache_root, prepared_dir
 
     if not (SAMPLE_DIR / "manifest.json").is_file():
         raise DataConfigError(f"SFT sample: {SAMPLE_DIR}/manifest.json is missing")
