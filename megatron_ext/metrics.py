@@ -110,7 +110,10 @@ class MetricsWriter:
         if self.json_file is not None:
             self.json_file.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            wandb.teardown()  # waits for W&B's writer process to flush the run's file
             self.wandb = None
 
 
