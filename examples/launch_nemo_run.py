@@ -45,8 +45,10 @@ from megatron_ext.cli import (  # noqa: E402  (after the path set-up above)
     run_tool,
 )
 from megatron_ext.errors import UsageError  # noqa: E402
+from megatron_ext.recipes import available, load_recipe  # noqa: E402
 
-STAGES = {"nano": [1, 2, 3, 4], "mini": [1, 2, 3, 4], "mini_global": [5]}
+# Each model's stages, from its recipe (configs/recipes/MODEL.yaml), as slurm/launch.sh reads them.
+STAGES = {model: load_recipe(model)["stages"] for model in available()}
 # launch.sh's rendezvous variables: NeMo-Run's torchrun launcher sets up its own.
 _LAUNCHER_ONLY = {"MARCO_PYTHON", "MARCO_REPO", "MARCO_NNODES", "MARCO_NPROC_PER_NODE",
                   "MASTER_ADDR", "MASTER_PORT"}
