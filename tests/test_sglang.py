@@ -491,3 +491,42 @@ def test_a_shared_secret_is_checked_by_both_sides(served, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_queued_requests_are_served_in_one_batch(served, monkeypatch):
+    """Requests that arrive while the model is busy run together: one forward pass for the
+    rows of both, each answered with its own rows' log-probs."""
+    serve, model = served["serve"], served["model"]
+    engine = serve.Engine(model)
+    server = serve.make_server(engine, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    calls, real = [], model.score
+    monkeypatch.setattr(model, "score", lambda rows: (calls.append(len(rows)), real(rows))[1])
+    submitted, submit = [], engine.submit
+    monkeypatch.setattr(engine, "submit", lambda *a: (submitted.append(a[0]), submit(*a))[1])
+    results = {}
+
+    def ask(name, rows):
+        results[name] = _client(url, timeout=30).score(rows)
+
+    try:
+        with model.lock:  # the model is busy: A waits for it, B and C queue behind
+            threads = [threading.Thread(target=ask, args=("a", [[1, 2, 3]]))]
+            threads[0].start()
+            deadline = time.monotonic() + 10
+            while (not submitted or engine.jobs.qsize()) and time.monotonic() < deadline:
+                time.sleep(0.01)  # A queued, then taken by the model thread
+            for name, rows in (("b", [[4, 5, 6]]), ("c", [[7, 8], [9, 10, 11]])):
+                threads.append(threading.Thread(target=ask, args=(name, rows)))
+                threads[-1].start()
+            while engine.jobs.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(30)
+        assert calls == [1, 3]  # A alone, then B and C together
+        alone = _client(url, timeout=30).score([[4, 5, 6], [7, 8], [9, 10, 11]])
+        assert results["b"] + results["c"] == alone and len(results["a"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
