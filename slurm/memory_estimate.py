@@ -400,5 +400,15 @@ def opd_main(argv) -> int:
     return 0
 
 
+def _main_one_line(argv=None) -> int:
+    """main() with a layout the estimate cannot take (EP not dividing DP x CP, an unknown or
+    dense preset, ...) as one `error:` line and exit 2, as every tool here."""
+    try:
+        return main(argv)
+    except ValueError as e:  # MarcoError included (an unknown preset)
+        print(f"memory_estimate.py: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_one_line())
