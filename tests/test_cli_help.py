@@ -26,8 +26,7 @@ SCRIPTS = [
     ("examples/generate.py", []),
     ("examples/eval_loss.py", []),
     ("examples/opd_demo.py", []),
-    *[(f"tools/{p.name}", []) for p in sorted((REPO / "tools").glob("*.py"))
-      if p.name not in ("evaluate.py", "generate.py")],
+    *[(f"tools/{p.name}", []) for p in sorted((REPO / "tools").glob("*.py"))],
 ]
 
 

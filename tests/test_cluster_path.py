@@ -134,3 +134,24 @@ def test_evaluate_and_generate_default_to_the_auto_expert_backend():
     for tool in ("tools/evaluate.py", "tools/generate.py"):
         action = script_parser(tool, [])._option_string_actions["--moe-expert-backend"]
         assert action.default == "auto", tool
+
+
+def test_generate_takes_megatron_lm_names_and_expert_tp_defaults_to_tp(monkeypatch):
+    from conftest import load_tool
+
+    from megatron_ext.presets import get_preset
+
+    tool = load_tool("generate")
+    base = ["--load", "c", "--prompts", "p.jsonl", "--out", "o.jsonl"]
+    ours = tool.build_parser().parse_args([*base, "--max-new-tokens", "7", "--top-k", "5",
+                                           "--top-p", "0.9"])
+    megatron = tool.build_parser().parse_args([*base, "--num-tokens-to-generate", "7",
+                                               "--top_k", "5", "--top_p", "0.9"])
+    assert vars(ours) == vars(megatron)
+    assert (megatron.max_new_tokens, megatron.top_k, megatron.top_p) == (7, 5, 0.9)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    tp2 = tool.build_parser().parse_args([*base, "--tensor-model-parallel-size", "2"])
+    assert tool.layout_from_args(tp2, get_preset("tiny")).expert_tensor == 2  # was 1
+    etp1 = tool.build_parser().parse_args([*base, "--tensor-model-parallel-size", "2",
+                                           "--expert-tensor-parallel-size", "1"])
+    assert tool.layout_from_args(etp1, get_preset("tiny")).expert_tensor == 1

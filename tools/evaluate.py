@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Runs the Python its YAMLs name with !function: trusted folders only")
     p.add_argument("--num-fewshot", type=int, help="few-shot count for every task (overrides the suite)")
     p.add_argument("--limit", type=float, help="at most this many examples per task (<1: a fraction)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="model weights' precision (on GPUs too: pass bf16 there)")
     p.add_argument("--apply-chat-template", action="store_true",
                    help="render prompts with the chat template (ChatML; Instruct models)")
     p.add_argument("--system-instruction", help="system message (with --apply-chat-template)")

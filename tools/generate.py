@@ -3,7 +3,7 @@
 
     python tools/generate.py --load runs/sft/ckpt --prompts prompts.jsonl --out answers.jsonl
     python tools/generate.py --load ckpt --prompts p.jsonl --out o.jsonl --temperature 0 \\
-        --max-new-tokens 64
+        --num-tokens-to-generate 64
     torchrun --nproc-per-node 2 tools/generate.py --load ckpt --prompts p.jsonl --out o.jsonl \\
         --expert-model-parallel-size 2
 
@@ -31,34 +31,39 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from megatron_ext.cli import UsageError, add_expert_backend_flag, run_tool  # noqa: E402
+from megatron_ext.cli import HelpFormatter, UsageError, add_expert_backend_flag, run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint root (latest iteration) or iter_N dir")
     p.add_argument("--prompts", required=True, help="input .jsonl: {\"prompt\": ...} or "
                    "{\"messages\": [...]} per line")
     p.add_argument("--out", required=True, help="output .jsonl (written when complete)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
+    # Megatron-LM's inference names (--num-tokens-to-generate, --top_k, --top_p) and ours.
+    g.add_argument("--num-tokens-to-generate", "--max-new-tokens", dest="max_new_tokens",
+                   type=int, default=256, help="tokens generated per prompt, at most")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0,
+                   help="sample from the k most likely tokens; 0 = off")
+    g.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens with this much probability; "
+                        "1.0 = off")
+    g.add_argument("--seed", type=int, default=1234, help="sampling seed")
     g.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     g = p.add_argument_group("tokenizer (default: the one the checkpoint records)")
-    g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="kind of --tokenizer-model")
     g.add_argument("--tokenizer-model", help="SentencePiece .model file or HF tokenizer directory")
     g = p.add_argument_group("model")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="must be 1 (generation runs the whole model on each rank)")
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1, help="expert-parallel size")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
-                   help="default: 1")
+                   help="default: the tensor-parallel size (as in training and Megatron-LM)")
     add_expert_backend_flag(g)
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on GPU, fp32 on CPU")
@@ -166,7 +171,8 @@ def layout_from_args(args, preset):
                          "generation needs 1 (checkpoints reshard to any layout)")
     tp = args.tensor_model_parallel_size
     layout = ParallelLayout(tensor=tp, expert=args.expert_model_parallel_size,
-                            expert_tensor=args.expert_tensor_parallel_size or 1,
+                            expert_tensor=(tp if args.expert_tensor_parallel_size is None
+                                           else args.expert_tensor_parallel_size),
                             sequence_parallel=tp > 1 and preset.is_moe)
     validate_layout(layout, preset, world_size_from_env())
     return layout
