@@ -148,3 +148,27 @@ def test_log_line_shows_progress_tokens_and_eta():
     assert "step      3/10" in line
     assert "6.29M tokens" in line
     assert "ETA 3d 01:01:01" in line
+
+
+def test_async_save_resumes_exactly_on_two_ranks(tmp_path):
+    """The same under torchrun, EP 2 x DP 2 (gloo): the data-parallel ranks share the write
+    (Megatron-Core's fully parallel save strategy) in their forked writers."""
+    from conftest import run_pretrain
+
+    def losses(log: Path) -> list[float]:
+        return [r["lm_loss"] for r in map(json.loads, log.read_text().splitlines()) if "lm_loss" in r]
+
+    common = ["--preset", "tiny", "--mock-data", "--micro-batch-size", "2", "--seq-length", "64",
+              "--train-iters", "4", "--expert-model-parallel-size", "2", "--seed", "7"]
+    straight = run_pretrain(*common, "--log-json", str(tmp_path / "straight.jsonl"), nproc=2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    ckpt = tmp_path / "ckpt"
+    first = run_pretrain(*common, "--save", str(ckpt), "--save-interval", "2", "--exit-interval",
+                         "2", "--async-save", "--log-json", str(tmp_path / "a.jsonl"), nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    rest = run_pretrain(*common, "--load", str(ckpt), "--save", str(ckpt), "--async-save",
+                        "--log-json", str(tmp_path / "b.jsonl"), nproc=2)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert losses(tmp_path / "a.jsonl") + losses(tmp_path / "b.jsonl") == losses(tmp_path / "straight.jsonl")
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
