@@ -938,14 +938,12 @@ class OPDTask(Task):
         now, before the rollout's first step (no gradient)."""
         for rows_of_step, mbs in zip(self._my_rows(trainer), batches):
             for rows, batch in zip(rows_of_step, mbs):
-                keys = [] if self.settings.full_vocab else ["teacher_logprobs"]
+                scores = {}
+                if not self.settings.full_vocab:
+                    scores["teacher_logprobs"] = self._teacher_logprobs(batch)
                 if self.per_rollout > 1:
-                    keys.append("old_logprobs")
-                for key in keys:
-                    if key == "teacher_logprobs":
-                        values = self._teacher_logprobs(batch)
-                    else:
-                        values = self._student_logprobs(trainer, batch)
+                    scores["old_logprobs"] = self._student_logprobs(trainer, batch)
+                for key, values in scores.items():
                     batch[key] = values * batch["loss_mask"]
                     rollout.set_response_values(samples, rows, key, batch, values)
 
