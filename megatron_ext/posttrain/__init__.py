@@ -25,7 +25,9 @@ Modules:
     opd.py         OPDTask: the cascade, rollouts, teachers and losses of on-policy distillation
     rollout.py     prompt sets, sampling settings, rollout batches and their statistics
     teachers.py    in-process Megatron, transformers and served teachers
-    losses.py      the OPD losses
+    losses.py      the OPD losses, slime's clipped surrogate and the loss reductions
+    routing_replay.py  --routing-replay: the rollout's MoE routing recorded and replayed in
+                   training, on Megatron-Core's RouterReplay
 
 The chat format, generation and model loading are megatron_ext/inference/ (evaluation and
 conversion use them too). User guide: docs/posttraining.md.
