@@ -172,3 +172,31 @@ def test_async_save_resumes_exactly_on_two_ranks(tmp_path):
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert losses(tmp_path / "a.jsonl") + losses(tmp_path / "b.jsonl") == losses(tmp_path / "straight.jsonl")
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
+
+
+def test_sft_and_opd_run_configurations_round_trip_through_json(monkeypatch):
+    """What every post-training checkpoint saves: JSON-able, and read back equal (OPD's
+    cascade, phases and teachers included)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    from megatron_ext.arguments import check_args
+    from megatron_ext.config import RunConfig
+    from megatron_ext.posttrain.opd import opd_data_options, opd_options, resolve_opd_args
+    from megatron_ext.posttrain.sft_data import SFTDataOptions
+
+    spec = importlib.util.spec_from_file_location("posttrain_marco", REPO / "posttrain_marco.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    monkeypatch.setenv("MARCO_OPD_TEACHER_A", "http://127.0.0.1:9")
+    monkeypatch.setenv("MARCO_OPD_TEACHER_B", "http://127.0.0.1:10")
+    opd_args = entry.build_parser().parse_args(
+        ["opd", "--cascade", str(REPO / "configs/posttrain/tiny_cascade.yaml"), "--preset", "tiny"])
+    opd = check_args(resolve_opd_args(opd_args), data_options=opd_data_options,
+                     task_options=opd_options)
+    sft = check_args(entry.build_parser().parse_args(["sft", "--preset", "tiny"]),
+                     data_options=SFTDataOptions.from_args)
+    for cfg in (opd, sft):
+        assert RunConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    assert opd.task is not None and len(opd.task.cascade.phases) == 2
