@@ -31,6 +31,10 @@ import time
 
 import torch
 
+from megatron_ext.convert.hf_config import hf_config_dict
+from megatron_ext.convert.mapping import expected_hf_shapes
+from megatron_ext.convert.mcore_reader import McoreCheckpointReader, export_tensors
+from megatron_ext.convert.safetensors_io import SafetensorsWriter
 from megatron_ext.errors import MarcoError
 from megatron_ext.inference.sglang_client import EngineError
 
@@ -47,7 +51,7 @@ class DiskWeightSync:
     def sync(self, model_chunks, step: int) -> dict:
         import torch.distributed as dist
 
-        from megatron_ext import checkpointing
+        from megatron_ext import checkpointing  # Megatron-Core, where a trainer already runs
 
         t0 = time.perf_counter()
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -77,11 +81,6 @@ class DiskWeightSync:
         return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
 
     def _export(self, ckpt: str, step: int) -> int:
-        from megatron_ext.convert.hf_config import hf_config_dict
-        from megatron_ext.convert.mapping import expected_hf_shapes
-        from megatron_ext.convert.mcore_reader import McoreCheckpointReader, export_tensors
-        from megatron_ext.convert.safetensors_io import SafetensorsWriter
-
         reader = McoreCheckpointReader(ckpt, self.preset, where="--rollout-sync-dir")
         dtype = reader.dtype
         final = self.hf_dir(step)

@@ -86,12 +86,27 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_ext.data.args import DataOptions
-from megatron_ext.errors import ConfigError, DataConfigError, LayoutError
+from megatron_ext.data.args import DataOptions, add_tokenizer_args
+from megatron_ext.errors import CheckpointError, ConfigError, DataConfigError, LayoutError
+from megatron_ext.inference import sglang_client
+from megatron_ext.inference.chat import ChatTokenizer
+from megatron_ext.inference.generation import per_rank_supported
+from megatron_ext.inference.sglang_client import ClientOptions, SGLangClient
+from megatron_ext.inference.weight_sync import DiskWeightSync
 from megatron_ext.posttrain import losses, rollout
 from megatron_ext.posttrain.rollout import RolloutSettings
-from megatron_ext.posttrain.teachers import TeacherSpec, detect_kind
-from megatron_ext.task import Task, TrainData
+from megatron_ext.posttrain.sft_data import SFTDataOptions, build_sft_data, rank_rows
+from megatron_ext.posttrain.teachers import (
+    MegatronTeacher,
+    ServedTeacher,
+    TeacherSpec,
+    check_token_maps,
+    detect_kind,
+    load_teacher,
+    served_tokenizer,
+    teacher_tokenizer,
+)
+from megatron_ext.task import StepInterrupted, Task, TrainData
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +288,6 @@ def load_cascade(path: str) -> Cascade:
 def add_opd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The OPD flags (slime's names where they exist); defaults marked 'cascade' come from the
     cascade file's `settings`, else the value shown."""
-    from megatron_ext.data.args import add_tokenizer_args
 
     g = parser.add_argument_group("on-policy distillation")
     g.add_argument("--cascade", metavar="FILE",
@@ -476,8 +490,6 @@ class OPDOptions:
     routing_replay: bool = False  # --routing-replay
 
     def client_options(self, urls: tuple = ()):
-        from megatron_ext.inference.sglang_client import ClientOptions
-
         return ClientOptions(urls=tuple(urls or self.engine_urls), timeout=self.timeout,
                              retries=self.retries)
 
@@ -611,7 +623,6 @@ def _engine_options(args) -> dict:
             raise ConfigError("--rollout-engine sglang: give --rollout-sync-dir (a directory the "
                               "servers read) or --save (then --save/rollout-weights)")
         sync_dir = os.path.abspath(sync_dir or os.path.join(args.save, "rollout-weights"))
-        from megatron_ext.inference.sglang_client import ClientOptions
 
         ClientOptions(urls=urls, timeout=args.rollout_timeout).check("--rollout-url")
     return {"engine": engine, "engine_urls": urls, "sync_interval": int(args.rollout_sync_interval),
@@ -694,9 +705,6 @@ class OPDTask(Task):
     def build_data(self, trainer) -> OPDData:
         from megatron.core import parallel_state
 
-        from megatron_ext.inference.chat import ChatTokenizer
-        from megatron_ext.inference.generation import per_rank_supported
-        from megatron_ext.posttrain.teachers import check_token_maps, teacher_tokenizer
 
         self.trainer = trainer
         self.tok = ChatTokenizer.from_megatron(trainer.tokenizer)
@@ -711,7 +719,7 @@ class OPDTask(Task):
         # Optimizer steps per rollout (resolve_opd_args checked that it divides).
         self.per_rollout = first.global_batch_size // self.cfg.batch.global_batch_size
         if self.opts.routing_replay:
-            from megatron_ext.posttrain.routing_replay import RoutingReplay
+            from megatron_ext.posttrain.routing_replay import RoutingReplay  # Megatron-Core
 
             self.replay = RoutingReplay(trainer.model)
         # Before the first step: every teacher's token map is the student's (a served one's
@@ -763,8 +771,6 @@ class OPDTask(Task):
         return None if trainer is None else trainer.stop_signal.received
 
     def _served_teacher(self, spec):
-        from megatron_ext.posttrain.teachers import ServedTeacher
-
         return ServedTeacher(spec, self.opts.client_options(), self._should_stop)
 
     def _start_engine(self, trainer) -> None:
@@ -772,9 +778,6 @@ class OPDTask(Task):
         each engine must be up and serve the student's token map."""
         import torch.distributed as dist
 
-        from megatron_ext.inference.sglang_client import SGLangClient
-        from megatron_ext.inference.weight_sync import DiskWeightSync
-        from megatron_ext.posttrain.teachers import TeacherSpec, check_token_maps, served_tokenizer
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
@@ -805,8 +808,6 @@ class OPDTask(Task):
 
     # ------------------------------------------------------------------ phases
     def _ensure_teacher(self, trainer, index: int) -> None:
-        from megatron_ext.posttrain.teachers import load_teacher
-
         if self.teacher_phase == index:
             return
         if self.teacher is not None:
@@ -899,7 +900,6 @@ class OPDTask(Task):
 
     def _my_rows(self, trainer) -> list[list[list[int]]]:
         """Rollout rows of this rank: [optimizer step of the rollout][micro-batch] -> rows."""
-        from megatron_ext.posttrain.sft_data import rank_rows
 
         gbs = self.cfg.batch.global_batch_size
         mb_rows = rank_rows(gbs, trainer.dp_rank, trainer.dp_size, self.cfg.batch.micro_batch_size)
@@ -950,7 +950,7 @@ class OPDTask(Task):
     def _student_logprobs(self, trainer, batch: dict) -> torch.Tensor:
         """The student's log-probs of `batch`'s labels, [b, s], no gradient (the policy that
         sampled the rollout, before its first optimizer step)."""
-        from megatron_ext import trainer as trainer_module
+        from megatron_ext import trainer as trainer_module  # Megatron-Core: opd --help stays light
 
         model = trainer.model[0]
         was_training = model.training
@@ -988,8 +988,6 @@ class OPDTask(Task):
     def _restored_rollout(self, trainer, first: int):
         kept = trainer.state.extra.get(ROLLOUT_STATE)
         if not kept or kept.get("first_step") != first:
-            from megatron_ext.errors import CheckpointError
-
             raise CheckpointError(
                 f"--load {self.cfg.checkpoint.load}: iteration {trainer.state.iteration} is inside "
                 f"the rollout that began at step {first + 1}, but the checkpoint does not hold "
@@ -1038,7 +1036,6 @@ class OPDTask(Task):
         """The whole global batch sampled by the engines (rank 0 asks, every rank gets it)."""
         import torch.distributed as dist
 
-        from megatron_ext.inference import sglang_client
 
         n, rows = s.n_samples_per_prompt, list(range(s.global_batch_size))
         box: list = [None]
@@ -1054,7 +1051,6 @@ class OPDTask(Task):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
         if isinstance(box[0], tuple):  # every rank alike: a signal saves as the trainer does
-            from megatron_ext.task import StepInterrupted
 
             kind, message = box[0]
             raise (StepInterrupted if kind == "StepInterrupted" else sglang_client.EngineError)(message)
@@ -1079,7 +1075,6 @@ class OPDTask(Task):
         import torch.distributed as dist
         from megatron.core import parallel_state
 
-        from megatron_ext.posttrain.teachers import MegatronTeacher
 
         def score() -> torch.Tensor:
             return self.teacher.token_logprobs(
@@ -1096,7 +1091,7 @@ class OPDTask(Task):
 
     # ------------------------------------------------------------------ the loss
     def _forward_step(self, data_iterator, model):
-        from megatron_ext import trainer as trainer_module
+        from megatron_ext import trainer as trainer_module  # Megatron-Core: opd --help stays light
 
         batch = trainer_module.to_device(next(data_iterator))
         # Right padding routes through the MoE layers too: kept out of the router's load-balancing
@@ -1231,7 +1226,7 @@ class OPDTask(Task):
 
     def _score_heldout(self, model, batch: dict) -> torch.Tensor:
         """[tokens, exact reverse KL, sampled reverse KL, student lp, teacher lp, 0] sums."""
-        from megatron_ext import trainer as trainer_module
+        from megatron_ext import trainer as trainer_module  # Megatron-Core: opd --help stays light
 
         batch = trainer_module.to_device(batch)
         T, vocab = self.settings.rollout.temperature, self.tok.vocab_size
@@ -1263,15 +1258,14 @@ class OPDTask(Task):
 
     def assistant_loss(self, trainer) -> dict:
         """Assistant-token loss of the student on held-out chat data (as SFT validates)."""
-        from megatron_ext.posttrain.sft import assistant_loss
+        from megatron_ext.posttrain.sft import assistant_loss  # Megatron-Core (the trainer)
 
         return assistant_loss(trainer.model, self._assistant_data(trainer), trainer.dp_rank,
                               trainer.dp_size, self.cfg.batch.micro_batch_size)
 
     def _assistant_data(self, trainer):
         if self._sft_eval is None:
-            from megatron_ext.layer_spec import te_usable
-            from megatron_ext.posttrain.sft_data import SFTDataOptions, build_sft_data
+            from megatron_ext.layer_spec import te_usable  # Megatron-Core, TransformerEngine
 
             o = self.opts
             opts = SFTDataOptions(valid_data_path=o.eval_assistant_data or None,

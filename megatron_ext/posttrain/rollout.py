@@ -36,6 +36,7 @@ import torch
 
 from megatron_ext.errors import ConfigError, DataConfigError
 from megatron_ext.inference.chat import ChatTokenizer, read_chat_jsonl, render_prompt
+from megatron_ext.inference.generation import SamplingParams, generate
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sft"
 DEFAULT_PROMPTS = (str(SAMPLE_DIR / "train.jsonl.gz"),)
@@ -76,8 +77,6 @@ class RolloutSettings:
                               f"{self.decode_batch_size}")
 
     def sampling(self, stop_ids: Sequence[int]):
-        from megatron_ext.inference.generation import SamplingParams
-
         return SamplingParams(max_new_tokens=self.max_response_len, temperature=self.temperature,
                               top_k=self.top_k, top_p=self.top_p, stop_ids=tuple(stop_ids))
 
@@ -161,7 +160,6 @@ def sample(model, prompts: list[list[int]], rows: list[int], settings: RolloutSe
     """Sample `rows` (global row ids; row g answers prompts[i] for rows[i]) with the student.
     `per_rank`: each data-parallel rank passes only its own rows (see generation.generate).
     `routing`: a routing_replay.Recording; each sample then carries its experts."""
-    from megatron_ext.inference.generation import generate
 
     out = generate(model, prompts, settings.sampling(tok.stop_ids), seed=seed,
                    batch_size=settings.decode_batch_size, vocab_size=tok.vocab_size,

@@ -40,6 +40,7 @@ import torch
 
 from megatron_ext.errors import ConfigError, DataConfigError
 from megatron_ext.inference.chat import ChatTokenizer
+from megatron_ext.inference.sglang_client import ClientOptions, SGLangClient
 from megatron_ext.posttrain import losses
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def teacher_tokenizer(spec: TeacherSpec) -> ChatTokenizer:
     HF directory itself)."""
     path, kind = spec.tokenizer, None
     if path is None and spec.kind == "megatron":
-        from megatron_ext import checkpointing
+        from megatron_ext import checkpointing  # Megatron-Core: only for a checkpoint teacher
 
         info = checkpointing.read_model_info(spec.path).get("tokenizer") or {}
         path, kind = info.get("tokenizer_model"), info.get("tokenizer_type")
@@ -150,6 +151,8 @@ class MegatronTeacher(Teacher):
     """A frozen Megatron model of any preset, at the student's parallel layout."""
 
     def __init__(self, spec: TeacherSpec, options, seq_length: int):
+        # Megatron-Core (seconds), imported when a Megatron teacher is built: the module itself
+        # is read by opd's parser and by transformers-only teacher runs.
         from megatron_ext import checkpointing
         from megatron_ext.inference.loading import recorded_router
         from megatron_ext.layer_spec import resolve_expert_backend
@@ -234,8 +237,6 @@ class ServedTeacher(Teacher):
     full_logits = False
 
     def __init__(self, spec: TeacherSpec, client_options=None, should_stop=None):
-        from megatron_ext.inference.sglang_client import ClientOptions, SGLangClient
-
         self.spec = spec
         self.url = served_url(spec.path)
         opts = client_options or ClientOptions(urls=(self.url,))
