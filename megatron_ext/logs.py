@@ -16,6 +16,23 @@ import sys
 _HANDLER_TAG = "_marco_handler"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a record is emitted, not the stream of the
+    set-up: a caller that redirects or captures stdout later (a notebook, a test runner, a tool
+    run in-process twice) gets the lines, and a stream closed since is never written to."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the property decides
+        pass
+
+
 def setup_logging(rank: int | None = None, logging_rank: int = 0, verbose: bool = False) -> None:
     """Idempotent; call again after the rank is known (e.g. once torch.distributed is up)."""
     if rank is None:
@@ -24,7 +41,7 @@ def setup_logging(rank: int | None = None, logging_rank: int = 0, verbose: bool 
     level = logging.DEBUG if verbose else logging.INFO
     ours.setLevel(level if rank == logging_rank else logging.WARNING)
     if not any(getattr(h, _HANDLER_TAG, False) for h in ours.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         setattr(handler, _HANDLER_TAG, True)
         ours.addHandler(handler)

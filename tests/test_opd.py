@@ -746,26 +746,26 @@ def test_a_misbehaving_engine_or_teacher_stops_the_run_before_training(
 
 
 def test_sigterm_while_a_rollout_request_hangs_saves_and_exits(teachers, served_student, tmp_path,
-                                                               monkeypatch, fresh_module_tracker, caplog):
+                                                               monkeypatch, fresh_module_tracker, capsys):
     """Step 2's rollout request hangs (--rollout-timeout 30 s); SIGTERM ends the wait at once and
     the run leaves as on any signal: the state before step 2 saved (iteration 1), exit 0."""
-    import logging
-
     import posttrain_marco
+    from megatron_ext.logs import setup_logging
 
     url, model = served_student
     monkeypatch.setattr(model, "generate", _fail_generate(model, "hang"))
     save = tmp_path / "ckpt"
     start = time.monotonic()
-    with caplog.at_level(logging.INFO):
-        assert posttrain_marco.main(["opd", "--load", teachers["student"][1], *ENGINE_ARGS, "--teacher",
-                                     teachers["dense"][1], "--rollout-engine", "sglang", "--rollout-url",
-                                     url, "--rollout-sync-dir", str(tmp_path / "sync"), "--rollout-timeout",
-                                     "30", "--save", str(save), "--save-interval", "10"]) == 0
+    setup_logging()  # as the entry point does: the trainer's lines to (this test's) stdout
+    capsys.readouterr()
+    assert posttrain_marco.main(["opd", "--load", teachers["student"][1], *ENGINE_ARGS, "--teacher",
+                                 teachers["dense"][1], "--rollout-engine", "sglang", "--rollout-url",
+                                 url, "--rollout-sync-dir", str(tmp_path / "sync"), "--rollout-timeout",
+                                 "30", "--save", str(save), "--save-interval", "10"]) == 0
     assert time.monotonic() - start < 30
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert f"signal 15 while waiting on rollout engine {url}/generate, during the rollout of step 2; " \
-           "saved at iteration 1, exiting" in caplog.text
+           "saved at iteration 1, exiting" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("model,nodes,engines", [("nano", 11, 2), ("mini", 13, 4)])
