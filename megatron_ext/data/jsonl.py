@@ -64,30 +64,54 @@ def check_io(inputs, out_prefix: str, workers: int, dirs: bool = False) -> list[
     return inputs
 
 
+def open_lines(path: str, raw):
+    """A binary line reader over `raw` (the open file): decompressed for .gz and .zst."""
+    if path.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    if path.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False))
+    return raw
+
+
+def _zstd_errors(path: str) -> tuple:
+    if not path.endswith(".zst"):
+        return ()
+    import zstandard
+
+    return (zstandard.ZstdError,)
+
+
+def jsonl_chunks(path: str, chunk_bytes: int, bar=None):
+    """One JSON-lines file (plain, .gz or .zst) as (path, [(line number, raw line)]) chunks of
+    about chunk_bytes; blank lines skipped; the progress bar advances by compressed bytes."""
+    with open(path, "rb") as raw:
+        lines, size, last = [], 0, 0
+        try:
+            for n, line in enumerate(open_lines(path, raw), 1):
+                if not line.strip():
+                    continue
+                lines.append((n, line))
+                size += len(line)
+                if size >= chunk_bytes:
+                    yield path, lines
+                    lines, size = [], 0
+                    if bar is not None:
+                        bar.update(raw.tell() - last)
+                        last = raw.tell()
+        except (OSError, EOFError, *_zstd_errors(path)) as e:
+            raise DataConfigError(f"--input {path}: cannot read ({e})") from None
+        if lines:
+            yield path, lines
+        if bar is not None:
+            bar.update(os.path.getsize(path) - last)
+
+
 def read_chunks(inputs: list[str], chunk_bytes: int, bar=None):
     """Yield (path, [(line number, raw line)]) with about chunk_bytes per chunk; blank lines skipped."""
     for path in inputs:
-        with open(path, "rb") as raw:
-            fh = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-            lines, size, last = [], 0, 0
-            try:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    lines.append((n, line))
-                    size += len(line)
-                    if size >= chunk_bytes:
-                        yield path, lines
-                        lines, size = [], 0
-                        if bar is not None:
-                            bar.update(raw.tell() - last)
-                            last = raw.tell()
-            except (OSError, EOFError) as e:
-                raise DataConfigError(f"--input {path}: cannot read ({e})") from None
-            if lines:
-                yield path, lines
-            if bar is not None:
-                bar.update(os.path.getsize(path) - last)
+        yield from jsonl_chunks(path, chunk_bytes, bar)
 
 
 def _input_bytes(path: str) -> int:

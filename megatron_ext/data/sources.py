@@ -20,12 +20,12 @@ an empty file, a parquet/Arrow file that does not parse, a missing or non-string
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
 from megatron_ext.data.errors import DataConfigError
+from megatron_ext.data.jsonl import jsonl_chunks, open_lines  # noqa: F401 (open_lines: data/plan.py)
 
 ROWS_PER_BATCH = 1024  # rows decoded at a time from a columnar file
 
@@ -69,59 +69,15 @@ def count_rows(path: str) -> int | None:
     return sum(rows for _, _, rows in _columnar_files(path, kind))
 
 
-def open_lines(path: str, raw):
-    """A binary line reader over `raw` (the open file): decompressed for .gz and .zst."""
-    if path.endswith(".gz"):
-        import gzip
-
-        return gzip.GzipFile(fileobj=raw)
-    if path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False))
-    return raw
-
-
-def _zstd_errors(path: str) -> tuple:
-    if not path.endswith(".zst"):
-        return ()
-    import zstandard
-
-    return (zstandard.ZstdError,)
-
-
 def read_chunks(inputs: list[str], chunk_bytes: int, bar=None, *, columns=("text",)):
     """Yield (path, [(line number or "row N", raw JSON line)]) of about chunk_bytes each, in
     input order (data/jsonl.py's chunk protocol; blank lines skipped)."""
     for path in inputs:
         kind = input_format(path)
         if kind == "jsonl":
-            yield from _jsonl_chunks(path, chunk_bytes, bar)
+            yield from jsonl_chunks(path, chunk_bytes, bar)
         else:
             yield from _row_chunks(path, kind, tuple(columns), chunk_bytes, bar)
-
-
-def _jsonl_chunks(path: str, chunk_bytes: int, bar):
-    with open(path, "rb") as raw:
-        lines, size, last = [], 0, 0
-        try:
-            for n, line in enumerate(open_lines(path, raw), 1):
-                if not line.strip():
-                    continue
-                lines.append((n, line))
-                size += len(line)
-                if size >= chunk_bytes:
-                    yield path, lines
-                    lines, size = [], 0
-                    if bar is not None:
-                        bar.update(raw.tell() - last)
-                        last = raw.tell()
-        except (OSError, EOFError, *_zstd_errors(path)) as e:
-            raise DataConfigError(f"--input {path}: cannot read ({e})") from None
-        if lines:
-            yield path, lines
-        if bar is not None:
-            bar.update(os.path.getsize(path) - last)
 
 
 def _row_chunks(path: str, kind: str, columns: tuple, chunk_bytes: int, bar):
