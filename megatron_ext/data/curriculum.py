@@ -96,19 +96,25 @@ def _expand(value: str, where: str) -> str:
     return out
 
 
-def load_curriculum(path) -> Curriculum:
+def read_yaml(path: str, where: str):
+    """A data YAML file (curriculum, manifest) parsed safely; unreadable is one line naming
+    `where` ("--curriculum PATH"), invalid YAML one line with PATH:LINE."""
     import yaml
 
-    path = str(path)
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
-        raise DataConfigError(f"--curriculum {path}: cannot read ({e.strerror or e})") from None
+        raise DataConfigError(f"{where}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise DataConfigError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load_curriculum(path) -> Curriculum:
+    path = str(path)
+    doc = read_yaml(path, f"--curriculum {path}")
     if not isinstance(doc, dict):
         raise DataConfigError(f"{path}: expected a mapping with 'sources' and 'stages'")
     unknown = set(doc) - {"data_root", "sources", "validation", "stages", "description"}

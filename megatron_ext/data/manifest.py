@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_ext.data.curriculum import read_yaml
 from megatron_ext.data.errors import DataConfigError
 
 _TOP = {"description", "tokenizer", "append_eod", "json_keys", "files_per_task", "sources"}
@@ -90,18 +91,8 @@ def _files(pattern: str) -> list[str]:
 
 
 def load_manifest(path) -> Manifest:
-    import yaml
-
     path = str(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise DataConfigError(f"manifest {path}: cannot read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise DataConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} invalid YAML "
-                              f"({getattr(e, 'problem', e)})") from None
+    doc = read_yaml(path, f"manifest {path}")
     if not isinstance(doc, dict) or not isinstance(doc.get("sources"), dict) or not doc["sources"]:
         raise DataConfigError(f"{path}: expected a mapping with 'sources' (name -> input files)")
     unknown = set(doc) - _TOP
