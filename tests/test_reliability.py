@@ -472,7 +472,8 @@ def _session(sid: int) -> list[int]:
 
 
 def _no_process_left(sid: int, timeout: float = 30) -> bool:
-    """The session's processes end (helpers exit a moment after their parent)."""
+    """Every process of the run's process group (setsid) ends; its checkpoint writer exits a
+    moment after its parent."""
     deadline = time.time() + timeout
     while _session(sid) and time.time() < deadline:
         time.sleep(0.1)
