@@ -43,7 +43,7 @@ from megatron_ext.flops import (
     training_flops_per_token,
 )
 from megatron_ext.metrics import MetricsWriter, StepClock, peak_memory_gib, start_profiler
-from megatron_ext.model import build_stages
+from megatron_ext.model import build_stages, run_device  # the builder places the model there
 from megatron_ext.optim import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ext.routing import RoutingRecorder
 from megatron_ext.task import StepInterrupted, Task
@@ -95,12 +95,6 @@ class StopSignal:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
-
-
-def run_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def to_device(batch: dict) -> dict:
@@ -218,9 +212,6 @@ class Trainer:
         # One model chunk per virtual pipeline stage (interleaved 1F1B), else one.
         models, self.config = build_stages(self.preset, cfg.model_options, cfg.layout,
                                            seq_length=cfg.batch.seq_length)
-        if torch.cuda.is_available():
-            for model in models:
-                model.cuda(torch.cuda.current_device())
         self.model = [wrap_ddp(model, self.config, cfg.optim) for model in models]
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.model_options.params_dtype)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.batch.train_iters)
